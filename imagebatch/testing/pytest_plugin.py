@@ -1,0 +1,63 @@
+"""pytest fixtures for tests that need a Kubernetes cluster.
+
+Import the fixture into a conftest.py to use it:
+
+    from imagebatch.testing.pytest_plugin import kube_cluster  # noqa: F401
+
+`kube_cluster` (session scope) starts a LocalCluster (hack/cluster/build.sh builds the binaries
+when they are not cached; a missing toolchain makes the tests fail, not skip) and stops it at the
+end. If IMAGEBATCH_TEST_KUBECONFIG names a kubeconfig, that cluster (kind, say) is used instead
+and nothing is started.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from imagebatch.testing.cluster import LocalCluster
+from imagebatch.testing.kubeapi import KubeClient
+
+EXTERNAL_KUBECONFIG_ENV = "IMAGEBATCH_TEST_KUBECONFIG"
+
+
+@dataclass
+class TestCluster:
+    """A cluster for tests: its admin kubeconfig and client, and the LocalCluster if we run it."""
+
+    __test__ = False  # not a test class, despite the name
+
+    kubeconfig: Path
+    client: KubeClient
+    local: LocalCluster | None
+
+    def pod_log(self, namespace: str, name: str) -> str:
+        """A pod's output: the node agent's files locally, the API's log endpoint elsewhere."""
+        if self.local is not None:
+            return self.local.pod_log(namespace, name)
+        status, text = self.client.get_raw(f"/api/v1/namespaces/{namespace}/pods/{name}/log")
+        return text if status == 200 else f"(no log: HTTP {status})"
+
+
+def start_test_cluster(state_dir: Path) -> Iterator[TestCluster]:
+    """Yields a running cluster and stops it afterwards (a generator for fixtures to delegate to)."""
+    external = os.environ.get(EXTERNAL_KUBECONFIG_ENV)
+    if external:
+        yield TestCluster(Path(external), KubeClient.from_kubeconfig(external), None)
+        return
+    cluster = LocalCluster(state_dir)
+    cluster.up()
+    try:
+        yield TestCluster(cluster.kubeconfig, cluster.client(), cluster)
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
+    """A running Kubernetes cluster for the whole test session (see the module docstring)."""
+    yield from start_test_cluster(tmp_path_factory.mktemp("kube-cluster"))
