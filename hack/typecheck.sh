@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# mypy --strict over the one import root. The folders operator/ and worker/ are installed as
+# imagebatch.operator and imagebatch.worker (pyproject's package-dir), which mypy cannot follow
+# through setuptools' editable import hook; a tree of links gives it the installed layout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tree=build/typecheck
+rm -rf "$tree" && mkdir -p "$tree/imagebatch"
+for f in imagebatch/*; do ln -s "$PWD/$f" "$tree/imagebatch/"; done
+ln -s "$PWD/operator" "$tree/imagebatch/operator"
+ln -s "$PWD/worker" "$tree/imagebatch/worker"
+MYPYPATH="$tree" exec "${PYTHON:-.venv/bin/python}" -m mypy -p imagebatch "$@"

@@ -1,0 +1,270 @@
+"""The ImageBatchJob API: one set of pydantic models for local mode, the worker and the CRD schema.
+
+Field names are camelCase on the wire (YAML, the Kubernetes API) and snake_case in Python.
+Descriptions become `kubectl explain` text, so they are written for the user.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "imagebatch.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ImageBatchJob"
+SHARD_KIND = "ImageBatchShard"
+
+BUILTIN_PREFIX = "builtin:"
+# Ids become object keys and label values: keep them to a safe, sortable alphabet.
+ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Model(BaseModel):
+    """Base: camelCase aliases, unknown fields rejected (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class ModelSpec(Model):
+    name: str = Field(
+        min_length=1,
+        description=(
+            "The diffusion model: a Hugging Face repo id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), "
+            "a local directory that holds model_index.json, or builtin:tiny (a small random-weights "
+            "pipeline built in-process, for demos and tests)."
+        ),
+    )
+    revision: str | None = Field(
+        default=None, description="Git revision (branch, tag or commit) of a Hugging Face model."
+    )
+    pipeline: str | None = Field(
+        default=None,
+        description="diffusers pipeline class name; by default taken from the model's model_index.json.",
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto", description="Weights and compute dtype. auto: float16 on CUDA, float32 on the CPU."
+    )
+    scheduler: str | None = Field(
+        default=None,
+        description="diffusers scheduler class name (e.g. EulerDiscreteScheduler); default: the model's own.",
+    )
+
+
+class Overrides(Model):
+    """Per-prompt generation settings; unset fields take the job's `generation` values."""
+
+    width: int | None = Field(default=None, description="Image width in pixels (multiple of 8).")
+    height: int | None = Field(default=None, description="Image height in pixels (multiple of 8).")
+    steps: int | None = Field(default=None, description="Denoising steps.")
+    guidance_scale: float | None = Field(default=None, description="Classifier-free guidance scale.")
+
+
+class PromptItem(Overrides):
+    id: str | None = Field(
+        default=None,
+        description="Stable id of this prompt; its images are stored as images/<id>.<ext>. Default: p<index>.",
+    )
+    prompt: str = Field(min_length=1, description="The text prompt.")
+    negative_prompt: str | None = Field(default=None, description="What the image should not show.")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        lt=2**63,
+        description="Seed for this prompt; default: derived from job seed and id.",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id_alphabet(cls, v: str | None) -> str | None:
+        if v is not None and not ITEM_ID_RE.match(v):
+            raise ValueError(
+                f"id {v!r} must start with a letter or digit and hold only letters, digits, '.', '_' "
+                "and '-' (at most 128 characters)"
+            )
+        return v
+
+
+class ConfigMapKeyRef(Model):
+    name: str = Field(min_length=1, description="ConfigMap name, in the job's namespace.")
+    key: str = Field(min_length=1, description="Key whose value holds the prompts.")
+
+
+class PromptsFrom(Model):
+    uri: str | None = Field(
+        default=None,
+        description=(
+            "A prompt file: a local or volume path, or an s3:// URI. Plain text (one prompt per line), "
+            "JSONL (one object per line with a prompt field, or a JSON string) or CSV (a header row "
+            "with a prompt column)."
+        ),
+    )
+    config_map_key_ref: ConfigMapKeyRef | None = Field(
+        default=None, description="Prompts stored in a ConfigMap key (cluster mode only)."
+    )
+    format: Literal["txt", "jsonl", "csv"] | None = Field(
+        default=None, description="File format; default: from the file extension (.txt, .jsonl, .csv)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PromptsFrom:
+        if (self.uri is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of promptsFrom.uri and promptsFrom.configMapKeyRef")
+        return self
+
+
+class Generation(Model):
+    width: int = Field(default=512, ge=8, le=8192, description="Image width in pixels; a multiple of 8.")
+    height: int = Field(default=512, ge=8, le=8192, description="Image height in pixels; a multiple of 8.")
+    steps: int = Field(default=25, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(
+        default=7.5, ge=0, le=100, description="Classifier-free guidance scale; 1 or less turns CFG off."
+    )
+    images_per_prompt: int = Field(default=1, ge=1, le=64, description="Images made from each prompt.")
+    seed: int = Field(
+        default=0, ge=0, lt=2**63, description="Job seed; each image's seed is derived from it and its id."
+    )
+    negative_prompt: str = Field(default="", description="Default negative prompt.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (got {v}; try {max(8, v // 8 * 8)})")
+        return v
+
+
+class Batching(Model):
+    batch_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="Images per denoising batch, or auto: the largest that fits the device (8 on the CPU).",
+    )
+    shard_size: int = Field(
+        default=256, ge=1, le=100_000, description="Items per shard: the unit a worker claims and retries."
+    )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError(f"must be between 1 and 1024, or auto (got {v})")
+        return v
+
+
+class SecretRef(Model):
+    name: str = Field(min_length=1, description="Secret name, in the job's namespace.")
+
+
+class Output(Model):
+    uri: str = Field(
+        min_length=1,
+        description="Where images and manifest.jsonl go: a path (on a volume in cluster mode) or s3://bucket/prefix.",
+    )
+    format: Literal["png", "webp", "jpeg"] = Field(default="png", description="Image file format.")
+    quality: int = Field(default=90, ge=1, le=100, description="WebP/JPEG quality (ignored for PNG).")
+    credentials_secret: SecretRef | None = Field(
+        default=None,
+        description=(
+            "Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_ENDPOINT_URL, "
+            "given to the workers as environment variables."
+        ),
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for S3-compatible stores (MinIO, Ceph, R2)."
+    )
+
+
+class Retries(Model):
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="Attempts per shard before it is marked Failed."
+    )
+    lease_seconds: int = Field(
+        default=120, ge=10, le=86_400, description="A claim not renewed for this long goes back to pending."
+    )
+
+
+class Workers(Model):
+    min_replicas: int = Field(default=0, ge=0, description="Fewest worker pods while there is work.")
+    max_replicas: int = Field(default=4, ge=1, le=10_000, description="Most worker pods.")
+    shards_per_replica: int = Field(
+        default=2, ge=1, description="Claimable shards per worker pod when sizing from the backlog."
+    )
+    gpus_per_worker: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu per worker pod.")
+    image: str | None = Field(default=None, description="Worker image; default: the operator's.")
+    resources: dict[str, Any] | None = Field(
+        default=None, description="Worker container resources (requests/limits), as in a Pod spec."
+    )
+    node_selector: dict[str, str] | None = Field(default=None, description="Worker pod nodeSelector.")
+    tolerations: list[dict[str, Any]] | None = Field(default=None, description="Worker pod tolerations.")
+    priority_class_name: str | None = Field(default=None, description="Worker pod priorityClassName.")
+    service_account_name: str | None = Field(
+        default=None,
+        description="Worker ServiceAccount; default: one the operator makes with least privilege.",
+    )
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Workers:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})"
+            )
+        return self
+
+
+PromptEntry = Annotated[str, Field(min_length=1)] | PromptItem
+
+
+class ImageBatchJobSpec(Model):
+    model: ModelSpec = Field(description="The diffusion model to run.")
+    prompts: list[PromptEntry] | None = Field(
+        default=None,
+        description="Inline prompts: strings or objects with id, prompt, negativePrompt, seed and overrides.",
+    )
+    prompts_from: PromptsFrom | None = Field(
+        default=None,
+        description="Prompts from a file or ConfigMap (for large jobs: etcd holds only the reference).",
+    )
+    generation: Generation = Field(default_factory=Generation, description="Generation defaults.")
+    batching: Batching = Field(default_factory=Batching, description="Batch and shard sizes.")
+    output: Output = Field(description="Where images and the manifest are stored.")
+    retries: Retries = Field(default_factory=Retries, description="Retry and lease settings per shard.")
+    workers: Workers = Field(default_factory=Workers, description="Worker pods (cluster mode).")
+    suspend: bool = Field(default=False, description="Stop all workers; set back to false to go on.")
+    queue_name: str | None = Field(
+        default=None, description="Kueue LocalQueue; set as the worker Job's kueue.x-k8s.io/queue-name label."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job if it runs longer than this."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the job this long after it finishes."
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> ImageBatchJobSpec:
+        if self.prompts is None and self.prompts_from is None:
+            raise ValueError("set spec.prompts (a list) or spec.promptsFrom (a file or ConfigMap)")
+        if self.prompts is not None and self.prompts_from is not None:
+            raise ValueError("set only one of spec.prompts and spec.promptsFrom")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("spec.prompts is empty: give at least one prompt")
+        return self
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata local mode reads; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    namespace: str | None = None
+
+
+class ImageBatchJob(Model):
+    api_version: Literal["imagebatch.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["ImageBatchJob"]
+    metadata: ObjectMeta
+    spec: ImageBatchJobSpec
+    status: dict[str, Any] | None = None

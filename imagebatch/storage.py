@@ -1,0 +1,97 @@
+"""Output storage on a local path or S3-compatible object storage, through fsspec.
+
+Keys are the contract: `images/<item id>.<ext>`, `manifest/<shard id>.jsonl` (one part per
+shard), and `manifest.jsonl` (the parts joined). Writes are atomic: temp file and rename on a
+file system, one PUT on object storage, so a reader never sees half an image.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from imagebatch.api import Output
+from imagebatch.errors import ImageBatchError
+
+MANIFEST = "manifest.jsonl"
+MANIFEST_PARTS = "manifest"
+INDEX_HTML = "index.html"
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+
+
+def image_key(item_id: str, fmt: str) -> str:
+    return f"images/{item_id}.{EXTENSIONS[fmt]}"
+
+
+def manifest_part_key(shard: str) -> str:
+    return f"{MANIFEST_PARTS}/{shard}.jsonl"
+
+
+def storage_options(output: Output) -> dict[str, Any]:
+    if output.endpoint_url and output.uri.startswith("s3://"):
+        return {"client_kwargs": {"endpoint_url": output.endpoint_url}}
+    return {}
+
+
+class Storage:
+    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
+        self.uri = uri
+        try:
+            self.fs, root = fsspec.core.url_to_fs(uri, **(options or {}))
+        except (ImportError, ValueError) as e:
+            raise ImageBatchError(f"spec.output.uri: cannot use {uri!r}: {e}") from None
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = root.rstrip("/")
+
+    @classmethod
+    def for_output(cls, output: Output) -> Storage:
+        return cls(output.uri, storage_options(output))
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self.path(key)))
+
+    def existing(self, keys: Iterable[str]) -> set[str]:
+        """The keys that already exist; object stores are asked concurrently."""
+        keys = list(keys)
+        if self.local:
+            return {k for k in keys if os.path.exists(self.path(k))}
+        with ThreadPoolExecutor(16) as pool:
+            found = pool.map(self.exists, keys)
+            return {k for k, ok in zip(keys, found, strict=True) if ok}
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        if not self.local:
+            self.fs.pipe_file(path, data)  # one PUT: atomic on S3
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def read_bytes(self, key: str) -> bytes:
+        data: bytes = self.fs.cat_file(self.path(key))
+        return data
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under a prefix, sorted; temp files of interrupted writes are left out."""
+        base = self.path(prefix).rstrip("/")
+        if not self.fs.exists(base):
+            return []
+        paths = self.fs.find(base)
+        keys = [p[len(self.root) + 1 :] if p.startswith(self.root) else p for p in paths]
+        return sorted(k for k in keys if ".tmp-" not in k)
+
+    def ensure_root(self) -> None:
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)

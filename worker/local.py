@@ -1,0 +1,120 @@
+"""Local mode: a whole ImageBatchJob in one process, resumable, with a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from imagebatch.worker.engine import Engine, EngineOptions, ItemResult
+from imagebatch.worker.pipeline import load_pipeline
+from imagebatch.worker.shards import process_shard
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from imagebatch import contact_sheet
+from imagebatch.api import ImageBatchJob
+from imagebatch.errors import ImageBatchError
+from imagebatch.manifest import join_parts
+from imagebatch.planning import expand_items, fingerprint, image_fields, plan_shards
+from imagebatch.prompts import load_prompts
+from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, manifest_part_key, storage_options
+
+log = logging.getLogger(__name__)
+JOB_RECORD = "job.json"
+
+
+@dataclass
+class RunSummary:
+    items: int
+    made: int
+    skipped: int
+    seconds: float
+    output: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.made / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_job_record(storage: Storage, name: str, digest: str) -> None:
+    """Refuse an output that holds images made with other settings; record ours otherwise."""
+    if storage.exists(JOB_RECORD):
+        record = json.loads(storage.read_bytes(JOB_RECORD))
+        if record.get("fingerprint") != digest:
+            raise ImageBatchError(
+                f"spec.output.uri: {storage.uri!r} holds images of job {record.get('job')!r} made with other "
+                "settings (model, generation, format or prompts differ), and stored images are never remade; "
+                "point spec.output.uri at a new location, or delete the old output"
+            )
+        return
+    storage.write_bytes(JOB_RECORD, json.dumps({"job": name, "fingerprint": digest}).encode())
+
+
+def run_local(
+    job: ImageBatchJob,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    spec = job.spec
+    t0 = time.perf_counter()
+    # Everything that can fail on bad input happens before anything is written.
+    prompts = load_prompts(spec, storage_options(spec.output))
+    items = expand_items(prompts, spec.generation)
+    shards = plan_shards(len(items), spec.batching.shard_size)
+    storage = Storage.for_output(spec.output)
+    loaded = load_pipeline(spec.model, device)
+
+    storage.ensure_root()
+    check_job_record(storage, job.metadata.name, fingerprint(image_fields(spec), items))
+    done_parts = storage.existing(manifest_part_key(s.id) for s in shards)
+    todo = [s for s in shards if manifest_part_key(s.id) not in done_parts]
+    already = sum(len(s) for s in shards) - sum(len(s) for s in todo)
+    if already:
+        log.info("resuming: %d of %d shards were already done", len(shards) - len(todo), len(shards))
+
+    size = batch_size or (spec.batching.batch_size if isinstance(spec.batching.batch_size, int) else None)
+    opts = EngineOptions(batch_size=size, image_format=spec.output.format, quality=spec.output.quality)
+    made = skipped = 0
+    bar = tqdm(
+        total=len(items),
+        initial=already,
+        unit="img",
+        desc=job.metadata.name,
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
+
+    def on_done(r: ItemResult) -> None:
+        nonlocal made, skipped
+        if r.batch is None:
+            skipped += 1
+        else:
+            made += 1
+        bar.update(1)
+
+    with logging_redirect_tqdm(), bar, Engine(loaded, storage, opts) as engine:
+        for shard in todo:
+            process_shard(engine, shard.id, items[shard.start : shard.end], on_done)
+
+    lines = join_parts(storage, [s.id for s in shards])
+    assert lines == len(items), f"manifest has {lines} lines for {len(items)} items"
+    storage.write_bytes(
+        INDEX_HTML,
+        contact_sheet.render(
+            job.metadata.name, contact_sheet.parse_manifest(storage.read_bytes(MANIFEST))
+        ).encode(),
+    )
+    summary = RunSummary(len(items), made, skipped + already, time.perf_counter() - t0, spec.output.uri)
+    log.info(
+        "done: %d images (%d made, %d already stored) in %.1fs; manifest at %s",
+        summary.items,
+        summary.made,
+        summary.skipped,
+        summary.seconds,
+        storage.path(MANIFEST),
+    )
+    return summary
