@@ -268,3 +268,79 @@ class ImageBatchJob(Model):
     metadata: ObjectMeta
     spec: ImageBatchJobSpec
     status: dict[str, Any] | None = None
+
+
+# --- Status, written by the operator (one place) ------------------------------------------------
+
+
+class Condition(Model):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False)
+    type: str = Field(description="Complete, Failed, Suspended, Ready, Reconciling or Stalled.")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(description="CamelCase reason for the last transition.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: str = Field(description="RFC 3339 time of the last status change.")
+    observed_generation: int | None = Field(default=None, description="The spec generation this reflects.")
+
+
+class ItemCounts(Model):
+    total: int = Field(default=0, description="Images the job makes in all.")
+    done: int = Field(default=0, description="Images stored.")
+    failed: int = Field(default=0, description="Images of shards that failed all attempts.")
+
+
+class ShardCounts(Model):
+    total: int = 0
+    pending: int = 0
+    claimed: int = 0
+    done: int = 0
+    failed: int = 0
+
+
+class ImageBatchJobStatus(Model):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False)
+    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Complete, Failed, Suspended, Ready, Reconciling, Stalled."
+    )
+    items: ItemCounts = Field(default_factory=ItemCounts, description="Image counts by state.")
+    shards: ShardCounts = Field(default_factory=ShardCounts, description="Shard counts by state.")
+    progress: str = Field(default="", description="done/total, for the printer column.")
+    desired_replicas: int = Field(default=0, description="Worker pods wanted for the backlog.")
+    active_replicas: int = Field(default=0, description="Worker pods running.")
+    images_per_second: str = Field(default="", description="Recent throughput (a decimal string).")
+    eta: str = Field(default="", description="Estimated time left, e.g. 5m30s.")
+    start_time: str | None = Field(default=None, description="When work started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+    manifest: str | None = Field(default=None, description="URI of manifest.jsonl once complete.")
+    fingerprint: str | None = Field(
+        default=None, description="Digest of the settings that decide the images."
+    )
+
+
+# --- ImageBatchShard: the unit a worker claims ---------------------------------------------------
+
+
+class ImageBatchShardSpec(Model):
+    job_name: str = Field(min_length=1, description="The ImageBatchJob this shard belongs to.")
+    index: int = Field(ge=0, description="Shard number; its manifest part is manifest/s<index>.jsonl.")
+    start: int = Field(ge=0, description="First item index (inclusive) of the job's planned items.")
+    end: int = Field(ge=1, description="Last item index (exclusive).")
+
+
+ShardState = Literal["Pending", "Claimed", "Done", "Failed"]
+
+
+class ImageBatchShardStatus(Model):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False)
+    state: ShardState = Field(default="Pending", description="Pending, Claimed, Done or Failed.")
+    attempt: int = Field(
+        default=0, ge=0, description="Claims so far; a completion must carry the current one."
+    )
+    holder: str | None = Field(default=None, description="Worker pod holding the claim.")
+    lease_renew_time: str | None = Field(default=None, description="Last lease renewal (RFC 3339).")
+    items_done: int = Field(default=0, ge=0, description="Images stored by the current attempt.")
+    seconds: float | None = Field(default=None, description="Time the completing attempt took.")
+    error: str | None = Field(default=None, description="Last error, if an attempt failed.")
