@@ -1,0 +1,31 @@
+"""Fixtures shared by every test layer. Cluster fixtures live here so one session runs one cluster."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagebatch.testing.pytest_plugin import kube_cluster
+from imagebatch.testing.s3 import S3Server, s3_server
+
+__all__ = ["kube_cluster", "s3"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 API (moto's server) on 127.0.0.1 for the whole session."""
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with s3_server(str(log)) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No test may reach a model hub: loading must fail fast and say so.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
