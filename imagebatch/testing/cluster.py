@@ -405,6 +405,9 @@ class LocalCluster:
         scheduler = ca.issue("scheduler", "system:kube-scheduler")
         node = ca.issue("node", f"system:node:{self.node_name}", organizations=("system:nodes",))
         sa: KeyPair = service_account_keys(pki)
+        # The aggregation layer's CA and client (request-header authentication), as kubeadm sets up.
+        front_proxy_ca = CertificateAuthority(pki, "front-proxy-ca", "imagebatch-test-front-proxy-ca")
+        front_proxy = front_proxy_ca.issue("front-proxy-client", "front-proxy-client")
 
         def write_kubeconfig(name: str, user: str, pair: KeyPair) -> Path:
             path = self.dir / f"{name}.kubeconfig"
@@ -463,7 +466,13 @@ class LocalCluster:
                 f"--service-account-signing-key-file={sa.key}",
                 # No kubelet serves the Service's endpoint; 127.0.0.1 is not a valid endpoint.
                 "--endpoint-reconciler-type=none",
-                f"--cert-dir={self.dir / 'pki'}",
+                f"--requestheader-client-ca-file={front_proxy_ca.pair.cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={front_proxy.cert}",
+                f"--proxy-client-key-file={front_proxy.key}",
                 "--v=1",
             ],
         )

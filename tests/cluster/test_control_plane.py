@@ -316,3 +316,148 @@ def test_cli_teardown_stops_only_its_processes(kube_cluster: TestCluster, tmp_pa
         assert kube_cluster.local.is_up()
         assert all(listening(port) for port in kube_cluster.local.state.ports.values())
     assert kube_cluster.client.get_raw("/readyz")[0] == 200
+
+
+API_SCRIPT = textwrap.dedent(
+    """
+    import json, os, pathlib
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()  # the node agent's per-pod KUBECONFIG
+    mounts = json.loads(os.environ.get("IMAGEBATCH_PATH_MAP") or "{}")
+    settings = pathlib.Path(mounts.get("/etc/settings", "/etc/settings"))
+    scratch = pathlib.Path(mounts.get("/scratch", "/scratch"))
+    (scratch / "x").write_text("ok")
+    v1 = client.CoreV1Api()
+    namespace = os.environ["NAMESPACE"]
+    maps = sorted(c.metadata.name for c in v1.list_namespaced_config_map(namespace).items)
+    try:
+        v1.list_namespaced_secret(namespace)
+        secrets = "allowed"
+    except ApiException as err:
+        secrets = err.status
+    print("RESULT " + json.dumps({
+        "maps": maps,
+        "secrets": secrets,
+        "file": (settings / "greeting").read_text(),
+        "greeting": os.environ["GREETING"],
+        "password": os.environ["PASSWORD"],
+        "prefixed": os.environ["CM_greeting"],
+        "node": os.environ["NODE"],
+        "scratch": (scratch / "x").read_text(),
+    }, sort_keys=True))
+    """
+)
+
+
+def test_pod_gets_config_and_talks_to_the_api_as_its_service_account(
+    kube_cluster: TestCluster, namespace: str
+) -> None:
+    if kube_cluster.local is None:
+        pytest.skip("the pod runs with this repository's Python (the kubernetes package)")
+    client = kube_cluster.client
+    ns = f"/api/v1/namespaces/{namespace}"
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    client.create(f"{ns}/serviceaccounts", {"metadata": {"name": "reader"}})
+    client.create(
+        f"{rbac}/roles",
+        {
+            "metadata": {"name": "read-configmaps"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}],
+        },
+    )
+    client.create(
+        f"{rbac}/rolebindings",
+        {
+            "metadata": {"name": "reader"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-configmaps"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+        },
+    )
+    client.create(f"{ns}/configmaps", {"metadata": {"name": "settings"}, "data": {"greeting": "hello"}})
+    client.create(f"{ns}/secrets", {"metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}})
+    job = python_job("api", API_SCRIPT, backoff_limit=0)
+    pod_spec = job["spec"]["template"]["spec"]
+    pod_spec["serviceAccountName"] = "reader"
+    pod_spec["volumes"] = [
+        {"name": "settings", "configMap": {"name": "settings"}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    container = pod_spec["containers"][0]
+    container["volumeMounts"] = [
+        {"name": "settings", "mountPath": "/etc/settings", "readOnly": True},
+        {"name": "scratch", "mountPath": "/scratch"},
+    ]
+    container["envFrom"] = [{"prefix": "CM_", "configMapRef": {"name": "settings"}}]
+    container["env"] += [
+        {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "greeting"}}},
+        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+    ]
+    client.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", job)
+    try:
+        wait_for_job(kube_cluster, namespace, "api", "Complete", 120)
+    finally:
+        pods = client.get(f"{ns}/pods", labelSelector="job-name=api")["items"]
+        logs = "".join(kube_cluster.pod_log(namespace, p["metadata"]["name"]) for p in pods)
+    result_line = next((line for line in logs.splitlines() if line.startswith("RESULT ")), None)
+    assert result_line is not None, logs
+    node = pods[0]["spec"]["nodeName"]
+    assert json.loads(result_line[len("RESULT ") :]) == {
+        "maps": ["kube-root-ca.crt", "settings"],
+        "secrets": 403,
+        "file": "hello",
+        "greeting": "hello",
+        "password": "s3cret",
+        "prefixed": "hello",
+        "node": node,
+        "scratch": "ok",
+    }
+
+
+RESTART_SCRIPT = textwrap.dedent(
+    """
+    import json, os, pathlib, sys
+    mounts = json.loads(os.environ.get("IMAGEBATCH_PATH_MAP") or "{}")
+    marker = pathlib.Path(mounts.get("/state", "/state")) / "tried"
+    if not marker.exists():
+        marker.write_text("1")
+        print("first try fails")
+        sys.exit(1)
+    print("second try succeeds")
+    """
+)
+
+
+def test_on_failure_restarts_the_container_in_place(kube_cluster: TestCluster, namespace: str) -> None:
+    client = kube_cluster.client
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "flaky"},
+        "spec": {
+            "restartPolicy": "OnFailure",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "python:3.11-slim",
+                    "command": ["python", "-c", RESTART_SCRIPT],
+                    "volumeMounts": [{"name": "state", "mountPath": "/state"}],
+                }
+            ],
+            "volumes": [{"name": "state", "emptyDir": {}}],
+        },
+    }
+    path = f"/api/v1/namespaces/{namespace}/pods/flaky"
+    client.create(f"/api/v1/namespaces/{namespace}/pods", pod)
+    wait_until("the pod to succeed", lambda: client.get(path)["status"].get("phase") == "Succeeded", 90)
+    (status,) = client.get(path)["status"]["containerStatuses"]
+    assert status["restartCount"] == 1
+    assert status["state"]["terminated"]["exitCode"] == 0
+    assert status["lastState"]["terminated"]["exitCode"] == 1
+    log = kube_cluster.pod_log(namespace, "flaky")
+    assert "first try fails" in log and "second try succeeds" in log
