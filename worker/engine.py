@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from imagebatch.worker.pipeline import LoadedPipeline
 from PIL import Image
 
 from imagebatch.manifest import BatchInfo
 from imagebatch.planning import Item
 from imagebatch.storage import Storage, image_key
+from imagebatch.worker.pipeline import LoadedPipeline
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +136,6 @@ class Engine:
             return u8
 
     # -- many items -----------------------------------------------------------------------------
-    def _batches(self, items: Sequence[Item]) -> Iterator[list[Item]]:
-        """Items with equal generation parameters, in order, in chunks of the current batch size."""
-        for _, group in groupby(
-            sorted(items, key=lambda it: it.params_key()), key=lambda it: it.params_key()
-        ):
-            queue = deque(group)
-            while queue:
-                size = self.batch_size
-                chunk = [queue.popleft() for _ in range(min(size, len(queue)))]
-                yield chunk
-                # If the batch size was halved during that chunk, later chunks follow it.
-
     def run(
         self, items: Sequence[Item], on_done: Callable[[ItemResult], None] | None = None
     ) -> list[ItemResult]:
@@ -161,7 +149,7 @@ class Engine:
                 results[it.id] = ItemResult(it, keys[it.id], None)
                 if on_done:
                     on_done(results[it.id])
-        todo = [it for it in items if keys[it.id] not in existing]
+        todo = sorted((it for it in items if keys[it.id] not in existing), key=lambda it: it.params_key())
         inflight: deque[tuple[Item, BatchInfo, Future[float]]] = deque()
 
         def drain(block_until: int) -> None:
@@ -172,48 +160,51 @@ class Engine:
                 if on_done:
                     on_done(res)
 
-        pending = deque(self._batches(todo))
-        while pending:
-            chunk = pending.popleft()
-            t0 = time.perf_counter()
-            try:
-                host = self.generate(chunk, pad_to=self.batch_size if self.pad else None)
-            except Exception as e:
-                if not is_oom(e) or len(chunk) == 1:
-                    raise
-                self._halve(len(chunk))
-                half = self.batch_size
-                pending.extendleft(reversed([chunk[i : i + half] for i in range(0, len(chunk), half)]))
-                continue
-            dt = time.perf_counter() - t0
-            self.compute_seconds += dt
-            self.images_done += len(chunk)
-            info = BatchInfo(len(chunk), dt, str(self.device), self.oom_halvings)
-            arrays = host.numpy()
-            for i, it in enumerate(chunk):
-                inflight.append(
-                    (it, info, self._pool.submit(self._encode_write, arrays[i], keys[it.id], fmt, quality))
+        # Items with equal generation parameters share batches; groupby keeps their order.
+        for _, grouped in groupby(todo, key=lambda it: it.params_key()):
+            group = list(grouped)
+            pos = 0
+            while pos < len(group):
+                chunk = group[pos : pos + self.batch_size]
+                t0 = time.perf_counter()
+                try:
+                    host = self.generate(chunk, pad_to=self.batch_size if self.pad else None)
+                except Exception as e:
+                    if not is_oom(e) or self.batch_size == 1:
+                        raise
+                    self._halve(len(chunk))
+                    continue  # the same items again, in smaller batches
+                pos += len(chunk)
+                dt = time.perf_counter() - t0
+                self.compute_seconds += dt
+                self.images_done += len(chunk)
+                info = BatchInfo(len(chunk), dt, str(self.device), self.oom_halvings)
+                arrays = host.numpy()
+                for i, it in enumerate(chunk):
+                    fut = self._pool.submit(self._encode_write, arrays[i], keys[it.id], fmt, quality)
+                    inflight.append((it, info, fut))
+                log.info(
+                    "batch of %d at %dx%d, %d steps: %.3fs (%.2f images/s), %d images waiting to be written",
+                    len(chunk),
+                    chunk[0].width,
+                    chunk[0].height,
+                    chunk[0].steps,
+                    dt,
+                    len(chunk) / dt,
+                    len(inflight),
                 )
-            w, h = chunk[0].width, chunk[0].height
-            log.info(
-                "batch of %d at %dx%d, %d steps: %.3fs (%.2f images/s), %d images waiting to be written",
-                len(chunk),
-                w,
-                h,
-                chunk[0].steps,
-                dt,
-                len(chunk) / dt,
-                len(inflight),
-            )
-            # Bound the images held in memory: at most two batches wait for the encoders.
-            drain(block_until=2 * self.batch_size)
+                # Bound the images held in memory: at most two batches wait for the encoders.
+                drain(block_until=2 * self.batch_size)
         drain(block_until=0)
         return [results[it.id] for it in items]
 
     def _halve(self, size: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.batch_size = max(1, min(self.batch_size, size) // 2)
+        new = max(1, self.batch_size // 2)
+        while new > 1 and new >= size:  # a short last batch failed: go below its size
+            new //= 2
+        self.batch_size = new
         self.oom_halvings += 1
         log.warning("out of memory at batch size %d: going on with batch size %d", size, self.batch_size)
 

@@ -7,9 +7,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-from imagebatch.worker.engine import Engine, EngineOptions, ItemResult
-from imagebatch.worker.pipeline import load_pipeline
-from imagebatch.worker.shards import process_shard
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -20,6 +17,9 @@ from imagebatch.manifest import join_parts
 from imagebatch.planning import expand_items, fingerprint, image_fields, plan_shards
 from imagebatch.prompts import load_prompts
 from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, manifest_part_key, storage_options
+from imagebatch.worker.engine import Engine, EngineOptions, ItemResult
+from imagebatch.worker.pipeline import load_pipeline
+from imagebatch.worker.shards import process_shard
 
 log = logging.getLogger(__name__)
 JOB_RECORD = "job.json"

@@ -8,11 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from imagebatch.worker.engine import Engine, ItemResult
-from imagebatch.worker.pipeline import LoadedPipeline
-
 from imagebatch.manifest import ModelInfo, manifest_line, write_part
 from imagebatch.planning import Item
+from imagebatch.worker.engine import Engine, ItemResult
+from imagebatch.worker.pipeline import LoadedPipeline
 
 
 def model_info(loaded: LoadedPipeline) -> ModelInfo:
