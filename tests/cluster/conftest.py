@@ -1,12 +1,9 @@
-"""Fixtures for the tests of the local Kubernetes test cluster (see docs/test-cluster.md)."""
+"""The control-plane tests use `kube_cluster` (imagebatch.testing.pytest_plugin), which tests/conftest.py
+imports for every test layer so that one session runs one cluster (see docs/test-cluster.md)."""
 
 from __future__ import annotations
 
 import pytest
-
-from imagebatch.testing.pytest_plugin import kube_cluster
-
-__all__ = ["kube_cluster"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
