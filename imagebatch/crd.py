@@ -59,6 +59,9 @@ FALLBACK_DESCRIPTIONS = {
     "status.shards.done": "Shards finished.",
     "status.shards.failed": "Shards that failed all attempts.",
     "status.conditions[].status": "True, False or Unknown.",
+    "spec.workers.env[]": "An environment variable, as in a container's env: name and value or valueFrom.",
+    "spec.workers.volumes[]": "A volume, as in a Pod spec: name and one volume source.",
+    "spec.workers.volumeMounts[]": "A volume mount, as in a container: name, mountPath, readOnly, subPath.",
 }
 
 NEW_JOB = "create a new ImageBatchJob (with another name) for other settings"
@@ -322,7 +325,11 @@ def _resources_schema(description: str) -> Schema:
             "claims": {
                 "type": "array",
                 "description": "Dynamic resource claims, as in a Pod's container resources.",
-                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                "items": {
+                    "type": "object",
+                    "description": "A claim: name (of an entry in the Pod's resourceClaims) and request.",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                },
             },
         },
     }
