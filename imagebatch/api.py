@@ -204,6 +204,16 @@ class Workers(Model):
         default=None,
         description="Worker ServiceAccount; default: one the operator makes with least privilege.",
     )
+    env: list[dict[str, Any]] | None = Field(
+        default=None, description="Extra environment variables of the worker container, as in a Pod spec."
+    )
+    volumes: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Worker pod volumes, as in a Pod spec (e.g. the PersistentVolumeClaim that spec.output.uri is on).",
+    )
+    volume_mounts: list[dict[str, Any]] | None = Field(
+        default=None, description="Worker container volumeMounts, as in a Pod spec."
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Workers:

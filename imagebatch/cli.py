@@ -54,6 +54,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    missing = [
+        flag
+        for flag, v in (("--namespace", args.namespace), ("--job", args.job), ("--pod", args.pod))
+        if not v
+    ]
+    if missing:
+        raise ImageBatchError(f"worker: set {', '.join(missing)} (or NAMESPACE, JOB_NAME, POD_NAME)")
+    from imagebatch.worker.cluster import run_cluster_worker  # torch is imported only by workers
+
+    return run_cluster_worker(
+        args.namespace, args.job, args.pod, device=args.device, metrics_port=args.metrics_port
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imagebatch", description="Generate images in bulk with diffusion models."
@@ -72,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a manifest and its prompts without running anything")
     val.add_argument("job")
     val.set_defaults(func=_cmd_validate)
+
+    wk = sub.add_parser(
+        "worker", help="cluster mode: claim and process shards of an ImageBatchJob (in worker pods)"
+    )
+    wk.add_argument(
+        "--namespace", default=os.environ.get("NAMESPACE"), help="the job's namespace ($NAMESPACE)"
+    )
+    wk.add_argument("--job", default=os.environ.get("JOB_NAME"), help="the ImageBatchJob's name ($JOB_NAME)")
+    wk.add_argument(
+        "--pod", default=os.environ.get("POD_NAME"), help="this pod's name, the claim holder ($POD_NAME)"
+    )
+    wk.add_argument("--device", default="auto", help="auto (CUDA if present), cuda, cuda:N or cpu")
+    wk.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port; 0: none"
+    )
+    wk.set_defaults(func=_cmd_worker)
     return p
 
 

@@ -1,0 +1,63 @@
+"""`python -m imagebatch.operator`: run the operator (kopf, standalone: one replica, no peering)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import kopf
+
+from imagebatch.operator import metrics
+from imagebatch.operator.builders import DEFAULT_WORKER_IMAGE, WorkerSettings
+from imagebatch.operator.handlers import register
+from imagebatch.operator.kube import OperatorKube
+from imagebatch.operator.reconcile import Reconciler, Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m imagebatch.operator", description=__doc__)
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between reconcile passes of a job")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port; 0: none")
+    p.add_argument(
+        "--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz"
+    )
+    p.add_argument("--worker-image", default=DEFAULT_WORKER_IMAGE, help="worker image when a job names none")
+    p.add_argument("--worker-metrics-port", type=int, default=9090, help="workers' metrics port; 0: none")
+    p.add_argument("--scale-down-cool-down", type=float, default=30.0, help="seconds between scale-downs")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # kopf logs every handler call at INFO; keep ours readable.
+    logging.getLogger("kopf").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    settings = Settings(
+        worker=WorkerSettings(image=args.worker_image, metrics_port=args.worker_metrics_port),
+        cool_down=args.scale_down_cool_down,
+    )
+    registry = kopf.OperatorRegistry()
+    register(Reconciler(OperatorKube(), settings), args.interval, registry)
+    metrics.serve(args.metrics_port)
+    kopf.run(
+        registry=registry,
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Child objects of an ImageBatchJob, as dicts. Pure: no API calls, unit-tested.
+
+The worker Job follows the work-queue pattern: `completions` unset, `parallelism` = the desired
+worker count; each pod claims shards until none is left and then exits 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from imagebatch.api import ImageBatchJobSpec
+from imagebatch.operator.labels import (
+    EXIT_MODEL_LOAD_ERROR,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    JOB_PLURAL,
+    LABEL_COMPONENT,
+    LABEL_JOB,
+    SHARD_PLURAL,
+    worker_account_name,
+    worker_job_name,
+)
+from imagebatch.operator.shardplan import owner_reference
+
+GROUP = "imagebatch.dev"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+DEFAULT_WORKER_IMAGE = "ghcr.io/imagebatch/imagebatch:0.1.0"
+CONTAINER = "worker"
+TERMINATION_GRACE_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Operator-wide worker settings (flags of the operator)."""
+
+    image: str = DEFAULT_WORKER_IMAGE
+    command: tuple[str, ...] = ("python", "-m", "imagebatch.cli", "worker")
+    metrics_port: int = 0  # 0: workers serve no metrics
+    run_as_user: int = 1000
+
+
+def labels(job_name: str, component: str) -> dict[str, str]:
+    return {LABEL_JOB: job_name, LABEL_COMPONENT: component, "app.kubernetes.io/name": "imagebatch"}
+
+
+def _meta(
+    job: dict[str, Any], name: str, component: str, extra_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job["metadata"]["namespace"],
+        "labels": {**labels(job["metadata"]["name"], component), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def service_account_name(job: dict[str, Any], spec: ImageBatchJobSpec) -> str:
+    return spec.workers.service_account_name or worker_account_name(job["metadata"]["name"])
+
+
+def worker_rbac(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding with only what a worker of this one job needs.
+
+    Empty when the user names their own ServiceAccount (then its permissions are theirs to give).
+    """
+    if spec.workers.service_account_name:
+        return []
+    name = worker_account_name(job["metadata"]["name"])
+    rules: list[dict[str, Any]] = [
+        # Its own job only: the spec it works for.
+        {
+            "apiGroups": [GROUP],
+            "resources": [JOB_PLURAL],
+            "verbs": ["get"],
+            "resourceNames": [job["metadata"]["name"]],
+        },
+        # Claims and completions; create because the first worker plans a prompt file's shards.
+        {
+            "apiGroups": [GROUP],
+            "resources": [SHARD_PLURAL],
+            "verbs": ["get", "list", "watch", "create", "patch", "update"],
+        },
+        {"apiGroups": [GROUP], "resources": [f"{SHARD_PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+    ]
+    src = spec.prompts_from
+    if src is not None and src.config_map_key_ref is not None:
+        rules.append(
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "verbs": ["get"],
+                "resourceNames": [src.config_map_key_ref.name],
+            }
+        )
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(job, name, "worker")},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(job, name, "worker"),
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(job, name, "worker"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job["metadata"]["namespace"]}],
+        },
+    ]
+
+
+def _env(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "JOB_NAME", "value": job["metadata"]["name"]},
+    ]
+    # The user's env comes last so that it can set e.g. OMP_NUM_THREADS or HF_HOME.
+    env += [dict(e) for e in spec.workers.env or []]
+    return env
+
+
+def _resources(spec: ImageBatchJobSpec) -> dict[str, Any]:
+    res: dict[str, Any] = {k: dict(v) for k, v in (spec.workers.resources or {}).items()}
+    if spec.workers.gpus_per_worker > 0:
+        res.setdefault("limits", {})["nvidia.com/gpu"] = spec.workers.gpus_per_worker
+    return res
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    return {
+        "rules": [
+            # A user error (bad prompts, unloadable model) fails the same way on every retry.
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": [EXIT_USER_ERROR, EXIT_MODEL_LOAD_ERROR],
+                },
+            },
+            # SIGTERM from scale-in, suspend or a drain: the claim was released, nothing failed.
+            {
+                "action": "Ignore",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_TERMINATED]},
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def worker_job(
+    job: dict[str, Any],
+    spec: ImageBatchJobSpec,
+    parallelism: int,
+    settings: WorkerSettings | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs the workers."""
+    s = settings or WorkerSettings()
+    name = job["metadata"]["name"]
+    extra = {KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
+    args = ["--namespace", "$(NAMESPACE)", "--job", name, "--pod", "$(POD_NAME)"]
+    if s.metrics_port:
+        args += ["--metrics-port", str(s.metrics_port)]
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.workers.image or s.image,
+        "command": list(s.command),
+        "args": args,
+        "env": _env(job, spec),
+        "resources": _resources(spec),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.output.credentials_secret is not None:
+        container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret.name}}]
+    if spec.workers.volume_mounts:
+        container["volumeMounts"] = [dict(m) for m in spec.workers.volume_mounts]
+    if s.metrics_port:
+        container["ports"] = [{"name": "metrics", "containerPort": s.metrics_port}]
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(job, spec),
+        # podFailurePolicy needs Never; a failed pod is replaced by the Job controller.
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": s.run_as_user,
+            "runAsGroup": s.run_as_user,
+            "fsGroup": s.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+    }
+    if spec.workers.volumes:
+        pod_spec["volumes"] = [dict(v) for v in spec.workers.volumes]
+    if spec.workers.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.workers.node_selector)
+    if spec.workers.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.workers.tolerations]
+    if spec.workers.priority_class_name:
+        pod_spec["priorityClassName"] = spec.workers.priority_class_name
+    job_spec: dict[str, Any] = {
+        "parallelism": parallelism,
+        # Kueue admits a Job by unsuspending it: one with a queue starts suspended.
+        "suspend": bool(spec.suspend or spec.queue_name),
+        # Each shard has its own attempt budget; this only stops pods that crash in a loop.
+        "backoffLimit": max(6, spec.workers.max_replicas * spec.retries.max_attempts),
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": {**labels(name, "worker"), **extra}}, "spec": pod_spec},
+    }
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(job, worker_job_name(name), "worker", extra),
+        "spec": job_spec,
+    }

@@ -1,0 +1,53 @@
+"""kopf handlers: every trigger runs the same level-based reconcile (see reconcile.py).
+
+A timer per job drives progress (leases, scaling, status); create/update/resume only make the
+first pass come at once instead of on the next tick. Handlers are registered by `register`, so
+the interval is a flag, not an import-time constant.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from imagebatch.api import GROUP, VERSION
+from imagebatch.operator.labels import JOB_PLURAL
+from imagebatch.operator.reconcile import Reconciler
+
+RESOURCE = (GROUP, VERSION, JOB_PLURAL)
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    # Handler progress in our own annotations; no `status.kopf`, which the CRD schema would prune.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Events are posted by reconcile on real transitions; kopf's per-handler events would be noise.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 8
+    # Retry a failed create/update pass soon: it is idempotent and the timer runs anyway.
+    settings.batching.error_delays = [1, 2, 5, 10, 30]
+
+
+def register(reconciler: Reconciler, interval: float, registry: kopf.OperatorRegistry) -> None:
+    @kopf.on.startup(id="configure", registry=registry)
+    def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_settings(settings)
+
+    @kopf.on.create(*RESOURCE, id="reconcile-on-create", registry=registry)
+    @kopf.on.update(*RESOURCE, id="reconcile-on-update", field="spec", registry=registry)
+    @kopf.on.resume(*RESOURCE, id="reconcile-on-resume", registry=registry)
+    def _on_change(body: kopf.Body, **_: Any) -> None:
+        reconciler.reconcile(body)
+
+    @kopf.timer(*RESOURCE, id="reconcile", interval=interval, sharp=False, registry=registry)
+    def _tick(body: kopf.Body, **_: Any) -> None:
+        reconciler.reconcile(body)
+
+    # optional: no finalizer, so deleting a job never waits for the operator.
+    @kopf.on.delete(*RESOURCE, id="forget", optional=True, registry=registry)
+    def _on_delete(body: kopf.Body, **_: Any) -> None:
+        reconciler.forget(body)

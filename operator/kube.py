@@ -1,0 +1,204 @@
+"""The operator's only door to the Kubernetes API (the `kubernetes` client; kopf only watches).
+
+Objects go in and out as plain dicts, exactly as the API serves them, so the pure modules never
+see client classes. Conflicts and "already exists" are answers, not errors: a reconcile that
+loses a race simply sees the new state on its next pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from imagebatch.api import GROUP, VERSION
+from imagebatch.operator.labels import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
+from imagebatch.operator.timeutil import format_micro, now_utc
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+COMPONENT = "imagebatch-operator"
+JSON = dict[str, Any]
+
+
+def load_client_config() -> kubernetes.client.ApiClient:
+    """In-cluster credentials when there are any, the kubeconfig otherwise."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return kubernetes.client.ApiClient()
+
+
+def _json(resp: Any) -> JSON:
+    data: JSON = json.loads(resp.data)
+    return data
+
+
+def _status(err: ApiException) -> int:
+    return int(err.status or 0)
+
+
+class OperatorKube:
+    def __init__(self, api: kubernetes.client.ApiClient | None = None) -> None:
+        self.api = api or load_client_config()
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self.batch = kubernetes.client.BatchV1Api(self.api)
+        self.core = kubernetes.client.CoreV1Api(self.api)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(self.api)
+
+    # -- ImageBatchJob ---------------------------------------------------------------------------
+    def patch_job_status(self, ns: str, name: str, status: JSON) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, JOB_PLURAL, name, {"status": status}, _content_type=MERGE_PATCH
+        )
+
+    def delete_job(self, ns: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, ns, JOB_PLURAL, name, propagation_policy="Background"
+            )
+        except ApiException as e:
+            if _status(e) != 404:
+                raise
+
+    # -- ImageBatchShard -------------------------------------------------------------------------
+    def list_shards(self, ns: str, job: str) -> list[JSON]:
+        resp = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, ns, SHARD_PLURAL, label_selector=f"{LABEL_JOB}={job}", _preload_content=False
+        )
+        items: list[JSON] = _json(resp).get("items", [])
+        return items
+
+    def create(self, obj: JSON) -> bool:
+        """Creates any object this operator owns; False if it exists already."""
+        try:
+            self._create(obj)
+            return True
+        except ApiException as e:
+            if _status(e) == 409:
+                return False
+            raise
+
+    def _create(self, obj: JSON) -> None:
+        ns = obj["metadata"]["namespace"]
+        kind = obj["kind"]
+        if kind == "ImageBatchShard":
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, SHARD_PLURAL, obj)
+        elif kind == "Job":
+            self.batch.create_namespaced_job(ns, obj)
+        elif kind == "ServiceAccount":
+            self.core.create_namespaced_service_account(ns, obj)
+        elif kind == "Role":
+            self.rbac.create_namespaced_role(ns, obj)
+        elif kind == "RoleBinding":
+            self.rbac.create_namespaced_role_binding(ns, obj)
+        else:
+            raise ValueError(f"cannot create a {kind}")
+
+    def ensure_role(self, obj: JSON) -> None:
+        """Creates a Role, or brings its rules up to date (a ConfigMap source may have changed)."""
+        if not self.create(obj):
+            meta = obj["metadata"]
+            self.rbac.patch_namespaced_role(
+                meta["name"], meta["namespace"], {"rules": obj["rules"]}, _content_type=MERGE_PATCH
+            )
+
+    def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
+        """Writes a shard's status if it has not changed since it was read; False on a conflict."""
+        meta = shard["metadata"]
+        body = {
+            "apiVersion": shard["apiVersion"],
+            "kind": shard["kind"],
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "resourceVersion": meta["resourceVersion"],
+            },
+            "spec": shard["spec"],
+            "status": status,
+        }
+        try:
+            self.custom.replace_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], SHARD_PLURAL, meta["name"], body
+            )
+            return True
+        except ApiException as e:
+            if _status(e) in (404, 409):
+                return False
+            raise
+
+    # -- the worker Job and its pods -------------------------------------------------------------
+    def get_worker_job(self, ns: str, name: str) -> JSON | None:
+        try:
+            return _json(self.batch.read_namespaced_job(name, ns, _preload_content=False))
+        except ApiException as e:
+            if _status(e) == 404:
+                return None
+            raise
+
+    def patch_worker_job(self, ns: str, name: str, patch: JSON) -> None:
+        self.batch.patch_namespaced_job(name, ns, patch, _content_type=MERGE_PATCH)
+
+    def delete_worker_job(self, ns: str, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, ns, propagation_policy="Background")
+        except ApiException as e:
+            if _status(e) != 404:
+                raise
+
+    def list_worker_pods(self, ns: str, job: str) -> list[JSON]:
+        resp = self.core.list_namespaced_pod(
+            ns, label_selector=f"{LABEL_JOB}={job},{LABEL_COMPONENT}=worker", _preload_content=False
+        )
+        items: list[JSON] = _json(resp).get("items", [])
+        return items
+
+    # -- prompt sources and events ---------------------------------------------------------------
+    def read_config_map_key(self, ns: str, name: str, key: str) -> str | None:
+        try:
+            cm = _json(self.core.read_namespaced_config_map(name, ns, _preload_content=False))
+        except ApiException as e:
+            if _status(e) == 404:
+                return None
+            raise
+        value = (cm.get("data") or {}).get(key)
+        return None if value is None else str(value)
+
+    def post_event(self, job: JSON, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the ImageBatchJob; losing one is not worth failing a reconcile."""
+        meta = job["metadata"]
+        now = format_micro(now_utc())
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": job.get("apiVersion"),
+                "kind": job.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "count": 1,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": os.environ.get("POD_NAME", COMPONENT),
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as e:
+            log.warning(
+                "cannot post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason
+            )

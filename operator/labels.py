@@ -1,0 +1,43 @@
+"""Names, labels and annotations shared by the operator and the worker: the cluster-side contract.
+
+Kept free of kopf and torch so that both sides import it.
+"""
+
+from __future__ import annotations
+
+from imagebatch.api import GROUP, VERSION
+
+JOB_PLURAL = "imagebatchjobs"
+SHARD_PLURAL = "imagebatchshards"
+
+# Every child object carries the job's name, so one label selector finds them all.
+LABEL_JOB = f"{GROUP}/job"
+LABEL_COMPONENT = f"{GROUP}/component"
+# Shards carry the plan's size: the operator knows the plan is complete when it sees all of them,
+# even when a worker (not the operator) planned a prompt file the operator cannot read.
+ANNOTATION_SHARD_COUNT = f"{GROUP}/shard-count"
+ANNOTATION_ITEM_COUNT = f"{GROUP}/item-count"
+# Set on shard 0 by the worker that joined the manifest parts (value: the line count).
+ANNOTATION_MANIFEST_LINES = f"{GROUP}/manifest-lines"
+
+# Prefix of a shard's status.error when the model could not be loaded: a user error, never retried.
+MODEL_LOAD_ERROR = "ModelLoadError"
+
+# Worker exit codes the Job's podFailurePolicy acts on.
+EXIT_USER_ERROR = 2  # bad prompts or spec: fail the Job, do not retry
+EXIT_MODEL_LOAD_ERROR = 3  # the model cannot be loaded: fail the Job, do not retry
+EXIT_TERMINATED = 143  # stopped by SIGTERM (scale-in, suspend, drain): not a failure
+
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+def shard_name(job: str, index: int) -> str:
+    return f"{job}-s{index:05d}"
+
+
+def worker_job_name(job: str) -> str:
+    return f"{job}-workers"
+
+
+def worker_account_name(job: str) -> str:
+    return f"{job}-worker"

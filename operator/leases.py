@@ -1,0 +1,79 @@
+"""Shard claims seen from the operator: which leases expired, which holders are gone. Pure.
+
+A claim goes back to Pending when its lease was not renewed for `leaseSeconds` or its holder pod
+no longer runs; the attempt count is kept (the next claim raises it). A shard whose failed attempt
+was its last (`attempt >= maxAttempts`) becomes Failed with the last error instead, so a shard that
+kills its worker every time does not burn GPUs forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from imagebatch.api import ImageBatchShardStatus
+from imagebatch.operator.timeutil import parse_time
+
+
+def shard_status(shard: dict[str, Any]) -> ImageBatchShardStatus:
+    """The shard's status; a shard just created has none yet and is Pending."""
+    return ImageBatchShardStatus.model_validate(shard.get("status") or {})
+
+
+@dataclass(frozen=True)
+class Transition:
+    shard: dict[str, Any]  # as listed: its resourceVersion fences the write
+    status: ImageBatchShardStatus
+    reason: str  # LeaseExpired or HolderGone
+
+
+def lost_claim_reason(
+    st: ImageBatchShardStatus, live_pods: Collection[str], now: datetime, lease_seconds: int
+) -> str | None:
+    if st.state != "Claimed":
+        return None
+    if st.holder not in live_pods:
+        return "HolderGone"
+    renewed = parse_time(st.lease_renew_time)
+    if renewed is None or (now - renewed).total_seconds() > lease_seconds:
+        return "LeaseExpired"
+    return None
+
+
+def review(
+    shards: Iterable[dict[str, Any]],
+    live_pods: Collection[str],
+    now: datetime,
+    lease_seconds: int,
+    max_attempts: int,
+) -> list[Transition]:
+    """The status writes that return lost claims to Pending, or fail shards out of attempts.
+
+    `live_pods` must be listed after `shards`: a pod that claimed a shard existed before its claim,
+    so a claim is never taken for orphaned because of a stale pod list.
+    """
+    out: list[Transition] = []
+    for shard in shards:
+        st = shard_status(shard)
+        why = lost_claim_reason(st, live_pods, now, lease_seconds)
+        if why is None:
+            continue
+        detail = (
+            f"worker {st.holder} stopped renewing its lease (attempt {st.attempt})"
+            if why == "LeaseExpired"
+            else f"worker pod {st.holder} is gone (attempt {st.attempt})"
+        )
+        error = f"{detail}; last error: {st.error}" if st.error else detail
+        new = st.model_copy(
+            update={
+                "state": "Failed" if st.attempt >= max_attempts else "Pending",
+                "holder": None,
+                "lease_renew_time": None,
+                "items_done": 0,
+                "error": error,
+            }
+        )
+        out.append(Transition(shard, new, why))
+    return out

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the operator (served on --metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, start_http_server
+
+JOBS = Gauge("imagebatch_jobs", "ImageBatchJobs by condition that is True", ["condition"])
+ITEMS = Gauge("imagebatch_job_items", "Images of a job by state", ["namespace", "job", "state"])
+RATE = Gauge("imagebatch_job_images_per_second", "Recent throughput of a job", ["namespace", "job"])
+REPLICAS = Gauge("imagebatch_job_desired_replicas", "Worker pods wanted by a job", ["namespace", "job"])
+RETRIES = Counter(
+    "imagebatch_shard_retries_total",
+    "Claims returned to Pending or failed by the operator",
+    ["namespace", "reason"],
+)
+RECONCILES = Counter("imagebatch_reconciles_total", "Reconcile passes", ["result"])
+
+# The condition of each job seen, so the per-condition gauge counts every job once.
+_job_conditions: dict[tuple[str, str], str] = {}
+
+
+def set_job_condition(ns: str, name: str, condition: str | None) -> None:
+    if condition is None:
+        _job_conditions.pop((ns, name), None)
+    else:
+        _job_conditions[(ns, name)] = condition
+    for cond in ("Complete", "Failed", "Suspended", "Reconciling"):
+        JOBS.labels(cond).set(sum(1 for c in _job_conditions.values() if c == cond))
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port)

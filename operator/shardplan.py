@@ -1,0 +1,69 @@
+"""Shard planning: items → ImageBatchShard manifests. Pure; used by the operator and the worker.
+
+A shard holds only an item range [start, end) of the job's planned items, never the prompts, so a
+job with a million prompts in a file keeps etcd small. Whoever can read the prompt source plans:
+the operator for inline prompts and ConfigMaps, the first worker for a prompt file (which only the
+workers can read: it is on their volume or behind their storage credentials).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagebatch.api import SHARD_KIND, ImageBatchShardSpec, ImageBatchShardStatus
+from imagebatch.operator.labels import (
+    ANNOTATION_ITEM_COUNT,
+    ANNOTATION_SHARD_COUNT,
+    API_VERSION,
+    LABEL_COMPONENT,
+    LABEL_JOB,
+    shard_name,
+)
+from imagebatch.planning import plan_shards
+
+
+def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
+    """An owner reference to the ImageBatchJob, so that deleting it deletes the child.
+
+    No blockOwnerDeletion: with the OwnerReferencesPermissionEnforcement admission plugin that
+    would need update on imagebatchjobs/finalizers, which neither side is granted.
+    """
+    meta = job["metadata"]
+    return {
+        "apiVersion": job.get("apiVersion", API_VERSION),
+        "kind": job.get("kind", "ImageBatchJob"),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+    }
+
+
+def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[dict[str, Any]]:
+    """One ImageBatchShard per `shard_size` items, owned by the job, with the plan's size annotated."""
+    meta = job["metadata"]
+    ranges = plan_shards(n_items, shard_size)
+    out: list[dict[str, Any]] = []
+    for r in ranges:
+        spec = ImageBatchShardSpec(job_name=meta["name"], index=r.index, start=r.start, end=r.end)
+        out.append(
+            {
+                "apiVersion": API_VERSION,
+                "kind": SHARD_KIND,
+                "metadata": {
+                    "name": shard_name(meta["name"], r.index),
+                    "namespace": meta["namespace"],
+                    "labels": {LABEL_JOB: meta["name"], LABEL_COMPONENT: "shard"},
+                    "annotations": {
+                        ANNOTATION_SHARD_COUNT: str(len(ranges)),
+                        ANNOTATION_ITEM_COUNT: str(n_items),
+                    },
+                    "ownerReferences": [owner_reference(job)],
+                },
+                "spec": spec.model_dump(by_alias=True),
+            }
+        )
+    return out
+
+
+def initial_status() -> dict[str, Any]:
+    return ImageBatchShardStatus().model_dump(by_alias=True, exclude_none=True)

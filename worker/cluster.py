@@ -1,0 +1,335 @@
+"""Cluster mode: a worker pod claims shards of one ImageBatchJob until none is left.
+
+    load the pipeline once
+    loop: list shards → claim a Pending one (a status write fenced by resourceVersion; a conflict
+          means another worker won, so try the next) → renew the lease in a thread while
+          `process_shard` makes the images and the manifest part → mark it Done (fenced by
+          holder + attempt: a worker that lost its claim cannot)
+    exit 0 when nothing is Pending; the worker that finds every shard Done joins manifest.jsonl.
+
+On SIGTERM (scale-in, suspend, drain) the current batch finishes, the claim is released (back to
+Pending; its stored images are skipped by the next holder) and the process exits 143, which the
+Job's podFailurePolicy ignores. A model that cannot be loaded fails one shard with a
+ModelLoadError (the operator fails the job) and exits 3, which fails the Job: no crash loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from prometheus_client import Counter, Histogram, start_http_server
+from pydantic import ValidationError
+
+from imagebatch import contact_sheet
+from imagebatch.api import ImageBatchJobSpec, ImageBatchShardStatus
+from imagebatch.errors import ImageBatchError, ModelLoadError, format_validation_error
+from imagebatch.manifest import BatchInfo, join_parts
+from imagebatch.operator.labels import (
+    ANNOTATION_ITEM_COUNT,
+    ANNOTATION_MANIFEST_LINES,
+    ANNOTATION_SHARD_COUNT,
+    EXIT_MODEL_LOAD_ERROR,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    MODEL_LOAD_ERROR,
+)
+from imagebatch.operator.leases import shard_status
+from imagebatch.operator.shardplan import shard_manifests
+from imagebatch.operator.timeutil import now_utc
+from imagebatch.planning import Item, expand_items, shard_id
+from imagebatch.prompts import load_prompts
+from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, storage_options
+from imagebatch.worker import claims
+from imagebatch.worker.kube import JSON, WorkerKube
+
+log = logging.getLogger(__name__)
+
+IMAGES = Counter("imagebatch_worker_images_total", "Images made by this worker")
+BATCH_SECONDS = Histogram(
+    "imagebatch_worker_batch_seconds",
+    "Seconds per denoising batch",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+CLAIM_SECONDS = Histogram("imagebatch_worker_claim_seconds", "Seconds to find and claim a shard")
+SHARDS = Counter("imagebatch_worker_shards_total", "Shards finished by this worker", ["result"])
+
+
+class AbandonError(Exception):
+    """SIGTERM arrived: stop after the current batch."""
+
+
+class LostClaimError(Exception):
+    """The lease could not be renewed because the claim is no longer ours."""
+
+
+@dataclass
+class Claim:
+    name: str
+    index: int
+    start: int
+    end: int
+    attempt: int
+
+
+class Worker:
+    def __init__(self, kube: WorkerKube, pod: str, stop: threading.Event, device: str = "auto") -> None:
+        self.kube = kube
+        self.pod = pod
+        self.device = device
+        self.stop = stop
+        self._items: list[Item] | None = None
+        job = kube.get_job()
+        self.job = job
+        self.spec = ImageBatchJobSpec.model_validate(job["spec"])
+        self.storage = Storage.for_output(self.spec.output)
+
+    # -- prompts and planning ------------------------------------------------------------------
+    def items(self) -> list[Item]:
+        if self._items is None:
+            prompts = load_prompts(
+                self.spec, storage_options(self.spec.output), config_map_reader=self.kube.read_config_map
+            )
+            self._items = expand_items(prompts, self.spec.generation)
+        return self._items
+
+    def plan_if_needed(self, shards: list[JSON]) -> list[JSON]:
+        """A prompt file is planned by the first worker: only workers can read it."""
+        if self.spec.prompts_from is None or self.spec.prompts_from.uri is None:
+            return shards
+        counts = {(s["metadata"].get("annotations") or {}).get(ANNOTATION_SHARD_COUNT) for s in shards}
+        if shards and counts == {str(len(shards))}:
+            return shards
+        items = self.items()
+        manifests = shard_manifests(self.job, len(items), self.spec.batching.shard_size)
+        made = sum(self.kube.create_shard(m) for m in manifests)
+        log.info("planned %d images in %d shards (%d created here)", len(items), len(manifests), made)
+        return self.kube.list_shards()
+
+    # -- fenced writes -------------------------------------------------------------------------
+    def fenced_write(
+        self, claim: Claim, change: Callable[[ImageBatchShardStatus], ImageBatchShardStatus]
+    ) -> bool:
+        """Applies `change` if the claim is still ours; retries lost races with other writers."""
+        for _ in range(10):
+            shard = self.kube.get_shard(claim.name)
+            if shard is None:
+                return False
+            st = shard_status(shard)
+            if not claims.holds(st, self.pod, claim.attempt):
+                return False
+            if self.kube.replace_shard_status(shard, claims.dump(change(st))):
+                return True
+        return False
+
+    def try_claim(self, shards: list[JSON]) -> Claim | None:
+        for shard in claims.claim_order(shards, self.pod):
+            if self.stop.is_set():
+                return None
+            st = claims.claimed(shard_status(shard), self.pod, now_utc())
+            if self.kube.replace_shard_status(shard, claims.dump(st)):
+                spec = shard["spec"]
+                return Claim(
+                    shard["metadata"]["name"],
+                    int(spec["index"]),
+                    int(spec["start"]),
+                    int(spec["end"]),
+                    st.attempt,
+                )
+        return None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        shards = self.plan_if_needed(self.kube.list_shards())
+        from imagebatch.worker.engine import Engine, EngineOptions
+        from imagebatch.worker.pipeline import load_pipeline
+
+        try:
+            loaded = load_pipeline(self.spec.model, self.device)
+        except ModelLoadError as e:
+            log.error("%s", e)
+            self.fail_one(f"{MODEL_LOAD_ERROR}: {e}", shards)
+            return EXIT_MODEL_LOAD_ERROR
+        size = self.spec.batching.batch_size
+        opts = EngineOptions(
+            batch_size=size if isinstance(size, int) else None,
+            image_format=self.spec.output.format,
+            quality=self.spec.output.quality,
+            worker=self.pod,
+        )
+        with Engine(loaded, self.storage, opts) as engine:
+            while not self.stop.is_set():
+                t0 = time.perf_counter()
+                shards = self.kube.list_shards()
+                claim = self.try_claim(shards)
+                if claim is None:
+                    if self.stop.is_set():
+                        break
+                    if not claims.claim_order(self.kube.list_shards(), self.pod):
+                        self.join_if_all_done()
+                        log.info("nothing left to claim; exiting")
+                        return 0
+                    continue  # lost every race: list again
+                CLAIM_SECONDS.observe(time.perf_counter() - t0)
+                rc = self.work(engine, claim)
+                if rc is not None:
+                    return rc
+        return EXIT_TERMINATED
+
+    def work(self, engine: Any, claim: Claim) -> int | None:
+        """Processes one claimed shard; an exit code when the worker must stop."""
+        from imagebatch.worker.shards import process_shard
+
+        log.info("claimed %s (items %d-%d, attempt %d)", claim.name, claim.start, claim.end, claim.attempt)
+        done_items = 0
+        last_batch: list[BatchInfo | None] = [None]
+        lease = LeaseKeeper(self, claim, lambda: done_items)
+
+        def on_done(r: Any) -> None:
+            nonlocal done_items
+            done_items += 1
+            if r.batch is not None and r.batch is not last_batch[0]:
+                last_batch[0] = r.batch
+                BATCH_SECONDS.observe(r.batch.batch_seconds)
+            if r.batch is not None:
+                IMAGES.inc()
+            if lease.lost.is_set():
+                raise LostClaimError(claim.name)
+            if self.stop.is_set():
+                raise AbandonError(claim.name)
+
+        t0 = time.perf_counter()
+        lease.start()
+        try:
+            items = self.items()[claim.start : claim.end]
+            process_shard(engine, shard_id(claim.index), items, on_done)
+        except AbandonError:
+            lease.close()
+            ok = self.fenced_write(claim, claims.released)
+            log.info(
+                "stopping: released %s after %d images (%s)", claim.name, done_items, "ok" if ok else "lost"
+            )
+            SHARDS.labels("released").inc()
+            return EXIT_TERMINATED
+        except LostClaimError:
+            lease.close()
+            log.warning("lost the claim on %s (lease expired); dropping it", claim.name)
+            SHARDS.labels("lost").inc()
+            return None
+        except ImageBatchError as e:
+            # A user error (unreadable prompts, bad output location) fails the same way every time.
+            lease.close()
+            msg = str(e)
+            self.fenced_write(claim, lambda st: claims.failed(st, msg))
+            log.error("%s: %s", claim.name, e)
+            SHARDS.labels("failed").inc()
+            return EXIT_USER_ERROR
+        except Exception as e:
+            lease.close()
+            err = f"{type(e).__name__}: {e}"
+            self.fenced_write(claim, lambda st: claims.errored(st, err, self.spec.retries.max_attempts))
+            SHARDS.labels("error").inc()
+            raise
+        lease.close()
+        seconds = time.perf_counter() - t0
+        n = claim.end - claim.start
+        if self.fenced_write(claim, lambda st: claims.done(st, now_utc(), n, seconds)):
+            log.info("%s done: %d images in %.1fs", claim.name, n, seconds)
+            SHARDS.labels("done").inc()
+        else:
+            log.warning("%s finished after its claim was lost; another worker owns it now", claim.name)
+            SHARDS.labels("lost").inc()
+        return None
+
+    def fail_one(self, error: str, shards: list[JSON]) -> None:
+        """Reports an error that no retry can fix on a shard, so the operator can fail the job."""
+        claim = self.try_claim(shards) or self.try_claim(self.kube.list_shards())
+        if claim is not None:
+            self.fenced_write(claim, lambda st: claims.failed(st, error))
+
+    def join_if_all_done(self) -> None:
+        """The worker that finds every shard Done joins the manifest parts into manifest.jsonl.
+
+        Several may do it at once: they write the same bytes. Shard 0 records the line count,
+        which tells the operator the job is complete.
+        """
+        shards = self.kube.list_shards()
+        if not shards:
+            return
+        first = min(shards, key=lambda s: int(s["spec"]["index"]))
+        ann = first["metadata"].get("annotations") or {}
+        if ANNOTATION_MANIFEST_LINES in ann or ann.get(ANNOTATION_SHARD_COUNT) != str(len(shards)):
+            return
+        if any(shard_status(s).state != "Done" for s in shards):
+            return
+        ordered = sorted(int(s["spec"]["index"]) for s in shards)
+        lines = join_parts(self.storage, [shard_id(i) for i in ordered])
+        expected = int(ann.get(ANNOTATION_ITEM_COUNT, lines))
+        if lines != expected:
+            raise RuntimeError(f"manifest has {lines} lines for {expected} images")
+        name = str(self.job["metadata"]["name"])
+        html = contact_sheet.render(name, contact_sheet.parse_manifest(self.storage.read_bytes(MANIFEST)))
+        self.storage.write_bytes(INDEX_HTML, html.encode())
+        self.kube.annotate_shard(first["metadata"]["name"], {ANNOTATION_MANIFEST_LINES: str(lines)})
+        log.info("joined %d manifest lines into %s", lines, self.storage.path(MANIFEST))
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews a claim's lease every third of its length; flags `lost` when it is no longer ours."""
+
+    def __init__(self, worker: Worker, claim: Claim, progress: Callable[[], int]) -> None:
+        super().__init__(name=f"lease-{claim.name}", daemon=True)
+        self.worker = worker
+        self.claim = claim
+        self.progress = progress
+        self.period = max(1.0, worker.spec.retries.lease_seconds / 3)
+        self.lost = threading.Event()
+        self._closed = threading.Event()
+
+    def run(self) -> None:
+        while not self._closed.wait(self.period):
+            try:
+                ok = self.worker.fenced_write(
+                    self.claim, lambda st: claims.renewed(st, now_utc(), self.progress())
+                )
+            except Exception as e:  # a flaky API must not kill the worker; the next renewal may work
+                log.warning("cannot renew the lease on %s: %s", self.claim.name, e)
+                continue
+            if not ok and not self._closed.is_set():
+                self.lost.set()
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+        if self.is_alive():
+            self.join()
+
+
+def run_cluster_worker(
+    namespace: str, job: str, pod: str, device: str = "auto", metrics_port: int = 0
+) -> int:
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        log.info("got signal %d: finishing the current batch, then releasing the claim", signum)
+        stop.set()
+
+    # First of all: a SIGTERM while the model loads must still end in a clean exit.
+    signal.signal(signal.SIGTERM, on_term)
+    if metrics_port:
+        start_http_server(metrics_port)
+    try:
+        worker = Worker(WorkerKube(namespace, job), pod, stop, device)
+        return worker.run()
+    except ValidationError as e:
+        log.error("ImageBatchJob %s/%s: invalid spec\n%s", namespace, job, format_validation_error(e, "spec"))
+        return EXIT_USER_ERROR
+    except ImageBatchError as e:
+        log.error("%s", e)
+        return EXIT_USER_ERROR

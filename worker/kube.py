@@ -1,0 +1,127 @@
+"""The worker's only door to the Kubernetes API: its job, its shards, a prompt ConfigMap.
+
+Everything goes through the pod's ServiceAccount (least privilege: see operator/builders.py).
+Status writes carry the resourceVersion they were read at, so two writers never both win.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from imagebatch.api import GROUP, VERSION
+from imagebatch.errors import PromptFileError
+from imagebatch.operator.labels import JOB_PLURAL, LABEL_JOB, SHARD_PLURAL
+
+JSON = dict[str, Any]
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def _client() -> kubernetes.client.ApiClient:
+    # In a real pod the in-cluster config; on the test node (and outside a cluster) KUBECONFIG.
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return kubernetes.client.ApiClient()
+
+
+class WorkerKube:
+    def __init__(self, namespace: str, job: str, api: kubernetes.client.ApiClient | None = None) -> None:
+        self.ns = namespace
+        self.job = job
+        self.api = api or _client()
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self.core = kubernetes.client.CoreV1Api(self.api)
+
+    def get_job(self) -> JSON:
+        resp = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.ns, JOB_PLURAL, self.job, _preload_content=False
+        )
+        data: JSON = json.loads(resp.data)
+        return data
+
+    def read_config_map(self, name: str, key: str) -> str:
+        try:
+            resp = self.core.read_namespaced_config_map(name, self.ns, _preload_content=False)
+        except ApiException as e:
+            raise PromptFileError(
+                f"spec.promptsFrom.configMapKeyRef: cannot read ConfigMap {name}: {e.status} {e.reason}"
+            ) from None
+        value = (json.loads(resp.data).get("data") or {}).get(key)
+        if value is None:
+            raise PromptFileError(f"spec.promptsFrom.configMapKeyRef: ConfigMap {name} has no key {key!r}")
+        return str(value)
+
+    def list_shards(self) -> list[JSON]:
+        resp = self.custom.list_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            self.ns,
+            SHARD_PLURAL,
+            label_selector=f"{LABEL_JOB}={self.job}",
+            _preload_content=False,
+        )
+        items: list[JSON] = json.loads(resp.data).get("items", [])
+        return items
+
+    def get_shard(self, name: str) -> JSON | None:
+        try:
+            resp = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.ns, SHARD_PLURAL, name, _preload_content=False
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        data: JSON = json.loads(resp.data)
+        return data
+
+    def create_shard(self, obj: JSON) -> bool:
+        """False when it exists already (another worker planned it first)."""
+        try:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, SHARD_PLURAL, obj)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
+        """Writes the status if the shard is unchanged since it was read; False on a conflict."""
+        meta = shard["metadata"]
+        body = {
+            "apiVersion": shard["apiVersion"],
+            "kind": shard["kind"],
+            "metadata": {
+                "name": meta["name"],
+                "namespace": self.ns,
+                "resourceVersion": meta["resourceVersion"],
+            },
+            "spec": shard["spec"],
+            "status": status,
+        }
+        try:
+            self.custom.replace_namespaced_custom_object_status(
+                GROUP, VERSION, self.ns, SHARD_PLURAL, meta["name"], body
+            )
+            return True
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False
+            raise
+
+    def annotate_shard(self, name: str, annotations: dict[str, str]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            self.ns,
+            SHARD_PLURAL,
+            name,
+            {"metadata": {"annotations": annotations}},
+            _content_type=MERGE_PATCH,
+        )
