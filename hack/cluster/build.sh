@@ -69,7 +69,8 @@ mkdir -p "${bindir}"
 exec 9>"${bindir}/.build.lock"
 flock 9
 
-export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
+# GOTOOLCHAIN=local: use the installed Go (>= 1.26); set GOTOOLCHAIN=auto to let an older one fetch it.
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}" GOFLAGS=-mod=mod CGO_ENABLED=0
 tmp="$(mktemp -d "${bindir}/.build.XXXXXX")"
 trap 'rm -rf "${tmp}"' EXIT
 start=${SECONDS}

@@ -7,11 +7,13 @@ with the API's status, and watches. Objects are plain dicts, exactly as the API 
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import os
 import ssl
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +25,23 @@ JSON = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+
+
+_pem_dir: str | None = None
+
+
+def _materialize(data: bytes) -> str:
+    """Writes inline kubeconfig data to a private file (ssl needs files), once per content."""
+    global _pem_dir  # noqa: PLW0603
+    if _pem_dir is None:
+        _pem_dir = tempfile.mkdtemp(prefix="kubeapi-")
+    path = Path(_pem_dir) / (hashlib.sha256(data).hexdigest()[:32] + ".pem")
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return str(path)
 
 
 class ApiError(Exception):
@@ -101,10 +120,7 @@ class KubeClient:
 
         def file_of(entry: JSON, key: str) -> str | None:
             if entry.get(key + "-data"):
-                handle, name = tempfile.mkstemp(prefix="kubeapi-", suffix=".pem")
-                with os.fdopen(handle, "wb") as out:
-                    out.write(base64.b64decode(entry[key + "-data"]))
-                return name
+                return _materialize(base64.b64decode(entry[key + "-data"]))
             if entry.get(key):
                 return str(base / entry[key])
             return None
