@@ -48,6 +48,11 @@ KUBERNETES_SERVICE_IP = "10.96.0.1"
 _STOP_ORDER = ("nodeagent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 
 
+def _pairs(text: str) -> dict[str, str]:
+    """'a=1,b=2' -> {'a': '1', 'b': '2'}."""
+    return dict(item.strip().split("=", 1) for item in text.split(",") if "=" in item)
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("IMAGEBATCH_CLUSTER_DIR", "/tmp/imagebatch-cluster"))
 
@@ -242,12 +247,18 @@ class LocalCluster:
         bin_dir: Path | str | None = None,
         node_name: str = DEFAULT_NODE_NAME,
         node_agent: bool = True,
+        node_capacity: dict[str, str] | None = None,
+        node_labels: dict[str, str] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.dir = Path(state_dir) if state_dir else default_state_dir()
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.node_name = node_name
         self.with_node_agent = node_agent
+        # Extra node capacity (e.g. {"nvidia.com/gpu": "1"}) and labels; the environment variables
+        # IMAGEBATCH_NODE_CAPACITY / IMAGEBATCH_NODE_LABELS ("k=v,k=v") add to them.
+        self.node_capacity = _pairs(os.environ.get("IMAGEBATCH_NODE_CAPACITY", "")) | (node_capacity or {})
+        self.node_labels = _pairs(os.environ.get("IMAGEBATCH_NODE_LABELS", "")) | (node_labels or {})
         self.log = log or (lambda msg: print(f"[cluster] {msg}", file=sys.stderr, flush=True))
         self.state = self._load_state()
         self._children: list[subprocess.Popen[bytes]] = []
@@ -534,6 +545,8 @@ class LocalCluster:
                     f"--node-name={self.node_name}",
                     f"--work-dir={self.node_dir}",
                     f"--ca-file={ca.pair.cert}",
+                    *(f"--capacity={k}={v}" for k, v in self.node_capacity.items()),
+                    *(f"--label={k}={v}" for k, v in self.node_labels.items()),
                 ],
                 env=env,
             )

@@ -727,7 +727,16 @@ class PodWorker(threading.Thread):
 class NodeAgent:
     """Registers one Node and runs the pods bound to it."""
 
-    def __init__(self, client: KubeClient, node_name: str, work_dir: Path, ca_file: Path) -> None:
+    def __init__(
+        self,
+        client: KubeClient,
+        node_name: str,
+        work_dir: Path,
+        ca_file: Path,
+        *,
+        extra_capacity: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> None:
         self.client = client
         self.node_name = node_name
         self.work_dir = work_dir
@@ -747,6 +756,8 @@ class NodeAgent:
             "pods": "110",
             "ephemeral-storage": f"{shutil.disk_usage(work_dir).total // 1024}Ki",
         }
+        self.capacity.update(extra_capacity or {})
+        self.extra_labels = dict(labels or {})
         (work_dir / "procs").mkdir(parents=True, exist_ok=True)
         (work_dir / "pods").mkdir(parents=True, exist_ok=True)
 
@@ -813,6 +824,7 @@ class NodeAgent:
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": self.node_status()["nodeInfo"]["architecture"],
             "imagebatch.dev/node-agent": "true",
+            **self.extra_labels,
         }
         node = {
             "apiVersion": "v1",
@@ -939,11 +951,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-name", required=True)
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--ca-file", required=True, help="the cluster CA, given to pods")
+    parser.add_argument(
+        "--capacity",
+        action="append",
+        default=[],
+        metavar="NAME=QUANTITY",
+        help="extra or overridden node capacity, e.g. nvidia.com/gpu=1 (repeatable)",
+    )
+    parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="node label")
     args = parser.parse_args(argv)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     client = KubeClient.from_kubeconfig(args.kubeconfig)
-    agent = NodeAgent(client, args.node_name, work_dir, Path(args.ca_file))
+    agent = NodeAgent(
+        client,
+        args.node_name,
+        work_dir,
+        Path(args.ca_file),
+        extra_capacity=dict(item.split("=", 1) for item in args.capacity),
+        labels=dict(item.split("=", 1) for item in args.label),
+    )
 
     def on_signal(signum: int, frame: object) -> None:
         log(f"signal {signum}: stopping containers")
