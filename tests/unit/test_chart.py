@@ -348,3 +348,18 @@ def test_chart_metadata() -> None:
     pyproject = (REPO / "pyproject.toml").read_text()
     version = re.search(r'^version = "([^"]+)"', pyproject, re.M)
     assert version and chart["appVersion"] == version.group(1), "appVersion must follow pyproject's version"
+
+
+@pytest.mark.parametrize("values", [[], OTHER_VALUES], ids=["default", "other"])
+def test_operator_accepts_the_rendered_arguments(helm: Path, values: list[str]) -> None:
+    from imagebatch.operator.__main__ import build_parser
+
+    (dep,) = by_kind(render(helm, *values), "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(c["args"])
+    assert args.liveness == "http://0.0.0.0:8081/healthz"
+    if values:
+        assert args.namespace == ["team-a", "team-b"] and args.verbose and args.metrics_port == 9100
+        assert args.worker_image == "registry.example.com:5000/gpu/worker:cu128" and args.interval == 5
+    else:
+        assert args.all_namespaces and not args.namespace and args.metrics_port == 8080
