@@ -1,0 +1,65 @@
+# Every target does its own set-up from a fresh clone: a virtual environment in .venv with the
+# pinned dependencies, and (for the cluster) Kubernetes binaries built from Go modules and cached
+# outside the repository (~/.cache/imagebatch), so only a fresh machine pays the build.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint typecheck unit worker-tests cluster-tests bench crds cluster-bins cluster-up cluster-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip==25.3"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[worker,operator,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+## demo: the quick-start job on the built-in tiny model; images and index.html in out/quickstart/
+demo: install
+	$(VENV)/bin/imagebatch run examples/quickstart.yaml
+	@echo "open out/quickstart/index.html"
+
+## test: every test: lint, types, unit, worker (CPU), cluster (a real control plane), benchmark smoke
+test: install cluster-bins lint typecheck
+	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	bash hack/typecheck.sh
+
+unit: install
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+worker-tests: install
+	$(PY) -m pytest -q tests/worker $(PYTEST_ARGS)
+
+cluster-tests: install cluster-bins
+	$(PY) -m pytest -q -m cluster $(PYTEST_ARGS)
+
+## bench: the engine against plain diffusers on this machine (--arch tiny on a CPU)
+bench: install
+	$(PY) benchmarks/engine.py --arch tiny
+
+crds: install
+	$(PY) -m imagebatch.crd
+
+cluster-bins:
+	bash hack/cluster/build.sh >/dev/null
+
+## cluster-up: a local control plane and node agent in the background; prints the KUBECONFIG line
+cluster-up: install cluster-bins
+	$(PY) -m imagebatch.testing.cluster up
+
+cluster-down:
+	$(PY) -m imagebatch.testing.cluster down
+
+clean:
+	rm -rf out build .pytest_cache .mypy_cache .ruff_cache

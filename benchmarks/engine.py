@@ -1,0 +1,259 @@
+"""The engine against plain diffusers, in one run, on the same pipeline. Prints JSON lines.
+
+Three ways to make the same images (same prompts, same seeds):
+  single_loop    a loop of pipe(prompt) calls, one image each (what most scripts do);
+  plain_batched  pipe([...]) over batches of --batch, PIL images returned, nothing written;
+  engine         imagebatch's engine at the same batch size, every image encoded and written
+                 to local disk.
+The last lines give the engine's ratios to the other two. On CUDA it also reports the fraction
+of the engine's wall time the GPU was busy (from the profiler's kernel timeline) and the model
+FLOP utilisation.
+
+    python benchmarks/engine.py --arch tiny                     # CPU, about a minute
+    python benchmarks/engine.py --arch sd15 --images 256 --batch 64
+    python benchmarks/engine.py --arch sdxl --images 64 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from archs import SIZES, build
+
+from imagebatch.api import Generation, PromptItem
+from imagebatch.planning import Item, expand_items
+from imagebatch.storage import Storage
+from imagebatch.worker.engine import Engine, EngineOptions
+from imagebatch.worker.optimize import Optimizations, optimize
+from imagebatch.worker.pipeline import LoadedPipeline
+
+DEFAULTS = {  # steps, images, batch, single-loop images
+    "tiny": (4, 32, 16, 8),
+    "sd15": (20, 256, 64, 16),
+    "sdxl": (20, 64, 16, 8),
+}
+# Dense fp16/bf16 tensor-core peak, for model FLOP utilisation.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
+
+
+def emit(**rec: Any) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: torch.device, fn: Callable[[], object]) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def plain_call(pipe: Any, chunk: list[Item], output_type: str = "pil") -> Any:
+    it = chunk[0]
+    return pipe(
+        prompt=[i.prompt for i in chunk],
+        negative_prompt=[i.negative_prompt for i in chunk],
+        num_inference_steps=it.steps,
+        guidance_scale=it.guidance_scale,
+        height=it.height,
+        width=it.width,
+        generator=[torch.Generator("cpu").manual_seed(i.seed) for i in chunk],
+        output_type=output_type,
+    ).images
+
+
+def flops_per_image(pipe: Any, item: Item) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        plain_call(pipe, [item], output_type="latent")
+    return float(counter.get_total_flops())
+
+
+def gpu_busy_fraction(fn: Callable[[], object]) -> float:
+    """Union of CUDA kernel intervals over the wall time of fn, from the profiler's timeline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None and cur_s is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None and cur_s is not None:
+        busy += cur_e - cur_s
+    return min(1.0, busy / wall_us)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="tiny", choices=sorted(DEFAULTS))
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--images", type=int, help="images for plain_batched and engine")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--single-images", type=int, help="images for the single-prompt loop (it is slow)")
+    ap.add_argument("--size", type=int, help="override the image size")
+    ap.add_argument("--dtype", default="float16", help="on CUDA; the CPU always uses float32")
+    ap.add_argument("--format", default="png", choices=["png", "webp", "jpeg"])
+    ap.add_argument("--fast", action="store_true", help="channels-last and fused QKV for all three")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet and VAE decoder (all three)"
+    )
+    ap.add_argument("--compile-cache", help="persistent compile cache folder")
+    ap.add_argument("--out", help="where the engine writes (default: a temp folder, removed)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of plain_batched and engine")
+    ap.add_argument("--no-profile", action="store_true", help="skip the GPU-busy measurement")
+    a = ap.parse_args()
+
+    steps, n_images, batch, n_single = DEFAULTS[a.arch]
+    steps, n_images, batch = a.steps or steps, a.images or n_images, a.batch or batch
+    n_single = a.single_images or n_single
+    size = a.size or SIZES[a.arch]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, a.dtype) if device.type == "cuda" else torch.float32
+
+    pipe = build(a.arch).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = LoadedPipeline(
+        pipe, device, dtype, f"random:{a.arch}", None, type(pipe).__name__, type(pipe.scheduler).__name__, 0.0
+    )
+    t_opt = time.perf_counter()
+    optimize(
+        loaded,
+        Optimizations(
+            channels_last=a.fast,
+            fuse_qkv=a.fast,
+            compile=a.compile,
+            compile_cache=a.compile_cache,
+            compile_batch=batch,
+        ),
+    )
+    gen = Generation(width=size, height=size, steps=steps, guidance_scale=7.5, seed=0)
+    items = expand_items(
+        [PromptItem(prompt=f"a photo of object number {i}, studio light") for i in range(n_images)], gen
+    )
+    warm = expand_items([PromptItem(prompt="warm up")] * 1, gen.model_copy(update={"steps": 2}))
+
+    out_dir = a.out or tempfile.mkdtemp(prefix="imagebatch-bench-")
+    engine = Engine(loaded, Storage(out_dir), EngineOptions(batch_size=batch, image_format=a.format))
+    emit(
+        event="env",
+        arch=a.arch,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        dtype=str(dtype).removeprefix("torch."),
+        steps=steps,
+        size=size,
+        batch=batch,
+        images=n_images,
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        encode_workers=engine.opts.encode_workers,
+        fast=a.fast,
+        compile=a.compile,
+        cpus=len(os.sched_getaffinity(0)),
+    )
+
+    # Warm-up at every shape each mode uses (and compile, if asked): not timed.
+    t_warm = time.perf_counter()
+    plain_call(pipe, warm * batch)
+    plain_call(pipe, warm)
+    sync(device)
+    emit(
+        event="warmup",
+        seconds=round(time.perf_counter() - t_warm, 3),
+        optimize_seconds=round(t_warm - t_opt, 3),
+    )
+
+    results: dict[str, float] = {}
+
+    def record(mode: str, b: int, n: int, seconds: float, **extra: Any) -> None:
+        results[mode] = n / seconds
+        rec: dict[str, Any] = dict(
+            event="throughput",
+            mode=mode,
+            batch=b,
+            images=n,
+            seconds=round(seconds, 3),
+            images_per_s=round(n / seconds, 3),
+        )
+        if device.type == "cuda":
+            rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+        emit(**rec, **extra)
+
+    single = items[:n_single]
+    record("single_loop", 1, len(single), timed(device, lambda: [plain_call(pipe, [it]) for it in single]))
+    chunks = [items[i : i + batch] for i in range(0, len(items), batch)]
+    # Interleaved rounds, best of each: a shared machine's noise hits both modes alike.
+    samples: dict[str, list[float]] = {"plain_batched": [], "engine": []}
+    for r in range(a.repeats):
+        samples["plain_batched"].append(timed(device, lambda: [plain_call(pipe, c) for c in chunks]))
+        engine.storage = Storage(os.path.join(out_dir, f"round{r}"))  # nothing to skip
+        samples["engine"].append(timed(device, lambda: engine.run(items)))
+        written = len(list(Path(out_dir, f"round{r}", "images").iterdir()))
+        assert written == len(items), f"the engine wrote {written} of {len(items)} images"
+    for mode, secs in samples.items():
+        extra: dict[str, Any] = {"rounds_images_per_s": [round(len(items) / x, 3) for x in secs]}
+        if mode == "engine":
+            extra["writes"] = f"{a.format} files"
+        record(mode, batch, len(items), min(secs), **extra)
+
+    emit(
+        event="ratio",
+        engine_vs_plain_batched=round(results["engine"] / results["plain_batched"], 3),
+        engine_vs_single_loop=round(results["engine"] / results["single_loop"], 3),
+    )
+    flops = flops_per_image(pipe, items[0])
+    gpu: dict[str, Any] = {"flops_per_image": flops}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        if peak:
+            gpu["mfu"] = round(results["engine"] * flops / (peak * 1e12), 4)
+            gpu["peak_tflops"] = peak
+        if not a.no_profile:
+            # A fresh output so that nothing is skipped; two batches are enough for the fraction.
+            probe = Engine(
+                loaded, Storage(tempfile.mkdtemp()), EngineOptions(batch_size=batch, image_format=a.format)
+            )
+            gpu["busy_fraction"] = round(gpu_busy_fraction(lambda: probe.run(items[: 2 * batch])), 4)
+            probe.close()
+    emit(event="gpu" if device.type == "cuda" else "flops", **gpu)
+    engine.close()
+    if not a.out:
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The benchmark script runs end to end on the CPU, so its GPU path cannot rot unseen.
+
+This checks that it runs and reports; it asserts no speed (speed is for benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_engine_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench-out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/engine.py"),
+            "--arch",
+            "tiny",
+            "--images",
+            "4",
+            "--batch",
+            "2",
+            "--single-images",
+            "2",
+            "--steps",
+            "2",
+            "--size",
+            "32",
+            "--repeats",
+            "1",
+            "--fast",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    by_event: dict[str, list[dict[str, object]]] = {}
+    for rec in records:
+        by_event.setdefault(str(rec["event"]), []).append(rec)
+    assert by_event["env"][0]["arch"] == "tiny" and by_event["env"][0]["fast"] is True
+    modes = {str(rec["mode"]): rec for rec in by_event["throughput"]}
+    assert set(modes) == {"single_loop", "plain_batched", "engine"}
+    assert all(float(str(m["images_per_s"])) > 0 for m in modes.values())
+    ratio = by_event["ratio"][0]
+    assert float(str(ratio["engine_vs_plain_batched"])) > 0
+    assert float(str(by_event["flops"][0]["flops_per_image"])) > 1e6
+    assert len(list((out / "round0" / "images").glob("*.png"))) == 4
