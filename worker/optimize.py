@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -49,7 +50,8 @@ def optimize(loaded: LoadedPipeline, opts: Optimizations) -> None:
         for name in ("unet", "vae", "transformer"):
             module = getattr(pipe, name, None)
             if isinstance(module, torch.nn.Module):
-                module.to(memory_format=torch.channels_last)
+                # torch's stubs lack Module.to(memory_format=...), which it has had since 1.5.
+                cast(Any, module).to(memory_format=torch.channels_last)
         applied.append("channels-last")
     if opts.compile:
         if opts.compile_cache:
