@@ -1,0 +1,281 @@
+"""The chart installs on a real cluster: Pod Security `restricted` admits the operator, its
+ServiceAccount holds exactly the chart's permissions (checked by the API server's authorizer), it can
+grant the workers' Role (RBAC escalation check), and the operator runs and reconciles under it.
+
+The release watches only its own test namespace, so it never touches other tests' jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagebatch.api import ImageBatchJobSpec
+from imagebatch.testing.cluster import build_binaries, create_namespace, free_port
+from imagebatch.testing.pytest_plugin import TestCluster
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts/imagebatch"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/warn": "restricted",
+}
+JSON = dict[str, Any]
+
+
+@dataclass
+class Release:
+    name: str
+    namespace: str  # where the operator runs
+    watched: str  # the one namespace it watches
+    other: str  # a namespace it must not reach
+    service_account: str
+    notes: str
+    tools: Path
+    env: dict[str, str]
+
+    def run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(self.tools / tool), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=300,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{tool} {' '.join(args)}: {proc.stdout}{proc.stderr}")
+        return proc
+
+    def can_i(self, verb: str, resource: str, namespace: str | None) -> bool:
+        sa = f"system:serviceaccount:{self.namespace}:{self.service_account}"
+        where = ["-n", namespace] if namespace else []
+        proc = self.run("kubectl", "auth", "can-i", verb, resource, "--as", sa, *where, check=False)
+        return proc.stdout.strip() == "yes"
+
+
+@pytest.fixture(scope="module")
+def release(kube_cluster: TestCluster) -> Iterator[Release]:
+    tools = build_binaries()
+    suffix = uuid.uuid4().hex[:6]
+    ns, watched, other = f"ibop-{suffix}", f"ibjobs-{suffix}", f"ibother-{suffix}"
+    for name in (ns, watched, other):
+        create_namespace(kube_cluster.client, name, RESTRICTED)
+    env = {**os.environ, "KUBECONFIG": str(kube_cluster.kubeconfig)}
+    rel = Release(f"ib{suffix}", ns, watched, other, f"ib{suffix}-imagebatch", "", tools, env)
+    rel.run(
+        "kubectl",
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=imagebatch-tests",
+        "-f",
+        str(REPO / "crds"),
+    )
+    # The node agent runs pods on this machine's network: give the operator ports nobody uses.
+    wait = ["--wait"] if kube_cluster.local is not None else []  # elsewhere the image may be missing
+    proc = rel.run(
+        "helm",
+        "install",
+        rel.name,
+        str(CHART),
+        "--namespace",
+        ns,
+        "--set",
+        "watch.allNamespaces=false",
+        "--set",
+        f"watch.namespaces={{{watched}}}",
+        "--set",
+        f"metrics.port={free_port()}",
+        "--set",
+        f"health.port={free_port()}",
+        "--set",
+        "logLevel=debug",
+        *wait,
+        "--timeout",
+        "3m",
+    )
+    rel.notes = proc.stdout
+    try:
+        yield rel
+    finally:
+        rel.run("helm", "uninstall", rel.name, "--namespace", ns, "--wait", "--timeout", "2m", check=False)
+        for name in (ns, watched, other):
+            kube_cluster.client.delete(f"/api/v1/namespaces/{name}")
+
+
+def test_install_notes(release: Release) -> None:
+    assert "STATUS: deployed" in release.notes
+    assert "kubectl wait --for=condition=Complete ibj/hello" in release.notes
+    assert f"watches: {release.watched}" in release.notes
+
+
+def test_pod_security_restricted_admits_the_operator(release: Release) -> None:
+    deployment = json.loads(
+        release.run("kubectl", "-n", release.namespace, "get", "deployment", "-o", "json").stdout
+    )
+    (dep,) = deployment["items"]
+    deadline = time.monotonic() + 60
+    while True:
+        pods = json.loads(
+            release.run(
+                "kubectl",
+                "-n",
+                release.namespace,
+                "get",
+                "pods",
+                "-l",
+                f"app.kubernetes.io/instance={release.name}",
+                "-o",
+                "json",
+            ).stdout
+        )["items"]
+        if pods or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    events = release.run("kubectl", "-n", release.namespace, "get", "events", "-o", "json").stdout
+    assert pods, f"no operator pod (Pod Security refused it?): {events[-2000:]}"
+    assert "violates PodSecurity" not in events
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+NAMESPACED = [
+    ("get", "imagebatchjobs.imagebatch.dev"),
+    ("watch", "imagebatchjobs.imagebatch.dev"),
+    ("patch", "imagebatchjobs.imagebatch.dev/status"),
+    ("create", "imagebatchshards.imagebatch.dev"),
+    ("deletecollection", "imagebatchshards.imagebatch.dev"),
+    ("update", "imagebatchshards.imagebatch.dev/status"),
+    ("create", "jobs.batch"),
+    ("patch", "jobs.batch"),
+    ("list", "pods"),
+    ("create", "serviceaccounts"),
+    ("create", "roles.rbac.authorization.k8s.io"),
+    ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ("get", "configmaps"),
+    ("create", "events"),
+    ("create", "events.events.k8s.io"),
+]
+DENIED = [
+    ("create", "imagebatchjobs.imagebatch.dev"),  # users create jobs, not the operator
+    ("delete", "pods"),
+    ("create", "pods"),
+    ("get", "secrets"),
+    ("list", "secrets"),
+    ("update", "configmaps"),
+    ("create", "clusterroles.rbac.authorization.k8s.io"),
+    ("escalate", "roles.rbac.authorization.k8s.io"),
+    ("bind", "roles.rbac.authorization.k8s.io"),
+]
+
+
+def test_permissions_in_the_watched_namespace(release: Release) -> None:
+    granted = [(v, r) for v, r in NAMESPACED if not release.can_i(v, r, release.watched)]
+    assert not granted, f"missing in {release.watched}: {granted}"
+    leaked = [(v, r) for v, r in DENIED if release.can_i(v, r, release.watched)]
+    assert not leaked, f"more than the operator needs: {leaked}"
+
+
+def test_no_permissions_elsewhere(release: Release) -> None:
+    leaked = [(v, r) for v, r in NAMESPACED if release.can_i(v, r, release.other)]
+    assert not leaked, f"namespaced mode reaches {release.other}: {leaked}"
+    assert release.can_i("list", "customresourcedefinitions.apiextensions.k8s.io", None)
+    assert not release.can_i("list", "namespaces", None)  # only all-namespaces mode needs it
+    assert not release.can_i("create", "customresourcedefinitions.apiextensions.k8s.io", None)
+
+
+def test_operator_can_grant_the_workers_role(release: Release) -> None:
+    """The RBAC escalation check lets a ServiceAccount create a Role only with permissions it holds."""
+    from imagebatch.operator.builders import worker_rbac
+
+    spec = ImageBatchJobSpec.model_validate(
+        {
+            "model": {"name": "builtin:tiny"},
+            "promptsFrom": {"configMapKeyRef": {"name": "prompts", "key": "p.txt"}},
+            "output": {"uri": "out"},
+        }
+    )
+    job = {"metadata": {"name": "grant", "namespace": release.watched, "uid": str(uuid.uuid4())}}
+    objects = worker_rbac(job, spec)
+    for obj in objects:
+        obj["metadata"].pop("ownerReferences", None)  # the job does not exist; nothing to own
+    sa = f"system:serviceaccount:{release.namespace}:{release.service_account}"
+    doc = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    proc = subprocess.run(
+        [str(release.tools / "kubectl"), "create", "-n", release.watched, "--as", sa, "-f", "-"],
+        input=doc,
+        capture_output=True,
+        text=True,
+        env=release.env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # ... and not in a namespace it does not watch.
+    proc = subprocess.run(
+        [str(release.tools / "kubectl"), "create", "-n", release.other, "--as", sa, "-f", "-"],
+        input=doc.replace(release.watched, release.other),
+        capture_output=True,
+        text=True,
+        env=release.env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0 and "forbidden" in proc.stderr
+
+
+def test_operator_runs_and_reconciles_under_the_chart(release: Release, kube_cluster: TestCluster) -> None:
+    """The node agent runs the chart's command and args (images are ignored here)."""
+    if kube_cluster.local is None:
+        pytest.skip("needs this machine's node agent (an external cluster needs the operator image)")
+    job = {
+        "apiVersion": "imagebatch.dev/v1alpha1",
+        "kind": "ImageBatchJob",
+        "metadata": {"name": "chart-smoke", "namespace": release.watched},
+        "spec": {
+            "model": {"name": "builtin:tiny"},
+            "prompts": ["a lighthouse"],
+            "generation": {"width": 32, "height": 32, "steps": 2},
+            "output": {"uri": "/tmp/imagebatch-chart-smoke"},
+            "workers": {"gpusPerWorker": 0, "maxReplicas": 1},
+            "suspend": True,
+        },
+    }
+    proc = subprocess.run(
+        [str(release.tools / "kubectl"), "create", "-f", "-"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=release.env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 90
+    status: JSON = {}
+    while time.monotonic() < deadline:
+        got = json.loads(
+            release.run("kubectl", "-n", release.watched, "get", "ibj", "chart-smoke", "-o", "json").stdout
+        )
+        status = got.get("status") or {}
+        if status.get("conditions"):
+            break
+        time.sleep(2)
+    pods = json.loads(release.run("kubectl", "-n", release.namespace, "get", "pods", "-o", "json").stdout)[
+        "items"
+    ]
+    logs = "\n".join(kube_cluster.pod_log(release.namespace, p["metadata"]["name"])[-3000:] for p in pods)
+    assert status.get("conditions"), f"the operator wrote no status in 90 s; its log:\n{logs}"
+    forbidden = [line for line in logs.splitlines() if "forbidden" in line.lower()]
+    assert not forbidden, forbidden
