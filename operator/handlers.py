@@ -33,6 +33,12 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
 
 
 def register(reconciler: Reconciler, interval: float, registry: kopf.OperatorRegistry) -> None:
+    # A registry of our own has no login handler: authenticate as the `kubernetes` client does
+    # (in-cluster ServiceAccount, else KUBECONFIG), the same identity as operator/kube.py.
+    @kopf.on.login(id="login", registry=registry)
+    def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup(id="configure", registry=registry)
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_settings(settings)

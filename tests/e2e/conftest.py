@@ -1,0 +1,69 @@
+"""Fixtures of the end-to-end tests: CRDs from crds/, the operator under the chart's RBAC and
+restricted test namespaces. The cluster (`kube_cluster`) and the S3 server (`s3`) come from
+tests/conftest.py, so one session runs one of each."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import REPO, Kubectl, Operator, operator_kubeconfig
+
+from imagebatch.testing.cluster import build_binaries, create_namespace
+from imagebatch.testing.pytest_plugin import TestCluster
+
+
+@pytest.fixture(scope="session")
+def kubectl(kube_cluster: TestCluster) -> Kubectl:
+    """kubectl as the cluster admin, with the CRDs from crds/ installed and Established."""
+    k = Kubectl(build_binaries() / "kubectl", kube_cluster.kubeconfig)
+    k("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    for crd in ("imagebatchjobs.imagebatch.dev", "imagebatchshards.imagebatch.dev"):
+        k("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    return k
+
+
+@pytest.fixture(scope="session")
+def operator(
+    kube_cluster: TestCluster, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    """The operator, running as the chart's ServiceAccount (a real token, the chart's ClusterRoles)."""
+    work = tmp_path_factory.mktemp("operator")
+    config = operator_kubeconfig(kube_cluster.client, kubectl, build_binaries() / "helm", work / "kubeconfig")
+    op = Operator(config, work)
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def running_operator(operator: Operator) -> Operator:
+    """The operator, restarted if an earlier test left it stopped."""
+    if operator.proc is None or operator.proc.poll() is not None:
+        operator.start()
+    return operator
+
+
+@pytest.fixture
+def namespace(kube_cluster: TestCluster, kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace that enforces Pod Security `restricted`, deleted afterwards."""
+    name = f"e2e-{request.node.name[5:25].replace('_', '-').strip('-').lower()}-{uuid.uuid4().hex[:5]}"
+    create_namespace(
+        kube_cluster.client,
+        name,
+        {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        },
+    )
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    return d

@@ -1,0 +1,152 @@
+"""Acceptance (4) and (5): a worker SIGKILLed mid-shard and an operator killed mid-job lose
+nothing and duplicate nothing; bad manifests are refused by the API server; a model that cannot
+be loaded fails the job with its reason, without crash-looping workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import (
+    Kubectl,
+    Operator,
+    check_output_dir,
+    condition,
+    ibj,
+    tiny_job,
+    wait_condition,
+    wait_for,
+    worker_pids,
+)
+
+from imagebatch.testing.pytest_plugin import TestCluster
+
+pytestmark = pytest.mark.cluster
+
+
+def shards(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = kubectl.json("get", "ibs", "-n", namespace)["items"]
+    return items
+
+
+def test_killed_worker_and_operator_lose_nothing(
+    kube_cluster: TestCluster, kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    if kube_cluster.local is None:
+        pytest.skip("needs the local node agent to kill a worker process")
+    out = tmp_path / "out"
+    n = 600
+    job = tiny_job(
+        "chaos",
+        str(out),
+        prompts=[f"a photo of object number {i}" for i in range(n)],
+        # 20 steps: a shard of 100 takes seconds, long enough to be killed in the middle.
+        generation={"steps": 20},
+        batching={"batchSize": 8, "shardSize": 100},
+        retries={"leaseSeconds": 10, "maxAttempts": 3},
+        workers={"maxReplicas": 2, "shardsPerReplica": 1},
+    )
+    kubectl.apply([job], namespace)
+
+    def claimed_mid_shard() -> dict[str, Any] | None:
+        for s in shards(kubectl, namespace):
+            st = s.get("status") or {}
+            if st.get("state") == "Claimed" and 0 < st.get("itemsDone", 0) < 100:
+                return s
+        return None
+
+    victim = wait_for("a shard half done", claimed_mid_shard, timeout=180, interval=0.5)
+    holder = victim["status"]["holder"]
+    pids = worker_pids(kube_cluster.local.pod_processes(), holder)
+    assert pids, f"no process found for pod {holder}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    # The operator dies too, before it could notice, and comes back a little later.
+    running_operator.kill()
+    time.sleep(3)
+    running_operator.start()
+
+    wait_condition(kubectl, namespace, "chaos", "Complete", timeout=300)
+    after = {s["metadata"]["name"]: s["status"] for s in shards(kubectl, namespace)}
+    assert after[victim["metadata"]["name"]]["attempt"] >= 2, after[victim["metadata"]["name"]]
+    assert all(st["state"] == "Done" for st in after.values())
+    check_output_dir(out, {f"p{i:07d}" for i in range(n)})
+    assert ibj(kubectl, namespace, "chaos")["status"]["items"] == {"total": n, "done": n, "failed": 0}
+
+
+def _bad(change: dict[str, Any]) -> dict[str, Any]:
+    job = tiny_job("bad", "/tmp/never", prompts=["a cat"])
+    spec = job["spec"]
+    for path, value in change.items():
+        *parents, leaf = path.split(".")
+        node = spec
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return job
+
+
+BAD = [
+    ({"output": None}, "spec.output"),
+    ({"generation.steps": 0}, "spec.generation.steps"),
+    ({"retries.leaseSeconds": 5}, "spec.retries.leaseSeconds"),
+    ({"output.format": "gif"}, "spec.output.format"),
+    ({"workers.maxReplicas": 0}, "spec.workers.maxReplicas"),
+    ({"generation.widht": 64}, "widht"),
+    ({"batching.shardSize": 0}, "spec.batching.shardSize"),
+]
+
+
+def test_bad_manifests_are_refused_naming_the_field(kubectl: Kubectl, namespace: str) -> None:
+    for change, field in BAD:
+        proc = kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_bad(change)), check=False)
+        assert proc.returncode != 0, f"{change} was accepted"
+        assert field in proc.stderr, f"{change}: {proc.stderr}"
+    assert "bad" not in kubectl("get", "ibj", "-n", namespace).stdout
+
+
+def test_unloadable_model_fails_without_crash_loop(
+    kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    job = tiny_job(
+        "no-model",
+        str(tmp_path / "out"),
+        model={"name": "/models/does-not-exist"},
+        prompts=[f"prompt {i}" for i in range(40)],
+        batching={"shardSize": 10},
+        workers={"maxReplicas": 2, "shardsPerReplica": 1},
+    )
+    kubectl.apply([job], namespace)
+    wait_condition(kubectl, namespace, "no-model", "Failed", timeout=180)
+    failed = condition(ibj(kubectl, namespace, "no-model"), "Failed")
+    assert failed is not None and failed["reason"] == "ModelLoadError", failed
+    assert "does-not-exist" in failed["message"]
+    stalled = condition(ibj(kubectl, namespace, "no-model"), "Stalled")
+    assert stalled is not None and stalled["status"] == "True"
+
+    def pods() -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = kubectl.json("get", "pods", "-n", namespace)["items"]
+        return items
+
+    # No crash loop: no pod restarts, no new pods after the failure, and none left running.
+    time.sleep(8)
+    seen = {p["metadata"]["name"] for p in pods()}
+    assert len(seen) <= 2, seen
+    for p in pods():
+        for cs in p["status"].get("containerStatuses") or []:
+            assert cs.get("restartCount", 0) == 0
+    time.sleep(5)
+    assert {p["metadata"]["name"] for p in pods()} <= seen
+    wait_for(
+        "no running workers",
+        lambda: all(p["status"].get("phase") in ("Succeeded", "Failed") for p in pods()),
+        timeout=60,
+    )
