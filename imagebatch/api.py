@@ -154,6 +154,23 @@ class Batching(Model):
         return v
 
 
+class EngineSpec(Model):
+    """How the worker runs the model on a GPU. None of these changes what an image shows."""
+
+    channels_last: bool = Field(default=True, description="Channels-last memory layout for the UNet and VAE (CUDA only).")
+    fuse_qkv: bool = Field(default=True, description="Fused QKV attention projections (CUDA only).")
+    compile: bool = Field(
+        default=False,
+        description=(
+            "torch.compile the UNet and VAE decoder for one fixed batch shape: faster batches after a "
+            "first batch that compiles for minutes; set compileCacheDir so that restarts skip that."
+        ),
+    )
+    compile_cache_dir: str | None = Field(
+        default=None, description="Folder (on a volume in cluster mode) for the compile cache and the found batch size."
+    )
+
+
 class SecretRef(Model):
     name: str = Field(min_length=1, description="Secret name, in the job's namespace.")
 
@@ -241,6 +258,7 @@ class ImageBatchJobSpec(Model):
     batching: Batching = Field(default_factory=Batching, description="Batch and shard sizes.")
     output: Output = Field(description="Where images and the manifest are stored.")
     retries: Retries = Field(default_factory=Retries, description="Retry and lease settings per shard.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="GPU speed settings of the worker engine.")
     workers: Workers = Field(default_factory=Workers, description="Worker pods (cluster mode).")
     suspend: bool = Field(default=False, description="Stop all workers; set back to false to go on.")
     queue_name: str | None = Field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import logging
 import os
 import socket
@@ -33,7 +34,6 @@ from imagebatch.worker.pipeline import LoadedPipeline
 log = logging.getLogger(__name__)
 
 CPU_AUTO_BATCH = 8
-CUDA_AUTO_BATCH = 32
 
 
 @dataclass
@@ -45,6 +45,8 @@ class EngineOptions:
     # Fixed shapes let compiled graphs and cuDNN plans be reused; on the CPU padding is pure waste.
     pad_batches: bool | None = None  # None: on CUDA only
     worker: str = field(default_factory=socket.gethostname)
+    # A JSON file that remembers the automatic batch size found per model, GPU and image shape.
+    batch_memory: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,26 @@ def encode_image(arr: np.ndarray[Any, np.dtype[np.uint8]], fmt: str, quality: in
     return buf.getvalue()
 
 
+@dataclass
+class HostImages:
+    """A batch's uint8 images on the host; on CUDA the copy may still be in flight."""
+
+    array: torch.Tensor  # NHWC uint8, pinned on CUDA
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.array
+
+
+def auto_batch_cap(device: torch.device, width: int, height: int) -> int:
+    """The first batch size tried: 64 at 512x512 on CUDA, fewer for more pixels (16 at 1024x1024)."""
+    if device.type != "cuda":
+        return CPU_AUTO_BATCH
+    return max(1, min(64, (64 * 512 * 512) // (width * height)))
+
+
 class Engine:
     def __init__(
         self, loaded: LoadedPipeline, storage: Storage, options: EngineOptions | None = None
@@ -84,10 +106,12 @@ class Engine:
         self.opts = options or EngineOptions()
         self.device = loaded.device
         self.pad = self.opts.pad_batches if self.opts.pad_batches is not None else self.device.type == "cuda"
-        auto = CUDA_AUTO_BATCH if self.device.type == "cuda" else CPU_AUTO_BATCH
-        # Remembered across batches and shards: after an OOM the smaller size sticks.
-        self.batch_size = self.opts.batch_size or auto
+        # An explicit size is halved on OOM and the smaller size sticks for the process.
+        self.batch_size = self.opts.batch_size or auto_batch_cap(self.device, 512, 512)
+        # Automatic sizes are per image shape, and remembered in a file across restarts.
+        self._auto_sizes: dict[str, int] = self._load_sizes()
         self.oom_halvings = 0
+        self.vae_sliced = False
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Leave a core to the encoders: oversubscribed OpenMP threads spin and run many times slower.
             torch.set_num_threads(max(1, usable_cpus() - 1))
@@ -106,9 +130,68 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- batch sizes ----------------------------------------------------------------------------
+    def _size_key(self, it: Item) -> str:
+        dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"{self.loaded.model}|{self.loaded.pipeline_class}|{dev}|{self.loaded.dtype}|{it.width}x{it.height}"
+
+    def _load_sizes(self) -> dict[str, int]:
+        path = self.opts.batch_memory
+        if not path or not os.path.exists(path):
+            return {}
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return {str(k): int(v) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError):
+            log.warning("ignoring unreadable batch-size memory %s", path)
+            return {}
+
+    def _save_sizes(self) -> None:
+        path = self.opts.batch_memory
+        if not path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self._auto_sizes, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    def batch_size_for(self, it: Item) -> int:
+        if self.opts.batch_size:
+            return self.batch_size
+        key = self._size_key(it)
+        if key not in self._auto_sizes:
+            self._auto_sizes[key] = auto_batch_cap(self.device, it.width, it.height)
+        return self._auto_sizes[key]
+
+    def _on_oom(self, it: Item, size: int) -> None:
+        """Free memory for the retry: first decode the VAE in slices, then halve the batch."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        vae = getattr(self.loaded.pipe, "vae", None)
+        if not self.vae_sliced and size > 1 and hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()  # type: ignore[union-attr]
+            self.vae_sliced = True
+            log.warning(
+                "out of memory at batch size %d: decoding the VAE one image at a time from now on", size
+            )
+            return
+        current = self.batch_size_for(it)
+        new = max(1, current // 2)
+        while new > 1 and new >= size:  # a short last batch failed: go below its size
+            new //= 2
+        self.oom_halvings += 1
+        if self.opts.batch_size:
+            self.batch_size = new
+        else:
+            self._auto_sizes[self._size_key(it)] = new
+            self._save_sizes()
+        log.warning("out of memory at batch size %d: going on with batch size %d", size, new)
+
     # -- one batch on the device ---------------------------------------------------------------
-    def generate(self, items: Sequence[Item], pad_to: int | None = None) -> torch.Tensor:
-        """uint8 images, NHWC, on the host, in item order. All items must share `params_key()`."""
+    def generate_async(self, items: Sequence[Item], pad_to: int | None = None) -> HostImages:
+        """Denoise and decode one batch; the images reach the host asynchronously on CUDA."""
         first = items[0]
         batch = list(items)
         if pad_to and len(batch) < pad_to:
@@ -127,13 +210,19 @@ class Engine:
             kwargs["negative_prompt"] = [it.negative_prompt for it in batch]
         with torch.inference_mode():
             images: torch.Tensor = self.loaded.pipe(**kwargs).images[: len(items)]
+            # uint8 on the device: a quarter of the bytes to copy, and no float work on the host.
             u8 = images.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-            if u8.device.type == "cuda":
-                host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
-                host.copy_(u8, non_blocking=True)
-                torch.cuda.current_stream().synchronize()
-                return host
-            return u8
+            if u8.device.type != "cuda":
+                return HostImages(u8)
+            host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(u8, non_blocking=True)
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+            return HostImages(host, ready)
+
+    def generate(self, items: Sequence[Item], pad_to: int | None = None) -> torch.Tensor:
+        """uint8 images, NHWC, on the host, in item order. All items must share `params_key()`."""
+        return self.generate_async(items, pad_to).wait()
 
     # -- many items -----------------------------------------------------------------------------
     def run(
@@ -165,23 +254,23 @@ class Engine:
             group = list(grouped)
             pos = 0
             while pos < len(group):
-                chunk = group[pos : pos + self.batch_size]
+                size = self.batch_size_for(group[pos])
+                chunk = group[pos : pos + size]
                 t0 = time.perf_counter()
                 try:
-                    host = self.generate(chunk, pad_to=self.batch_size if self.pad else None)
+                    host = self.generate_async(chunk, pad_to=size if self.pad else None)
                 except Exception as e:
-                    if not is_oom(e) or self.batch_size == 1:
+                    if not is_oom(e) or size == 1:
                         raise
-                    self._halve(len(chunk))
-                    continue  # the same items again, in smaller batches
+                    self._on_oom(chunk[0], len(chunk) if not self.pad else size)
+                    continue  # the same items again, with more memory to spare
                 pos += len(chunk)
                 dt = time.perf_counter() - t0
                 self.compute_seconds += dt
                 self.images_done += len(chunk)
                 info = BatchInfo(len(chunk), dt, str(self.device), self.oom_halvings)
-                arrays = host.numpy()
                 for i, it in enumerate(chunk):
-                    fut = self._pool.submit(self._encode_write, arrays[i], keys[it.id], fmt, quality)
+                    fut = self._pool.submit(self._encode_write, host, i, keys[it.id], fmt, quality)
                     inflight.append((it, info, fut))
                 log.info(
                     "batch of %d at %dx%d, %d steps: %.3fs (%.2f images/s), %d images waiting to be written",
@@ -194,23 +283,12 @@ class Engine:
                     len(inflight),
                 )
                 # Bound the images held in memory: at most two batches wait for the encoders.
-                drain(block_until=2 * self.batch_size)
+                drain(block_until=2 * size)
         drain(block_until=0)
         return [results[it.id] for it in items]
 
-    def _halve(self, size: int) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        new = max(1, self.batch_size // 2)
-        while new > 1 and new >= size:  # a short last batch failed: go below its size
-            new //= 2
-        self.batch_size = new
-        self.oom_halvings += 1
-        log.warning("out of memory at batch size %d: going on with batch size %d", size, self.batch_size)
-
-    def _encode_write(
-        self, arr: np.ndarray[Any, np.dtype[np.uint8]], key: str, fmt: str, quality: int
-    ) -> float:
+    def _encode_write(self, host: HostImages, index: int, key: str, fmt: str, quality: int) -> float:
         t0 = time.perf_counter()
+        arr: np.ndarray[Any, np.dtype[np.uint8]] = host.wait()[index].numpy()
         self.storage.write_bytes(key, encode_image(arr, fmt, quality))
         return time.perf_counter() - t0

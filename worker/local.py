@@ -18,6 +18,7 @@ from imagebatch.planning import expand_items, fingerprint, image_fields, plan_sh
 from imagebatch.prompts import load_prompts
 from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, manifest_part_key, storage_options
 from imagebatch.worker.engine import Engine, EngineOptions, ItemResult
+from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
 from imagebatch.worker.pipeline import load_pipeline
 from imagebatch.worker.shards import process_shard
 
@@ -76,7 +77,13 @@ def run_local(
         log.info("resuming: %d of %d shards were already done", len(shards) - len(todo), len(shards))
 
     size = batch_size or (spec.batching.batch_size if isinstance(spec.batching.batch_size, int) else None)
-    opts = EngineOptions(batch_size=size, image_format=spec.output.format, quality=spec.output.quality)
+    optimize(loaded, from_spec(loaded, spec.engine, size))
+    opts = EngineOptions(
+        batch_size=size,
+        image_format=spec.output.format,
+        quality=spec.output.quality,
+        batch_memory=batch_memory_path(spec.engine),
+    )
     made = skipped = 0
     bar = tqdm(
         total=len(items),

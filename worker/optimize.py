@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 
+from imagebatch.api import EngineSpec
 from imagebatch.worker.pipeline import LoadedPipeline
 
 log = logging.getLogger(__name__)
@@ -69,3 +70,20 @@ def optimize(loaded: LoadedPipeline, opts: Optimizations) -> None:
             ", ".join(applied),
             time.perf_counter() - t0,
         )
+
+
+def from_spec(loaded: LoadedPipeline, spec: EngineSpec, batch: int | None) -> Optimizations:
+    """The job's engine settings for this device: layout and fusion pay off on CUDA only."""
+    cuda = loaded.device.type == "cuda"
+    return Optimizations(
+        channels_last=spec.channels_last and cuda,
+        fuse_qkv=spec.fuse_qkv and cuda,
+        compile=spec.compile,
+        compile_cache=spec.compile_cache_dir,
+        compile_batch=batch,
+    )
+
+
+def batch_memory_path(spec: EngineSpec) -> str | None:
+    """Where automatic batch sizes are remembered: beside the compile cache, so on the same volume."""
+    return os.path.join(spec.compile_cache_dir, "batch-sizes.json") if spec.compile_cache_dir else None

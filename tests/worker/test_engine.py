@@ -93,6 +93,11 @@ class OomAbove:
 
     def __init__(self, pipe: Any, limit: int) -> None:
         self.pipe, self.limit, self.sizes = pipe, limit, []
+        self.vae = self  # the engine's first remedy: VAE decode in slices (recorded, not applied)
+        self.slicing = False
+
+    def enable_slicing(self) -> None:
+        self.slicing = True
 
     def __call__(self, **kw: Any) -> Any:
         self.sizes.append(len(kw["prompt"]))
@@ -110,7 +115,9 @@ def test_out_of_memory_halves_the_batch_and_goes_on(
     with Engine(loaded, Storage(str(tmp_path)), EngineOptions(batch_size=8)) as eng:
         lines = process_shard(eng, "s00000", its)
         assert eng.batch_size == 2
-    assert fake.sizes[:3] == [7, 4, 2]  # batch size 8 (7 items left): halve to 4, then 2
+    # First the VAE decodes in slices (same batch again), then batch size 8 halves to 4, then 2.
+    assert fake.sizes[:4] == [7, 7, 4, 2]
+    assert fake.slicing and "decoding the VAE one image at a time" in caplog.text
     assert len(list((tmp_path / "images").iterdir())) == 7
     assert all(line["oom_halvings"] == 2 and line["batch_size"] <= 2 for line in lines)
     assert "out of memory at batch size 7: going on with batch size 4" in caplog.text
@@ -151,3 +158,32 @@ def test_unknown_model(name: str, message: str) -> None:
 def test_directory_without_model_index(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="has no model_index.json"):
         load_pipeline(ModelSpec(name=str(tmp_path)), "cpu")
+
+
+def test_automatic_batch_size_is_found_once_and_remembered(tiny: LoadedPipeline, tmp_path: Path) -> None:
+    memory = tmp_path / "cache" / "batch-sizes.json"
+    fake = OomAbove(tiny.pipe, limit=3)
+    loaded = LoadedPipeline(**{**tiny.__dict__, "pipe": fake})
+    with Engine(loaded, Storage(str(tmp_path / "a")), EngineOptions(batch_memory=str(memory))) as eng:
+        eng.run(items(9))
+    assert fake.sizes[:4] == [8, 8, 4, 2]  # CPU's first guess is 8
+    remembered = json.loads(memory.read_text())
+    assert list(remembered.values()) == [2] and "32x32" in next(iter(remembered))
+
+    # A restarted worker starts at the size it found, with no out-of-memory errors.
+    fake.sizes.clear()
+    with Engine(loaded, Storage(str(tmp_path / "b")), EngineOptions(batch_memory=str(memory))) as eng:
+        eng.run(items(5))
+    assert fake.sizes == [2, 2, 1]
+
+
+def test_channels_last_and_fused_qkv_keep_the_pixels(tiny: LoadedPipeline, tmp_path: Path) -> None:
+    from imagebatch.worker.optimize import Optimizations, optimize
+
+    fresh = load_pipeline(ModelSpec(name="builtin:tiny"), "cpu")
+    optimize(fresh, Optimizations(channels_last=True, fuse_qkv=True))
+    assert any("to_qkv" in name for name, _ in fresh.pipe.unet.named_modules())
+    its = items(4)
+    with Engine(tiny, Storage(str(tmp_path / "a"))) as a, Engine(fresh, Storage(str(tmp_path / "b"))) as b:
+        plain, fast = a.generate(its).numpy().astype(int), b.generate(its).numpy().astype(int)
+    assert np.abs(plain - fast).max() <= 2
