@@ -191,7 +191,8 @@ def test_no_permissions_elsewhere(release: Release) -> None:
     leaked = [(v, r) for v, r in NAMESPACED if release.can_i(v, r, release.other)]
     assert not leaked, f"namespaced mode reaches {release.other}: {leaked}"
     assert release.can_i("list", "customresourcedefinitions.apiextensions.k8s.io", None)
-    assert not release.can_i("list", "namespaces", None)  # only all-namespaces mode needs it
+    assert release.can_i("watch", "namespaces", None)  # kopf follows the watched namespaces
+    assert not release.can_i("delete", "namespaces", None)
     assert not release.can_i("create", "customresourcedefinitions.apiextensions.k8s.io", None)
 
 

@@ -211,9 +211,8 @@ def test_other_values_render(helm: Path) -> None:
         assert b["roleRef"]["kind"] == "Role"
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "ib-operator", "namespace": "ops"}]
     (cluster_role,) = by_kind(docs, "ClusterRole")
-    assert permissions(cluster_role["rules"]) == {
-        ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}
-    }
+    # kopf lists and watches namespaces in namespaced mode (it follows the watched ones).
+    assert permissions(cluster_role["rules"]) == CLUSTER_PERMISSIONS
     (monitor,) = by_kind(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     (svc,) = by_kind(docs, "Service")

@@ -109,12 +109,12 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
-{{- if .Values.watch.allNamespaces }}
-# Namespaces: kopf, watching all namespaces, follows which namespaces exist.
+# Namespaces (read only): kopf lists and watches them to follow the watched namespaces being
+# created or deleted (without it kopf logs 403 errors and assumes the listed namespaces exist);
+# watching all namespaces, kopf and the operator do not need it, but the same role serves both modes.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["get", "list", "watch"]
-{{- end }}
 {{- end }}
 
 {{/* Operator command-line arguments. */}}
