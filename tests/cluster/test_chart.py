@@ -280,3 +280,58 @@ def test_operator_runs_and_reconciles_under_the_chart(release: Release, kube_clu
     assert status.get("conditions"), f"the operator wrote no status in 90 s; its log:\n{logs}"
     forbidden = [line for line in logs.splitlines() if "forbidden" in line.lower()]
     assert not forbidden, forbidden
+
+
+def test_all_namespaces_rbac(release: Release) -> None:
+    """All-namespaces mode, RBAC objects only (a second operator would act on other tests' jobs)."""
+    name = f"{release.name}all"
+    rendered = release.run(
+        "helm",
+        "template",
+        name,
+        str(CHART),
+        "--namespace",
+        release.namespace,
+        "--show-only",
+        "templates/rbac.yaml",
+        "--show-only",
+        "templates/serviceaccount.yaml",
+    ).stdout
+    apply = subprocess.run(
+        [str(release.tools / "kubectl"), "apply", "-f", "-"],
+        input=rendered,
+        capture_output=True,
+        text=True,
+        env=release.env,
+        timeout=60,
+        check=False,
+    )
+    assert apply.returncode == 0, apply.stderr
+    try:
+        cluster_wide = Release(
+            name,
+            release.namespace,
+            release.other,
+            release.watched,
+            f"{name}-imagebatch",
+            "",
+            release.tools,
+            release.env,
+        )
+        for namespace in (release.watched, release.other, "default"):
+            missing = [(v, r) for v, r in NAMESPACED if not cluster_wide.can_i(v, r, namespace)]
+            assert not missing, f"missing in {namespace}: {missing}"
+            leaked = [(v, r) for v, r in DENIED if cluster_wide.can_i(v, r, namespace)]
+            assert not leaked, f"more than the operator needs in {namespace}: {leaked}"
+        assert cluster_wide.can_i("watch", "namespaces", None)
+        assert cluster_wide.can_i("watch", "customresourcedefinitions.apiextensions.k8s.io", None)
+    finally:
+        subprocess.run(
+            [str(release.tools / "kubectl"), "delete", "--ignore-not-found", "-f", "-"],
+            input=rendered,
+            capture_output=True,
+            text=True,
+            env=release.env,
+            timeout=60,
+            check=False,
+        )
