@@ -66,13 +66,14 @@ class Release:
 
 
 @pytest.fixture(scope="module")
-def release(kube_cluster: TestCluster) -> Iterator[Release]:
+def release(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     tools = build_binaries()
     suffix = uuid.uuid4().hex[:6]
     ns, watched, other = f"ibop-{suffix}", f"ibjobs-{suffix}", f"ibother-{suffix}"
     for name in (ns, watched, other):
         create_namespace(kube_cluster.client, name, RESTRICTED)
-    env = {**os.environ, "KUBECONFIG": str(kube_cluster.kubeconfig)}
+    cache = tmp_path_factory.mktemp("kubectl-cache")  # no discovery cache of an earlier cluster
+    env = {**os.environ, "KUBECONFIG": str(kube_cluster.kubeconfig), "KUBECACHEDIR": str(cache)}
     rel = Release(f"ib{suffix}", ns, watched, other, f"ib{suffix}-imagebatch", "", tools, env)
     rel.run(
         "kubectl",
@@ -83,6 +84,10 @@ def release(kube_cluster: TestCluster) -> Iterator[Release]:
         "-f",
         str(REPO / "crds"),
     )
+    deadline = time.monotonic() + 60
+    while rel.run("kubectl", "get", "ibj,ibs", "-A", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the CRDs are not served after 60 s"
+        time.sleep(0.5)
     # The node agent runs pods on this machine's network: give the operator ports nobody uses.
     wait = ["--wait"] if kube_cluster.local is not None else []  # elsewhere the image may be missing
     proc = rel.run(

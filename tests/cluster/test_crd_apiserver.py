@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,9 +26,10 @@ JSON = dict[str, Any]
 
 
 class Kubectl:
-    def __init__(self, binary: Path, kubeconfig: Path) -> None:
+    def __init__(self, binary: Path, kubeconfig: Path, cache_dir: Path) -> None:
         self.binary = binary
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        # A fresh discovery cache: one left by an earlier cluster on the same port would hide the CRDs.
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBECACHEDIR": str(cache_dir)}
 
     def __call__(
         self, *args: str, stdin: str | None = None, check: bool = True
@@ -47,9 +49,11 @@ class Kubectl:
 
 
 @pytest.fixture(scope="module")
-def kubectl(kube_cluster: TestCluster) -> Kubectl:
-    """kubectl on the test cluster, with the CRDs applied and Established."""
-    k = Kubectl(build_binaries() / "kubectl", kube_cluster.kubeconfig)
+def kubectl(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
+    """kubectl on the test cluster, with the CRDs applied, Established and published."""
+    k = Kubectl(
+        build_binaries() / "kubectl", kube_cluster.kubeconfig, tmp_path_factory.mktemp("kubectl-cache")
+    )
     k(
         "apply",
         "--server-side",
@@ -60,7 +64,22 @@ def kubectl(kube_cluster: TestCluster) -> Kubectl:
     )
     k("wait", "--for=condition=Established", "--timeout=60s", "crd/imagebatchjobs.imagebatch.dev")
     k("wait", "--for=condition=Established", "--timeout=60s", "crd/imagebatchshards.imagebatch.dev")
+    wait_published(k)
     return k
+
+
+def wait_published(k: Kubectl, timeout: float = 60) -> None:
+    """Established is not the end: discovery and the OpenAPI document (explain) follow a bit later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        checks = [
+            k(*args, check=False) for args in (("get", "ibj,ibs", "-A"), ("explain", "ibj.spec.generation"))
+        ]
+        if all(c.returncode == 0 for c in checks) and "Generation defaults" in checks[1].stdout:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"CRDs not published in {timeout} s: {[c.stderr for c in checks]}")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
