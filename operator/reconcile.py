@@ -406,8 +406,22 @@ class Reconciler:
             done = _job_condition(wj, "Complete") or _job_condition(wj, "Failed")
             if done is None and int(wj["spec"].get("parallelism") or 0) > 0:
                 self.kube.patch_worker_job(ns, wj["metadata"]["name"], {"spec": {"parallelism": 0}})
-        cond = "Complete" if conditions.is_true(prev.conditions, conditions.COMPLETE) else "Failed"
-        metrics.set_job_condition(ns, name, cond)
+        complete = conditions.is_true(prev.conditions, conditions.COMPLETE)
+        live = len(_live_pods(self.kube.list_worker_pods(ns, name)))
+        if live != prev.active_replicas:
+            # Workers leave after the end: keep the Replicas column honest, nothing else changes.
+            final = next(
+                c
+                for c in prev.conditions
+                if c.type == (conditions.COMPLETE if complete else conditions.FAILED)
+            )
+            outcome = (
+                Outcome(complete=True, message=final.message)
+                if complete
+                else Outcome(failed_reason=final.reason, message=final.message)
+            )
+            self._write_status(job, prev, prev.model_copy(update={"active_replicas": live}), outcome, now)
+        metrics.set_job_condition(ns, name, "Complete" if complete else "Failed")
         ttl = (job.get("spec") or {}).get("ttlSecondsAfterFinished")
         finished_at = parse_time(prev.completion_time)
         if ttl is not None and finished_at is not None and now >= finished_at + timedelta(seconds=int(ttl)):

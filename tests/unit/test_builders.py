@@ -1,0 +1,161 @@
+"""Builders of the worker Job, its RBAC and the shard manifests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagebatch.api import ImageBatchJobSpec
+from imagebatch.operator.builders import WorkerSettings, worker_job, worker_rbac
+from imagebatch.operator.labels import ANNOTATION_ITEM_COUNT, ANNOTATION_SHARD_COUNT, LABEL_JOB
+from imagebatch.operator.shardplan import shard_manifests
+
+JOB: dict[str, Any] = {
+    "apiVersion": "imagebatch.dev/v1alpha1",
+    "kind": "ImageBatchJob",
+    "metadata": {"name": "cats", "namespace": "team-a", "uid": "u-1"},
+}
+
+
+def spec(**over: Any) -> ImageBatchJobSpec:
+    base: dict[str, Any] = {
+        "model": {"name": "builtin:tiny"},
+        "prompts": ["a cat"],
+        "output": {"uri": "s3://b/p"},
+    }
+    base.update(over)
+    return ImageBatchJobSpec.model_validate(base)
+
+
+def test_worker_job_is_a_work_queue_with_the_desired_parallelism() -> None:
+    job = worker_job(JOB, spec(), 3)
+    js = job["spec"]
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "cats-workers"
+    assert "completions" not in js and js["parallelism"] == 3
+    assert js["suspend"] is False
+    assert js["backoffLimit"] >= 6
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == "u-1" and owner["kind"] == "ImageBatchJob" and owner["controller"] is True
+    pod = js["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # podFailurePolicy needs it
+    assert pod["serviceAccountName"] == "cats-worker"
+
+
+def test_pod_passes_restricted_pod_security() -> None:
+    pod = worker_job(JOB, spec(), 1)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert "volumes" not in pod  # no hostPath or anything restricted forbids
+
+
+def test_worker_env_downward_api_and_credentials() -> None:
+    s = spec(
+        output={"uri": "s3://b/p", "credentialsSecret": {"name": "creds"}},
+        workers={"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]},
+    )
+    c = worker_job(JOB, s, 1)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["JOB_NAME"]["value"] == "cats"
+    assert env["OMP_NUM_THREADS"]["value"] == "1"
+    assert c["envFrom"] == [{"secretRef": {"name": "creds"}}]
+    assert "$(POD_NAME)" in c["args"] and "cats" in c["args"]
+
+
+def test_gpus_queue_deadline_and_suspend() -> None:
+    s = spec(
+        workers={"gpusPerWorker": 2, "resources": {"limits": {"memory": "16Gi"}}},
+        queueName="gpu-queue",
+        activeDeadlineSeconds=3600,
+    )
+    job = worker_job(JOB, s, 2)
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": 2}
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True  # Kueue admits it by unsuspending
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    no_gpu = worker_job(JOB, spec(workers={"gpusPerWorker": 0}), 1)
+    assert "limits" not in no_gpu["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert worker_job(JOB, spec(suspend=True), 0)["spec"]["suspend"] is True
+
+
+def test_pod_failure_policy_fails_fast_on_user_errors_and_ignores_sigterm() -> None:
+    rules = worker_job(JOB, spec(), 1)["spec"]["podFailurePolicy"]["rules"]
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert fail and set(fail[0]["onExitCodes"]["values"]) == {2, 3}
+    ignore_codes = [
+        r["onExitCodes"]["values"] for r in rules if r["action"] == "Ignore" and "onExitCodes" in r
+    ]
+    assert [143] in ignore_codes
+
+
+def test_worker_settings_image_and_metrics_port() -> None:
+    c = worker_job(JOB, spec(), 1, WorkerSettings(image="img:1", metrics_port=9090))["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert c["image"] == "img:1"
+    assert c["ports"][0]["containerPort"] == 9090 and "--metrics-port" in c["args"]
+    assert (
+        worker_job(JOB, spec(workers={"image": "mine:2"}), 1)["spec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+        == "mine:2"
+    )
+
+
+def test_worker_rbac_is_least_privilege() -> None:
+    objs = worker_rbac(JOB, spec())
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "Role", "RoleBinding"]
+    rules = objs[1]["rules"]
+    job_rule = next(r for r in rules if r["resources"] == ["imagebatchjobs"])
+    assert job_rule["verbs"] == ["get"] and job_rule["resourceNames"] == ["cats"]
+    shard_rule = next(r for r in rules if r["resources"] == ["imagebatchshards"])
+    assert "delete" not in shard_rule["verbs"] and "deletecollection" not in shard_rule["verbs"]
+    status_rule = next(r for r in rules if r["resources"] == ["imagebatchshards/status"])
+    assert set(status_rule["verbs"]) == {"get", "patch", "update"}
+    assert not any("configmaps" in r["resources"] for r in rules)
+    assert not any(r.get("resources") == ["*"] or r.get("verbs") == ["*"] for r in rules)
+    binding = objs[2]
+    assert binding["roleRef"]["name"] == "cats-worker"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cats-worker", "namespace": "team-a"}]
+    assert all(o["metadata"]["ownerReferences"][0]["uid"] == "u-1" for o in objs)
+
+
+def test_worker_rbac_reads_only_its_config_map() -> None:
+    s = spec(prompts=None, promptsFrom={"configMapKeyRef": {"name": "p", "key": "k.txt"}})
+    cm = [r for r in worker_rbac(JOB, s)[1]["rules"] if r["resources"] == ["configmaps"]]
+    assert cm == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"], "resourceNames": ["p"]}]
+
+
+def test_own_service_account_means_no_rbac() -> None:
+    s = spec(workers={"serviceAccountName": "mine"})
+    assert worker_rbac(JOB, s) == []
+    assert worker_job(JOB, s, 1)["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
+
+
+def test_shard_manifests_cover_every_item_once() -> None:
+    shards = shard_manifests(JOB, 1001, 250)
+    assert [s["metadata"]["name"] for s in shards] == [f"cats-s{i:05d}" for i in range(5)]
+    assert [(s["spec"]["start"], s["spec"]["end"]) for s in shards] == [
+        (0, 250),
+        (250, 500),
+        (500, 750),
+        (750, 1000),
+        (1000, 1001),
+    ]
+    for i, s in enumerate(shards):
+        assert s["spec"] == {
+            "jobName": "cats",
+            "index": i,
+            "start": s["spec"]["start"],
+            "end": s["spec"]["end"],
+        }
+        assert s["metadata"]["labels"][LABEL_JOB] == "cats"
+        assert s["metadata"]["annotations"][ANNOTATION_SHARD_COUNT] == "5"
+        assert s["metadata"]["annotations"][ANNOTATION_ITEM_COUNT] == "1001"
+        assert s["metadata"]["namespace"] == "team-a"
+        assert "prompt" not in str(s["spec"])  # ranges only: prompts stay out of etcd

@@ -1,0 +1,49 @@
+"""Conditions: Complete/Failed/Suspended plus kstatus' Ready/Reconciling/Stalled."""
+
+from __future__ import annotations
+
+from imagebatch.api import Condition
+from imagebatch.operator.conditions import Outcome, compute_conditions, is_true
+
+
+def by_type(conds: list[Condition]) -> dict[str, Condition]:
+    return {c.type: c for c in conds}
+
+
+def test_running_job_is_reconciling() -> None:
+    c = by_type(compute_conditions([], Outcome(progress_reason="Running", message="5/10"), 3, "T1"))
+    assert set(c) == {"Complete", "Failed", "Suspended", "Ready", "Reconciling", "Stalled"}
+    assert c["Reconciling"].status == "True" and c["Reconciling"].reason == "Running"
+    assert c["Complete"].status == c["Failed"].status == c["Stalled"].status == c["Ready"].status == "False"
+    assert all(x.observed_generation == 3 for x in c.values())
+
+
+def test_complete_is_ready() -> None:
+    c = by_type(compute_conditions([], Outcome(complete=True, message="10 images"), 1, "T1"))
+    assert c["Complete"].status == "True" and c["Ready"].status == "True"
+    assert c["Reconciling"].status == "False" and c["Stalled"].status == "False"
+
+
+def test_failed_is_stalled_with_reason_and_message() -> None:
+    c = by_type(
+        compute_conditions([], Outcome(failed_reason="ModelLoadError", message="no such model"), 1, "T1")
+    )
+    assert c["Failed"].status == "True" and c["Failed"].reason == "ModelLoadError"
+    assert c["Failed"].message == "no such model"
+    assert c["Stalled"].status == "True" and c["Complete"].status == "False"
+
+
+def test_suspended() -> None:
+    c = by_type(compute_conditions([], Outcome(suspended=True), 2, "T1"))
+    assert c["Suspended"].status == "True" and c["Reconciling"].status == "False"
+
+
+def test_transition_time_moves_only_when_status_flips() -> None:
+    first = compute_conditions([], Outcome(), 1, "T1")
+    same = compute_conditions(first, Outcome(message="more done"), 2, "T2")
+    assert all(c.last_transition_time == "T1" for c in same)
+    assert by_type(same)["Reconciling"].observed_generation == 2
+    done = by_type(compute_conditions(same, Outcome(complete=True), 2, "T3"))
+    assert done["Complete"].last_transition_time == "T3"
+    assert done["Failed"].last_transition_time == "T1"  # still False
+    assert is_true(list(done.values()), "Complete") and not is_true(list(done.values()), "Failed")
