@@ -12,7 +12,8 @@
 #
 # Environment: KIND_CLUSTER_NAME (default imagebatch-e2e), KIND_NODE_IMAGE (kindest/node image),
 # IMAGE_TAG (default e2e), RELEASE_NAMESPACE (default imagebatch-system), KEEP_CLUSTER=1 (leave
-# the cluster running afterwards; a cluster that existed before is always left), HELM_EXTRA_ARGS.
+# the cluster running afterwards; a cluster that existed before is always left), KEEP_OPERATOR=1
+# (leave the chart's operator running during the tests), HELM_EXTRA_ARGS.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,11 +72,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "building ${operator_image} and ${worker_image}"
+# The e2e harness runs its own operator (a host process with the chart's ServiceAccount token), and
+# that operator gives jobs without spec.workers.image its built-in default worker image: load the
+# worker image under that name too.
+default_worker_image="$("${python}" -P -c 'from imagebatch.operator.builders import DEFAULT_WORKER_IMAGE as i; print(i)')"
+
+log "building ${operator_image} and ${worker_image} (also tagged ${default_worker_image})"
 docker build --target operator --tag "${operator_image}" "${repo}"
-docker build --target worker --tag "${worker_image}" "${repo}"
+docker build --target worker --tag "${worker_image}" --tag "${default_worker_image}" "${repo}"
 log "loading the images into ${cluster}"
-"${kind}" load docker-image --name "${cluster}" "${operator_image}" "${worker_image}"
+"${kind}" load docker-image --name "${cluster}" "${operator_image}" "${worker_image}" "${default_worker_image}"
 
 log "installing the chart into ${release_ns}"
 # shellcheck disable=SC2086  # HELM_EXTRA_ARGS is a list of words on purpose
@@ -86,7 +92,14 @@ log "installing the chart into ${release_ns}"
     --set worker.image.repository=imagebatch-worker --set worker.image.tag="${tag}" \
     --set logLevel=debug \
     --wait --timeout 5m ${HELM_EXTRA_ARGS:-}
+# The chart's operator runs in the cluster: image, probes, Pod Security and RBAC on a real kubelet.
 "${kubectl}" -n "${release_ns}" rollout status deployment/imagebatch --timeout=180s
+if [[ "${KEEP_OPERATOR:-0}" != 1 ]]; then
+    # The e2e tests start, kill and restart their own operator; a second one would race it.
+    log "scaling the chart's operator to 0 for the e2e tests (KEEP_OPERATOR=1 keeps it)"
+    "${kubectl}" -n "${release_ns}" scale deployment/imagebatch --replicas=0
+    "${kubectl}" -n "${release_ns}" wait --for=delete pod -l app.kubernetes.io/component=operator --timeout=120s
+fi
 
 # CRDs are not upgraded by `helm upgrade`: apply the current ones (server-side, like the tests).
 "${kubectl}" apply --server-side --force-conflicts -f "${repo}/crds"
