@@ -43,7 +43,7 @@ from imagebatch.operator.labels import (
 from imagebatch.operator.leases import shard_status
 from imagebatch.operator.shardplan import shard_manifests
 from imagebatch.operator.timeutil import now_utc
-from imagebatch.planning import Item, expand_items, shard_id
+from imagebatch.planning import Item, expand_items, fingerprint, image_fields, shard_id
 from imagebatch.prompts import load_prompts
 from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, storage_options
 from imagebatch.worker import claims
@@ -148,8 +148,23 @@ class Worker:
     def run(self) -> int:
         shards = self.plan_if_needed(self.kube.list_shards())
         from imagebatch.worker.engine import Engine, EngineOptions
+        from imagebatch.worker.local import check_job_record
         from imagebatch.worker.pipeline import load_pipeline
 
+        try:
+            # Stored images are never remade: refuse an output made with other settings, the
+            # same check as local mode (and the same job.json, so either mode can resume the other).
+            self.storage.ensure_root()
+            check_job_record(
+                self.storage,
+                str(self.job["metadata"]["name"]),
+                fingerprint(image_fields(self.spec), self.items()),
+            )
+        except ImageBatchError as e:
+            # No retry can fix this: fail a shard with it, so the operator fails the job and says why.
+            log.error("%s", e)
+            self.fail_one(str(e), shards)
+            return EXIT_USER_ERROR
         try:
             loaded = load_pipeline(self.spec.model, self.device)
         except ModelLoadError as e:
