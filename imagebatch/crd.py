@@ -13,13 +13,15 @@ The models are the one source of the schema; this module turns their JSON Schema
   i.e. it means "unset", exactly what `None` means in the models (a nullable field would keep the
   `null` and every CEL rule would have to handle it);
 - `int | Literal["auto"]` becomes `x-kubernetes-int-or-string` with a CEL rule for the range;
-- `list[str | PromptItem]` (inline prompts) cannot be described structurally (an item is either a
-  string or an object), so each item keeps unknown fields and CEL rules check its shape with the
-  same limits as the models;
-- cross-field checks (multiples of 8, exactly one prompt source, minReplicas <= maxReplicas) and
+- `list[str | PromptItem]` (inline prompts): an entry is a string or an object, which no
+  structural type that CEL can see allows; the entries have no type, keep unknown fields and are
+  checked by OpenAPI value validations (see `_prompt_item_schema`), and "exactly one of prompts and
+  promptsFrom" is an OpenAPI `oneOf` (CEL cannot see `spec.prompts`);
+- cross-field checks (multiples of 8, minReplicas <= maxReplicas, promptsFrom's one source) and
   immutability of the fields that decide the images already made are CEL rules
   (`x-kubernetes-validations`), so the API server refuses a bad manifest with a message that names
-  the field and says what to change.
+  the field and says what to change. Edits of `spec.prompts` itself cannot be refused by CEL (see
+  above): the operator has to catch them.
 
 Defaults come from the models (the API server fills them in, so `kubectl get -o yaml` shows the
 settings a job really runs with); status schemas carry no defaults (the operator writes status).
