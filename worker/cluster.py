@@ -149,6 +149,7 @@ class Worker:
         shards = self.plan_if_needed(self.kube.list_shards())
         from imagebatch.worker.engine import Engine, EngineOptions
         from imagebatch.worker.local import check_job_record
+        from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
         from imagebatch.worker.pipeline import load_pipeline
 
         try:
@@ -171,11 +172,15 @@ class Worker:
             log.error("%s", e)
             self.fail_one(f"{MODEL_LOAD_ERROR}: {e}", shards)
             return EXIT_MODEL_LOAD_ERROR
-        size = self.spec.batching.batch_size
+        batching = self.spec.batching.batch_size
+        size = batching if isinstance(batching, int) else None
+        # The same engine settings as local mode (compile, channels-last, remembered batch size).
+        optimize(loaded, from_spec(loaded, self.spec.engine, size))
         opts = EngineOptions(
-            batch_size=size if isinstance(size, int) else None,
+            batch_size=size,
             image_format=self.spec.output.format,
             quality=self.spec.output.quality,
+            batch_memory=batch_memory_path(self.spec.engine),
             worker=self.pod,
         )
         with Engine(loaded, self.storage, opts) as engine:

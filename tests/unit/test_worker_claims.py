@@ -1,0 +1,108 @@
+"""The cluster worker's claims against a fake API: conflicts, and fencing of a zombie."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+from imagebatch.operator.timeutil import now_utc
+from imagebatch.worker import claims
+from imagebatch.worker.cluster import Claim, Worker
+
+JSON = dict[str, Any]
+
+
+class FakeShardApi:
+    """Shards with resourceVersions; a write with a stale one is refused, as the API server does."""
+
+    def __init__(self, n: int) -> None:
+        self.shards = {
+            f"j-s{i:05d}": {
+                "apiVersion": "imagebatch.dev/v1alpha1",
+                "kind": "ImageBatchShard",
+                "metadata": {"name": f"j-s{i:05d}", "resourceVersion": "1"},
+                "spec": {"jobName": "j", "index": i, "start": i * 10, "end": i * 10 + 10},
+            }
+            for i in range(n)
+        }
+        self.before_write: list[str] = []  # names whose next write another writer beats
+
+    def get_job(self) -> JSON:
+        return {
+            "metadata": {"name": "j", "namespace": "ns", "uid": "u"},
+            "spec": {"model": {"name": "builtin:tiny"}, "prompts": ["a"], "output": {"uri": "/tmp/never"}},
+        }
+
+    def list_shards(self) -> list[JSON]:
+        return [copy.deepcopy(s) for s in self.shards.values()]
+
+    def get_shard(self, name: str) -> JSON | None:
+        return copy.deepcopy(self.shards.get(name))
+
+    def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
+        name = shard["metadata"]["name"]
+        current = self.shards[name]
+        if name in self.before_write:
+            self.before_write.remove(name)
+            self._bump(current)  # someone else wrote first
+        if shard["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"]:
+            return False
+        current["status"] = copy.deepcopy(status)
+        self._bump(current)
+        return True
+
+    @staticmethod
+    def _bump(obj: JSON) -> None:
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+
+
+def worker(api: FakeShardApi, pod: str) -> Worker:
+    return Worker(api, pod, threading.Event())  # type: ignore[arg-type]
+
+
+def test_a_lost_race_moves_on_to_another_shard() -> None:
+    api = FakeShardApi(3)
+    w = worker(api, "pod-a")
+    first = claims.claim_order(api.list_shards(), "pod-a")[0]["metadata"]["name"]
+    api.before_write.append(first)
+    claim = w.try_claim(api.list_shards())
+    assert claim is not None and claim.name != first
+    st = api.shards[claim.name]["status"]
+    assert st["state"] == "Claimed" and st["holder"] == "pod-a" and st["attempt"] == 1
+
+
+def test_two_workers_never_hold_the_same_shard() -> None:
+    api = FakeShardApi(1)
+    a, b = worker(api, "pod-a"), worker(api, "pod-b")
+    listed = api.list_shards()  # both listed before either claimed
+    assert a.try_claim(listed) is not None
+    assert b.try_claim(listed) is None
+
+
+def test_a_zombie_cannot_complete_a_reclaimed_shard() -> None:
+    api = FakeShardApi(1)
+    a, b = worker(api, "pod-a"), worker(api, "pod-b")
+    claim_a = a.try_claim(api.list_shards())
+    assert claim_a is not None
+    # The operator requeues the expired claim; pod-b claims it (attempt 2).
+    api.shards[claim_a.name]["status"].update(state="Pending", holder=None)
+    claim_b = b.try_claim(api.list_shards())
+    assert claim_b is not None and claim_b.attempt == 2
+    assert not a.fenced_write(claim_a, lambda st: claims.done(st, now_utc(), 10, 1.0))
+    assert api.shards[claim_a.name]["status"]["state"] == "Claimed"
+    assert api.shards[claim_a.name]["status"]["holder"] == "pod-b"
+    # Same pod, old attempt: also refused.
+    assert not b.fenced_write(Claim(claim_b.name, 0, 0, 10, 1), claims.released)
+    assert b.fenced_write(claim_b, lambda st: claims.done(st, now_utc(), 10, 1.0))
+    assert api.shards[claim_b.name]["status"]["state"] == "Done"
+
+
+def test_a_fenced_write_retries_a_conflict_with_another_writer() -> None:
+    api = FakeShardApi(1)
+    a = worker(api, "pod-a")
+    claim = a.try_claim(api.list_shards())
+    assert claim is not None
+    api.before_write.append(claim.name)  # e.g. the lease thread wrote in between
+    assert a.fenced_write(claim, lambda st: claims.done(st, now_utc(), 10, 1.0))
+    assert api.shards[claim.name]["status"]["state"] == "Done"
