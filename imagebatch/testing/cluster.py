@@ -624,6 +624,10 @@ class LocalCluster:
             result["apiserver_ready"] = http_ok(f"{self.server}/readyz", _ssl_insecure())
         return result
 
+    def log_tails(self, lines: int = 30) -> str:
+        """The last lines of every component's log, for a failing test's report."""
+        return "\n".join(f"--- {log.name} ---\n{tail(log, lines)}" for log in sorted(self.logs.glob("*.log")))
+
     def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
         """The output of a pod's containers (all restarts), from the node agent's files."""
         chunks = []

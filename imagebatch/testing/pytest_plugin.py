@@ -45,6 +45,10 @@ class TestCluster:
         status, text = self.client.get_raw(f"/api/v1/namespaces/{namespace}/pods/{name}/log")
         return text if status == 200 else f"(no log: HTTP {status})"
 
+    def diagnostics(self, lines: int = 30) -> str:
+        """Log tails of the local cluster's components (empty for an external cluster)."""
+        return self.local.log_tails(lines) if self.local is not None else ""
+
 
 @contextlib.contextmanager
 def _alarm_paused() -> Iterator[None]:
