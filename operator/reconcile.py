@@ -118,6 +118,16 @@ def _live_pods(pods: list[JSON]) -> set[str]:
     }
 
 
+def _running(pods: list[JSON]) -> int:
+    """Worker pods that started. Scaling below them would let the Job controller pick victims
+    blindly among busy workers; idle ones exit by themselves. Pods not yet started can be cut."""
+    return sum(
+        1
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    )
+
+
 class Reconciler:
     def __init__(self, kube: OperatorKube, settings: Settings | None = None) -> None:
         self.kube = kube
@@ -240,7 +250,7 @@ class Reconciler:
             time.monotonic(),
             done=outcome.finished,
             suspended=spec.suspend,
-            busy=len(t.holders),
+            busy=max(len(t.holders), _running(pods)),
             cool_down=self.settings.cool_down,
             max_step=self.settings.max_step,
         )

@@ -46,9 +46,10 @@ def desired_replicas(
 ) -> ScaleDecision:
     """The replica count to apply now.
 
-    `busy` is the number of workers that hold a claim: never scale below it while the job runs,
-    since the Job controller picks which pods to delete without knowing which are working. Idle
-    workers leave by themselves (a worker exits when nothing is left to claim).
+    `busy` is the number of workers that started (or hold a claim): never scale below it while
+    the job runs, since the Job controller picks which pods to delete without knowing which are
+    working. Idle workers leave by themselves (a worker exits when nothing is left to claim), so
+    scaling down only cuts pods that have not started yet.
     """
     if done or suspended:
         return ScaleDecision(0, current > 0)

@@ -237,3 +237,26 @@ def test_shard_plan_matches_the_builder() -> None:
     passes(kube, job())
     want = shard_manifests(job(), 10, 2)
     assert sorted(kube.shards) == [m["metadata"]["name"] for m in want]
+
+
+def test_started_workers_are_not_scaled_away_while_the_job_runs() -> None:
+    kube = FakeKube()
+    body = job()
+    passes(kube, body)
+    for i, s in enumerate(kube.shards.values()):
+        s["status"] = (
+            {"state": "Done", "attempt": 1} if i else {"state": "Claimed", "attempt": 1, "holder": "w0"}
+        )
+        if not i:
+            s["status"]["leaseRenewTime"] = "2099-01-01T00:00:00Z"
+    # Four started workers, one busy: the Job controller could delete the busy one, so keep four.
+    kube.pods = [{"metadata": {"name": f"w{i}"}, "status": {"phase": "Running"}} for i in range(4)]
+    passes(kube, body)
+    assert kube.job is not None and kube.job["spec"]["parallelism"] == 4
+    # Two not started yet: those may go (damped: two per step).
+    kube.pods = [
+        {"metadata": {"name": f"w{i}"}, "status": {"phase": "Running" if i < 1 else "Pending"}}
+        for i in range(4)
+    ]
+    passes(kube, body)
+    assert kube.job["spec"]["parallelism"] == 2
