@@ -57,10 +57,23 @@ class ModelSpec(Model):
 class Overrides(Model):
     """Per-prompt generation settings; unset fields take the job's `generation` values."""
 
-    width: int | None = Field(default=None, description="Image width in pixels (multiple of 8).")
-    height: int | None = Field(default=None, description="Image height in pixels (multiple of 8).")
-    steps: int | None = Field(default=None, description="Denoising steps.")
-    guidance_scale: float | None = Field(default=None, description="Classifier-free guidance scale.")
+    width: int | None = Field(
+        default=None, ge=8, le=8192, description="Image width in pixels (multiple of 8)."
+    )
+    height: int | None = Field(
+        default=None, ge=8, le=8192, description="Image height in pixels (multiple of 8)."
+    )
+    steps: int | None = Field(default=None, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        default=None, ge=0, le=100, description="Classifier-free guidance scale."
+    )
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"must be a multiple of 8 (got {v}; try {max(8, v // 8 * 8)})")
+        return v
 
 
 class PromptItem(Overrides):
@@ -157,7 +170,9 @@ class Batching(Model):
 class EngineSpec(Model):
     """How the worker runs the model on a GPU. None of these changes what an image shows."""
 
-    channels_last: bool = Field(default=True, description="Channels-last memory layout for the UNet and VAE (CUDA only).")
+    channels_last: bool = Field(
+        default=True, description="Channels-last memory layout for the UNet and VAE (CUDA only)."
+    )
     fuse_qkv: bool = Field(default=True, description="Fused QKV attention projections (CUDA only).")
     compile: bool = Field(
         default=False,
@@ -167,7 +182,8 @@ class EngineSpec(Model):
         ),
     )
     compile_cache_dir: str | None = Field(
-        default=None, description="Folder (on a volume in cluster mode) for the compile cache and the found batch size."
+        default=None,
+        description="Folder (on a volume in cluster mode) for the compile cache and the found batch size.",
     )
 
 
@@ -258,7 +274,9 @@ class ImageBatchJobSpec(Model):
     batching: Batching = Field(default_factory=Batching, description="Batch and shard sizes.")
     output: Output = Field(description="Where images and the manifest are stored.")
     retries: Retries = Field(default_factory=Retries, description="Retry and lease settings per shard.")
-    engine: EngineSpec = Field(default_factory=EngineSpec, description="GPU speed settings of the worker engine.")
+    engine: EngineSpec = Field(
+        default_factory=EngineSpec, description="GPU speed settings of the worker engine."
+    )
     workers: Workers = Field(default_factory=Workers, description="Worker pods (cluster mode).")
     suspend: bool = Field(default=False, description="Stop all workers; set back to false to go on.")
     queue_name: str | None = Field(

@@ -17,7 +17,12 @@ def job(**spec: Any) -> dict[str, Any]:
         "output": {"uri": "/tmp/out"},
     }
     base.update(spec)
-    return {"apiVersion": "imagebatch.dev/v1alpha1", "kind": "ImageBatchJob", "metadata": {"name": "j"}, "spec": base}
+    return {
+        "apiVersion": "imagebatch.dev/v1alpha1",
+        "kind": "ImageBatchJob",
+        "metadata": {"name": "j"},
+        "spec": base,
+    }
 
 
 def error_of(data: dict[str, Any]) -> str:
@@ -85,7 +90,9 @@ def test_batch_size_bounds() -> None:
 
 
 def test_min_replicas_above_max() -> None:
-    assert "minReplicas (5) must not exceed maxReplicas (2)" in error_of(job(workers={"minReplicas": 5, "maxReplicas": 2}))
+    assert "minReplicas (5) must not exceed maxReplicas (2)" in error_of(
+        job(workers={"minReplicas": 5, "maxReplicas": 2})
+    )
 
 
 def test_wrong_kind() -> None:
@@ -101,3 +108,9 @@ def test_load_job_yaml_errors(tmp_path: Any) -> None:
         load_job(bad)
     with pytest.raises(SpecError, match="no such file"):
         load_job(tmp_path / "missing.yaml")
+
+
+def test_per_prompt_overrides_are_checked_like_the_defaults() -> None:
+    msg = error_of(job(prompts=["ok", {"prompt": "x", "width": 100, "steps": 0}]))
+    assert "spec.prompts.1.width: must be a multiple of 8 (got 100; try 96)" in msg
+    assert "spec.prompts.1.steps" in msg
