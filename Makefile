@@ -11,10 +11,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test lint typecheck unit worker-tests cluster-tests bench crds cluster-bins cluster-up cluster-down clean
 
+# pip runs as $(VENV)/bin/pip, never `python -m pip`: with the repository root on sys.path, the
+# folder operator/ would shadow the standard library's `operator` before the install exists.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip==25.3"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[worker,operator,dev]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade "pip==25.3"
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[worker,operator,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -26,7 +28,7 @@ demo: install
 
 ## test: every test: lint, types, unit, worker (CPU), cluster (a real control plane), benchmark smoke
 test: install cluster-bins lint typecheck
-	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -36,13 +38,13 @@ typecheck: install
 	bash hack/typecheck.sh
 
 unit: install
-	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)
 
 worker-tests: install
-	$(PY) -m pytest -q tests/worker $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q tests/worker $(PYTEST_ARGS)
 
 cluster-tests: install cluster-bins
-	$(PY) -m pytest -q -m cluster $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m cluster $(PYTEST_ARGS)
 
 ## bench: the engine against plain diffusers on this machine (--arch tiny on a CPU)
 bench: install
