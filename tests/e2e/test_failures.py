@@ -150,3 +150,28 @@ def test_unloadable_model_fails_without_crash_loop(
         lambda: all(p["status"].get("phase") in ("Succeeded", "Failed") for p in pods()),
         timeout=60,
     )
+
+
+def test_active_deadline_fails_the_job_and_stops_workers(
+    kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    job = tiny_job(
+        "deadline",
+        str(tmp_path / "out"),
+        prompts=[f"prompt {i}" for i in range(400)],
+        generation={"steps": 20},
+        activeDeadlineSeconds=5,
+    )
+    kubectl.apply([job], namespace)
+    wait_condition(kubectl, namespace, "deadline", "Failed", timeout=120)
+    failed = condition(ibj(kubectl, namespace, "deadline"), "Failed")
+    assert failed is not None and failed["reason"] == "DeadlineExceeded", failed
+    # The workers stop: parallelism 0, or the Job failed by its own activeDeadlineSeconds.
+    wait_for(
+        "no running workers",
+        lambda: all(
+            p["status"].get("phase") in ("Succeeded", "Failed")
+            for p in kubectl.json("get", "pods", "-n", namespace)["items"]
+        ),
+        timeout=60,
+    )
