@@ -175,3 +175,16 @@ def test_active_deadline_fails_the_job_and_stops_workers(
         ),
         timeout=60,
     )
+
+
+def test_missing_prompt_file_fails_planning(
+    kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    job = tiny_job("no-file", str(tmp_path / "out"), promptsFrom={"uri": str(tmp_path / "missing.txt")})
+    kubectl.apply([job], namespace)
+    wait_condition(kubectl, namespace, "no-file", "Failed", timeout=120)
+    failed = condition(ibj(kubectl, namespace, "no-file"), "Failed")
+    assert failed is not None and failed["reason"] == "PlanningFailed", failed
+    assert "no-file-workers" in failed["message"]
+    pods = kubectl.json("get", "pods", "-n", namespace)["items"]
+    assert len(pods) == 1  # exit code 2 fails the Job at once: no retries of a user error
