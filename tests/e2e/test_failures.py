@@ -188,3 +188,60 @@ def test_missing_prompt_file_fails_planning(
     assert "no-file-workers" in failed["message"]
     pods = kubectl.json("get", "pods", "-n", namespace)["items"]
     assert len(pods) == 1  # exit code 2 fails the Job at once: no retries of a user error
+
+
+def test_a_paused_worker_loses_its_claim_and_cannot_complete_it(
+    kube_cluster: TestCluster, kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    """SIGSTOP a worker past its lease: the operator requeues the shard (LeaseExpired), another
+    worker takes it, and the woken zombie's completion is refused by the fence."""
+    if kube_cluster.local is None:
+        pytest.skip("needs the local node agent to pause a worker process")
+    out = tmp_path / "out"
+    n = 400
+    job = tiny_job(
+        "zombie",
+        str(out),
+        prompts=[f"a drawing of thing {i}" for i in range(n)],
+        generation={"steps": 20},
+        batching={"batchSize": 8, "shardSize": 100},
+        retries={"leaseSeconds": 10},
+        workers={"maxReplicas": 2, "shardsPerReplica": 1},
+    )
+    kubectl.apply([job], namespace)
+
+    def claimed_mid_shard() -> dict[str, Any] | None:
+        for s in shards(kubectl, namespace):
+            st = s.get("status") or {}
+            if st.get("state") == "Claimed" and 0 < st.get("itemsDone", 0) < 100:
+                return s
+        return None
+
+    victim = wait_for("a shard half done", claimed_mid_shard, timeout=180, interval=0.5)
+    name, zombie = victim["metadata"]["name"], victim["status"]["holder"]
+    pids = worker_pids(kube_cluster.local.pod_processes(), zombie)
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+
+        def taken_over() -> bool:
+            st = (
+                next(s for s in shards(kubectl, namespace) if s["metadata"]["name"] == name).get("status")
+                or {}
+            )
+            return st.get("attempt", 0) >= 2 and st.get("holder") != zombie
+
+        wait_for("the shard claimed by another worker", taken_over, timeout=120, interval=0.5)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+    wait_condition(kubectl, namespace, "zombie", "Complete", timeout=300)
+    final = next(s for s in shards(kubectl, namespace) if s["metadata"]["name"] == name)["status"]
+    assert final["state"] == "Done" and final["holder"] != zombie and final["attempt"] >= 2
+    check_output_dir(out, {f"p{i:07d}" for i in range(n)})
+    log = kube_cluster.pod_log(namespace, zombie)
+    assert "lost the claim" in log or "after its claim was lost" in log, log[-3000:]
+    events = kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    assert '"reason": "LeaseExpired"' in events
