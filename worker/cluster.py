@@ -16,6 +16,7 @@ ModelLoadError (the operator fails the job) and exits 3, which fails the Job: no
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -195,7 +196,9 @@ class Worker:
                         self.join_if_all_done()
                         log.info("nothing left to claim; exiting")
                         return 0
-                    continue  # lost every race: list again
+                    # Lost every race: list again, after a pause that keeps racers apart.
+                    time.sleep(random.uniform(0.05, 0.5))
+                    continue
                 CLAIM_SECONDS.observe(time.perf_counter() - t0)
                 rc = self.work(engine, claim)
                 if rc is not None:
