@@ -56,7 +56,7 @@ def test_suspend_then_resume(
         "get", "job", "pause-workers", "-n", namespace, "-o", "jsonpath={.spec.parallelism}"
     )
     assert parallelism.stdout == "0"
-    # Released claims: nothing stays Claimed by a worker that is gone.
+    # Released claims: nothing stays Claimed by a worker that is gone, and the status says so.
     wait_for(
         "claims released",
         lambda: all(
@@ -65,6 +65,12 @@ def test_suspend_then_resume(
         ),
         timeout=30,
     )
+
+    def settled() -> bool:
+        status = ibj(kubectl, namespace, "pause").get("status") or {}
+        return status.get("shards", {}).get("claimed") == 0 and status.get("activeReplicas") == 0
+
+    wait_for("the status to show no claims and no workers", settled, timeout=30)
     paused_at = done()
     assert paused_at < n
     time.sleep(4)
