@@ -37,7 +37,9 @@ def test_user_id_and_seed_win() -> None:
 
 
 def test_images_per_prompt() -> None:
-    items = expand_items([PromptItem(id="a", prompt="x", seed=10), PromptItem(prompt="y")], Generation(images_per_prompt=3))
+    items = expand_items(
+        [PromptItem(id="a", prompt="x", seed=10), PromptItem(prompt="y")], Generation(images_per_prompt=3)
+    )
     assert [i.id for i in items] == ["a_0", "a_1", "a_2", "p0000001_0", "p0000001_1", "p0000001_2"]
     assert [i.seed for i in items[:3]] == [10, 11, 12]
 
@@ -45,9 +47,15 @@ def test_images_per_prompt() -> None:
 def test_overrides_and_defaults() -> None:
     gen = Generation(width=64, height=64, steps=5, guidance_scale=3.0, negative_prompt="blurry")
     items = expand_items(
-        [PromptItem(prompt="x", width=128, guidance_scale=0.0, negative_prompt=""), PromptItem(prompt="y")], gen
+        [PromptItem(prompt="x", width=128, guidance_scale=0.0, negative_prompt=""), PromptItem(prompt="y")],
+        gen,
     )
-    assert (items[0].width, items[0].height, items[0].guidance_scale, items[0].negative_prompt) == (128, 64, 0.0, "")
+    assert (items[0].width, items[0].height, items[0].guidance_scale, items[0].negative_prompt) == (
+        128,
+        64,
+        0.0,
+        "",
+    )
     assert (items[1].width, items[1].steps, items[1].negative_prompt) == (64, 5, "blurry")
     assert items[0].params_key() != items[1].params_key()
 
