@@ -13,6 +13,7 @@ from imagebatch.operator.builders import DEFAULT_WORKER_IMAGE, WorkerSettings
 from imagebatch.operator.handlers import register
 from imagebatch.operator.kube import OperatorKube
 from imagebatch.operator.reconcile import Reconciler, Settings
+from imagebatch.operator.resync import Resync
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         cool_down=args.scale_down_cool_down,
     )
     registry = kopf.OperatorRegistry()
-    register(Reconciler(OperatorKube(), settings), args.interval, registry)
+    kube = OperatorKube()
+    reconciler = Reconciler(kube, settings)
+    register(reconciler, Resync(reconciler, kube, args.namespace, args.interval), registry)
     metrics.serve(args.metrics_port)
     kopf.run(
         registry=registry,

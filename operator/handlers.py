@@ -1,8 +1,8 @@
 """kopf handlers: every trigger runs the same level-based reconcile (see reconcile.py).
 
-A timer per job drives progress (leases, scaling, status); create/update/resume only make the
-first pass come at once instead of on the next tick. Handlers are registered by `register`, so
-the interval is a flag, not an import-time constant.
+A resync loop (resync.py) passes over every job each `--interval` seconds and drives progress
+(leases, scaling, status); create/update/resume make the first pass come at once instead of on
+the next tick. No handler needs a finalizer, so deleting a job never waits for the operator.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import kopf
 from imagebatch.api import GROUP, VERSION
 from imagebatch.operator.labels import JOB_PLURAL
 from imagebatch.operator.reconcile import Reconciler
+from imagebatch.operator.resync import Resync
 
 RESOURCE = (GROUP, VERSION, JOB_PLURAL)
 
@@ -28,11 +29,11 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     # Events are posted by reconcile on real transitions; kopf's per-handler events would be noise.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
-    # Retry a failed create/update pass soon: it is idempotent and the timer runs anyway.
+    # Retry a failed create/update pass soon: it is idempotent and the resync runs anyway.
     settings.batching.error_delays = [1, 2, 5, 10, 30]
 
 
-def register(reconciler: Reconciler, interval: float, registry: kopf.OperatorRegistry) -> None:
+def register(reconciler: Reconciler, resync: Resync, registry: kopf.OperatorRegistry) -> None:
     # A registry of our own has no login handler: authenticate as the `kubernetes` client does
     # (in-cluster ServiceAccount, else KUBECONFIG), the same identity as operator/kube.py.
     @kopf.on.login(id="login", registry=registry)
@@ -42,18 +43,14 @@ def register(reconciler: Reconciler, interval: float, registry: kopf.OperatorReg
     @kopf.on.startup(id="configure", registry=registry)
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_settings(settings)
+        resync.start()
+
+    @kopf.on.cleanup(id="stop-resync", registry=registry)
+    def _cleanup(**_: Any) -> None:
+        resync.stop()
 
     @kopf.on.create(*RESOURCE, id="reconcile-on-create", registry=registry)
     @kopf.on.update(*RESOURCE, id="reconcile-on-update", field="spec", registry=registry)
     @kopf.on.resume(*RESOURCE, id="reconcile-on-resume", registry=registry)
     def _on_change(body: kopf.Body, **_: Any) -> None:
         reconciler.reconcile(body)
-
-    @kopf.timer(*RESOURCE, id="reconcile", interval=interval, sharp=False, registry=registry)
-    def _tick(body: kopf.Body, **_: Any) -> None:
-        reconciler.reconcile(body)
-
-    # optional: no finalizer, so deleting a job never waits for the operator.
-    @kopf.on.delete(*RESOURCE, id="forget", optional=True, registry=registry)
-    def _on_delete(body: kopf.Body, **_: Any) -> None:
-        reconciler.forget(body)

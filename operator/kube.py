@@ -54,6 +54,20 @@ class OperatorKube:
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(self.api)
 
     # -- ImageBatchJob ---------------------------------------------------------------------------
+    def list_jobs(self, namespaces: list[str]) -> list[JSON]:
+        """ImageBatchJobs in the watched namespaces (all when the list is empty)."""
+        if not namespaces:
+            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, JOB_PLURAL, _preload_content=False)
+            items: list[JSON] = _json(resp).get("items", [])
+            return items
+        out: list[JSON] = []
+        for ns in namespaces:
+            resp = self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, ns, JOB_PLURAL, _preload_content=False
+            )
+            out += _json(resp).get("items", [])
+        return out
+
     def patch_job_status(self, ns: str, name: str, status: JSON) -> None:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, ns, JOB_PLURAL, name, {"status": status}, _content_type=MERGE_PATCH

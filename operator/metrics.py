@@ -19,11 +19,19 @@ RECONCILES = Counter("imagebatch_reconciles_total", "Reconcile passes", ["result
 _job_conditions: dict[tuple[str, str], str] = {}
 
 
-def set_job_condition(ns: str, name: str, condition: str | None) -> None:
-    if condition is None:
-        _job_conditions.pop((ns, name), None)
-    else:
-        _job_conditions[(ns, name)] = condition
+def set_job_condition(ns: str, name: str, condition: str) -> None:
+    _job_conditions[(ns, name)] = condition
+    _publish()
+
+
+def retain_jobs(keys: set[tuple[str, str]]) -> None:
+    """Forgets jobs that are gone (a deleted job is no longer counted)."""
+    for key in set(_job_conditions) - keys:
+        del _job_conditions[key]
+    _publish()
+
+
+def _publish() -> None:
     for cond in ("Complete", "Failed", "Suspended", "Reconciling"):
         JOBS.labels(cond).set(sum(1 for c in _job_conditions.values() if c == cond))
 

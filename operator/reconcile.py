@@ -67,9 +67,11 @@ class Memories:
         with self._lock:
             return self._jobs.setdefault(uid, JobMemory())
 
-    def forget(self, uid: str) -> None:
+    def retain(self, uids: set[str]) -> None:
+        """Forgets jobs that are gone."""
         with self._lock:
-            self._jobs.pop(uid, None)
+            for uid in set(self._jobs) - uids:
+                del self._jobs[uid]
 
 
 def plain(obj: Any) -> Any:
@@ -149,11 +151,6 @@ class Reconciler:
                 metrics.RECONCILES.labels("error").inc()
                 raise
 
-    def forget(self, body: Mapping[str, Any]) -> None:
-        meta = body["metadata"]
-        self.memories.forget(meta["uid"])
-        metrics.set_job_condition(meta["namespace"], meta["name"], None)
-
     # -- the pass --------------------------------------------------------------------------------
     def _reconcile(self, job: JSON, mem: JobMemory) -> None:
         meta = job["metadata"]
@@ -173,12 +170,6 @@ class Reconciler:
             outcome = Outcome(failed_reason="InvalidSpec", message=format_validation_error(e, "spec"))
             self._write_status(job, prev, prev.model_copy(), outcome, now)
             return
-
-        for obj in builders.worker_rbac(job, spec):
-            if obj["kind"] == "Role":
-                self.kube.ensure_role(obj)
-            else:
-                self.kube.create(obj)
 
         shards = self.kube.list_shards(ns, name)
         planning_error: str | None = None
@@ -388,6 +379,13 @@ class Reconciler:
             return
         if wj is None:
             if desired > 0:
+                # The pods' ServiceAccount and its rights first (again for each new worker Job:
+                # a ConfigMap source may have changed, and someone may have deleted them).
+                for obj in builders.worker_rbac(job, spec):
+                    if obj["kind"] == "Role":
+                        self.kube.ensure_role(obj)
+                    else:
+                        self.kube.create(obj)
                 self.kube.create(builders.worker_job(job, spec, desired, self.settings.worker))
                 self.kube.post_event(job, "Normal", "ScaledUp", f"started worker Job with {desired} workers")
             return

@@ -30,6 +30,10 @@ def claim_order(shards: Sequence[JSON], pod: str) -> list[JSON]:
     return pending[k:] + pending[:k]
 
 
+def claimed_by_others(shards: Sequence[JSON], pod: str) -> bool:
+    return any((st := shard_status(s)).state == "Claimed" and st.holder != pod for s in shards)
+
+
 def claimed(st: ImageBatchShardStatus, pod: str, now: datetime) -> ImageBatchShardStatus:
     return st.model_copy(
         update={

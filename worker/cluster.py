@@ -62,6 +62,10 @@ CLAIM_SECONDS = Histogram("imagebatch_worker_claim_seconds", "Seconds to find an
 SHARDS = Counter("imagebatch_worker_shards_total", "Shards finished by this worker", ["result"])
 
 
+# How often a worker with nothing to claim looks again while other workers still hold claims.
+WAIT_SECONDS = 2.0
+
+
 class AbandonError(Exception):
     """SIGTERM arrived: stop after the current batch."""
 
@@ -192,13 +196,21 @@ class Worker:
                 if claim is None:
                     if self.stop.is_set():
                         break
-                    if not claims.claim_order(self.kube.list_shards(), self.pod):
-                        self.join_if_all_done()
-                        log.info("nothing left to claim; exiting")
-                        return 0
-                    # Lost every race: list again, after a pause that keeps racers apart.
-                    time.sleep(random.uniform(0.05, 0.5))
-                    continue
+                    now = self.kube.list_shards()
+                    if claims.claim_order(now, self.pod):
+                        # Lost every race: list again, after a pause that keeps racers apart.
+                        time.sleep(random.uniform(0.05, 0.5))
+                        continue
+                    if claims.claimed_by_others(now, self.pod):
+                        # Stay while others work: if one of them dies or hangs, the operator
+                        # requeues its shard and a waiting worker takes it at once. (A work-queue
+                        # Job creates no new pods after one exited 0, so leaving early could
+                        # strand a requeued shard behind a hung pod.)
+                        self.stop.wait(WAIT_SECONDS)
+                        continue
+                    self.join_if_all_done()
+                    log.info("nothing left to claim; exiting")
+                    return 0
                 CLAIM_SECONDS.observe(time.perf_counter() - t0)
                 rc = self.work(engine, claim)
                 if rc is not None:
