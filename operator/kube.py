@@ -17,6 +17,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
+from imagebatch.kubeclient import api_client
 from imagebatch.operator.labels import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
 from imagebatch.operator.timeutil import format_micro, now_utc
 
@@ -28,12 +29,7 @@ JSON = dict[str, Any]
 
 
 def load_client_config() -> kubernetes.client.ApiClient:
-    """In-cluster credentials when there are any, the kubeconfig otherwise."""
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return kubernetes.client.ApiClient()
+    return api_client()
 
 
 def _json(resp: Any) -> JSON:

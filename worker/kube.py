@@ -7,7 +7,6 @@ Status writes carry the resourceVersion they were read at, so two writers never 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import kubernetes
@@ -15,6 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.errors import PromptFileError
+from imagebatch.kubeclient import api_client
 from imagebatch.operator.labels import JOB_PLURAL, LABEL_JOB, SHARD_PLURAL
 
 JSON = dict[str, Any]
@@ -22,12 +22,7 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 def _client() -> kubernetes.client.ApiClient:
-    # In a real pod the in-cluster config; on the test node (and outside a cluster) KUBECONFIG.
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return kubernetes.client.ApiClient()
+    return api_client()
 
 
 class WorkerKube:

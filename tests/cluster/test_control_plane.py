@@ -127,11 +127,14 @@ SIGTERM_SCRIPT = textwrap.dedent(
     """
     import os, pathlib, signal, sys, time
     out = pathlib.Path(os.environ["OUT"])
+    def mark(name, text):  # atomic: the test polls for the file, then reads it
+        (out / (name + ".tmp")).write_text(text)
+        os.replace(out / (name + ".tmp"), out / name)
     def on_term(signum, frame):
-        (out / "terminated").write_text("SIGTERM")
+        mark("terminated", "SIGTERM")
         sys.exit(0)
     signal.signal(signal.SIGTERM, on_term)
-    (out / "started").write_text(str(os.getpid()))
+    mark("started", str(os.getpid()))
     while True:
         time.sleep(0.1)
     """

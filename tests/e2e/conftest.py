@@ -67,3 +67,17 @@ def out_dir(tmp_path: Path) -> Path:
     d = tmp_path / "out"
     d.mkdir()
     return d
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failure, attach the operator's log tail: the first thing anyone on call reads."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    op = item.funcargs.get("running_operator") if hasattr(item, "funcargs") else None
+    if isinstance(op, Operator):
+        for log in sorted(op.log_dir.glob("operator-*.log"))[-2:]:
+            tail = log.read_text(errors="replace").splitlines()[-60:]
+            report.sections.append((f"operator log {log.name} (last 60 lines)", "\n".join(tail)))
