@@ -25,7 +25,9 @@ from imagebatch.operator.shardplan import owner_reference
 
 GROUP = "imagebatch.dev"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-DEFAULT_WORKER_IMAGE = "ghcr.io/imagebatch/imagebatch:0.1.0"
+DEFAULT_WORKER_IMAGE = (
+    "ghcr.io/imagebatch/imagebatch-worker:0.1.0"  # the Dockerfile's worker target, as the chart names it
+)
 CONTAINER = "worker"
 TERMINATION_GRACE_SECONDS = 30
 
