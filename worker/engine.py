@@ -112,9 +112,6 @@ class Engine:
         self._auto_sizes: dict[str, int] = self._load_sizes()
         self.oom_halvings = 0
         self.vae_sliced = False
-        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            # Leave a core to the encoders: oversubscribed OpenMP threads spin and run many times slower.
-            torch.set_num_threads(max(1, usable_cpus() - 1))
         self._pool = ThreadPoolExecutor(self.opts.encode_workers, thread_name_prefix="encode")
         params = inspect.signature(loaded.pipe.__call__).parameters
         self._takes_negative = "negative_prompt" in params
