@@ -17,7 +17,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
-from imagebatch.kubeclient import api_client
+from imagebatch.kubeclient import api_client, replace_status_if_unchanged
 from imagebatch.operator.labels import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
 from imagebatch.operator.timeutil import format_micro, now_utc
 
@@ -122,27 +122,7 @@ class OperatorKube:
 
     def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
         """Writes a shard's status if it has not changed since it was read; False on a conflict."""
-        meta = shard["metadata"]
-        body = {
-            "apiVersion": shard["apiVersion"],
-            "kind": shard["kind"],
-            "metadata": {
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "resourceVersion": meta["resourceVersion"],
-            },
-            "spec": shard["spec"],
-            "status": status,
-        }
-        try:
-            self.custom.replace_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], SHARD_PLURAL, meta["name"], body
-            )
-            return True
-        except ApiException as e:
-            if _status(e) in (404, 409):
-                return False
-            raise
+        return replace_status_if_unchanged(self.custom, SHARD_PLURAL, shard, status)
 
     # -- the worker Job and its pods -------------------------------------------------------------
     def get_worker_job(self, ns: str, name: str) -> JSON | None:

@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.errors import PromptFileError
-from imagebatch.kubeclient import api_client
+from imagebatch.kubeclient import api_client, replace_status_if_unchanged
 from imagebatch.operator.labels import JOB_PLURAL, LABEL_JOB, SHARD_PLURAL
 
 JSON = dict[str, Any]
@@ -87,28 +87,8 @@ class WorkerKube:
             raise
 
     def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
-        """Writes the status if the shard is unchanged since it was read; False on a conflict."""
-        meta = shard["metadata"]
-        body = {
-            "apiVersion": shard["apiVersion"],
-            "kind": shard["kind"],
-            "metadata": {
-                "name": meta["name"],
-                "namespace": self.ns,
-                "resourceVersion": meta["resourceVersion"],
-            },
-            "spec": shard["spec"],
-            "status": status,
-        }
-        try:
-            self.custom.replace_namespaced_custom_object_status(
-                GROUP, VERSION, self.ns, SHARD_PLURAL, meta["name"], body
-            )
-            return True
-        except ApiException as e:
-            if e.status in (404, 409):
-                return False
-            raise
+        """Writes a shard's status if it has not changed since it was read; False on a conflict."""
+        return replace_status_if_unchanged(self.custom, SHARD_PLURAL, shard, status)
 
     def annotate_shard(self, name: str, annotations: dict[str, str]) -> None:
         self.custom.patch_namespaced_custom_object(
