@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from imagebatch.testing.cluster import build_binaries, create_namespace
+from imagebatch.testing.kubectl import Kubectl, install_crds
 from imagebatch.testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
@@ -25,45 +25,13 @@ REPO = Path(__file__).resolve().parents[2]
 JSON = dict[str, Any]
 
 
-class Kubectl:
-    def __init__(self, binary: Path, kubeconfig: Path, cache_dir: Path) -> None:
-        self.binary = binary
-        # A fresh discovery cache: one left by an earlier cluster on the same port would hide the CRDs.
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBECACHEDIR": str(cache_dir)}
-
-    def __call__(
-        self, *args: str, stdin: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(self.binary), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=120,
-            check=False,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-        return proc
-
-
 @pytest.fixture(scope="module")
 def kubectl(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
     """kubectl on the test cluster, with the CRDs applied, Established and published."""
     k = Kubectl(
         build_binaries() / "kubectl", kube_cluster.kubeconfig, tmp_path_factory.mktemp("kubectl-cache")
     )
-    k(
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager=imagebatch-tests",
-        "-f",
-        str(REPO / "crds"),
-    )
-    k("wait", "--for=condition=Established", "--timeout=60s", "crd/imagebatchjobs.imagebatch.dev")
-    k("wait", "--for=condition=Established", "--timeout=60s", "crd/imagebatchshards.imagebatch.dev")
+    install_crds(k, REPO / "crds")
     wait_published(k)
     return k
 
@@ -107,7 +75,7 @@ def good_job(name: str = "") -> JSON:
 
 def create(kubectl: Kubectl, namespace: str, doc: JSON, *extra: str) -> subprocess.CompletedProcess[str]:
     return kubectl(
-        "create", "-n", namespace, "-o", "json", *extra, "-f", "-", stdin=json.dumps(doc), check=False
+        "create", "-n", namespace, "-o", "json", *extra, "-f", "-", input=json.dumps(doc), check=False
     )
 
 

@@ -9,19 +9,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import REPO, Kubectl, Operator, operator_kubeconfig
+from harness import REPO, Operator, operator_kubeconfig
 
 from imagebatch.testing.cluster import build_binaries, create_namespace
+from imagebatch.testing.kubectl import Kubectl, install_crds
 from imagebatch.testing.pytest_plugin import TestCluster
 
 
 @pytest.fixture(scope="session")
-def kubectl(kube_cluster: TestCluster) -> Kubectl:
+def kubectl(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
     """kubectl as the cluster admin, with the CRDs from crds/ installed and Established."""
-    k = Kubectl(build_binaries() / "kubectl", kube_cluster.kubeconfig)
-    k("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    for crd in ("imagebatchjobs.imagebatch.dev", "imagebatchshards.imagebatch.dev"):
-        k("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    k = Kubectl(
+        build_binaries() / "kubectl", kube_cluster.kubeconfig, tmp_path_factory.mktemp("kubectl-cache")
+    )
+    install_crds(k, REPO / "crds")
     return k
 
 

@@ -21,40 +21,12 @@ import yaml
 
 from imagebatch.testing.cluster import free_port
 from imagebatch.testing.kubeapi import KubeClient
+from imagebatch.testing.kubectl import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 JSON = dict[str, Any]
 OPERATOR_NAMESPACE = "imagebatch-system"
 RELEASE = "imagebatch"
-
-
-class Kubectl:
-    def __init__(self, binary: Path, kubeconfig: Path) -> None:
-        self.binary = binary
-        self.kubeconfig = kubeconfig
-
-    def __call__(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(self.binary), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-        return proc
-
-    def apply(self, docs: list[JSON], namespace: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        text = yaml.safe_dump_all(docs)
-        return self("apply", "-n", namespace, "-f", "-", input=text, check=check)
-
-    def json(self, *args: str) -> JSON:
-        out: JSON = json.loads(self(*args, "-o", "json").stdout)
-        return out
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
