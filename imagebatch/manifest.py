@@ -80,8 +80,8 @@ def write_part(storage: Storage, shard: str, lines: list[dict[str, Any]]) -> Non
     storage.write_bytes(manifest_part_key(shard), dumps_lines(lines))
 
 
-def join_parts(storage: Storage, shards: Iterable[str]) -> int:
-    """Concatenate the shards' parts, in shard order, into manifest.jsonl; returns the line count."""
+def join_parts(storage: Storage, shards: Iterable[str]) -> bytes:
+    """Concatenate the shards' parts, in shard order, into manifest.jsonl; returns what it wrote."""
     data = b"".join(storage.read_bytes(manifest_part_key(s)) for s in shards)
     storage.write_bytes(MANIFEST, data)
-    return data.count(b"\n")
+    return data

@@ -304,12 +304,13 @@ class Worker:
         if any(shard_status(s).state != "Done" for s in shards):
             return
         ordered = sorted(int(s["spec"]["index"]) for s in shards)
-        lines = join_parts(self.storage, [shard_id(i) for i in ordered])
+        manifest = join_parts(self.storage, [shard_id(i) for i in ordered])
+        lines = manifest.count(b"\n")
         expected = int(ann.get(ANNOTATION_ITEM_COUNT, lines))
         if lines != expected:
             raise RuntimeError(f"manifest has {lines} lines for {expected} images")
         name = str(self.job["metadata"]["name"])
-        html = contact_sheet.render(name, contact_sheet.parse_manifest(self.storage.read_bytes(MANIFEST)))
+        html = contact_sheet.render(name, contact_sheet.parse_manifest(manifest))
         self.storage.write_bytes(INDEX_HTML, html.encode())
         self.kube.annotate_shard(first["metadata"]["name"], {ANNOTATION_MANIFEST_LINES: str(lines)})
         log.info("joined %d manifest lines into %s", lines, self.storage.path(MANIFEST))

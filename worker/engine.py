@@ -115,8 +115,6 @@ class Engine:
         self._pool = ThreadPoolExecutor(self.opts.encode_workers, thread_name_prefix="encode")
         params = inspect.signature(loaded.pipe.__call__).parameters
         self._takes_negative = "negative_prompt" in params
-        self.images_done = 0
-        self.compute_seconds = 0.0
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -263,8 +261,6 @@ class Engine:
                     continue  # the same items again, with more memory to spare
                 pos += len(chunk)
                 dt = time.perf_counter() - t0
-                self.compute_seconds += dt
-                self.images_done += len(chunk)
                 info = BatchInfo(len(chunk), dt, str(self.device), self.oom_halvings)
                 for i, it in enumerate(chunk):
                     fut = self._pool.submit(self._encode_write, host, i, keys[it.id], fmt, quality)

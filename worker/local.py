@@ -107,14 +107,10 @@ def run_local(
         for shard in todo:
             process_shard(engine, shard.id, items[shard.start : shard.end], on_done)
 
-    lines = join_parts(storage, [s.id for s in shards])
-    assert lines == len(items), f"manifest has {lines} lines for {len(items)} items"
-    storage.write_bytes(
-        INDEX_HTML,
-        contact_sheet.render(
-            job.metadata.name, contact_sheet.parse_manifest(storage.read_bytes(MANIFEST))
-        ).encode(),
-    )
+    manifest = join_parts(storage, [s.id for s in shards])
+    lines = contact_sheet.parse_manifest(manifest)
+    assert len(lines) == len(items), f"manifest has {len(lines)} lines for {len(items)} items"
+    storage.write_bytes(INDEX_HTML, contact_sheet.render(job.metadata.name, lines).encode())
     summary = RunSummary(len(items), made, skipped + already, time.perf_counter() - t0, spec.output.uri)
     log.info(
         "done: %d images (%d made, %d already stored) in %.1fs; manifest at %s",
