@@ -14,6 +14,19 @@ RETRIES = Counter(
     ["namespace", "reason"],
 )
 RECONCILES = Counter("imagebatch_reconciles_total", "Reconcile passes", ["result"])
+# Per job: "has the operator looked at my job since X?" (on call, and the tests' way to wait for
+# a pass instead of sleeping). Removed with the job.
+JOB_PASSES = Counter(
+    "imagebatch_job_reconciles_total", "Finished reconcile passes of a job", ["namespace", "job"]
+)
+
+_passes: set[tuple[str, str]] = set()
+
+
+def count_pass(ns: str, name: str) -> None:
+    _passes.add((ns, name))
+    JOB_PASSES.labels(ns, name).inc()
+
 
 # The condition of each job seen, so the per-condition gauge counts every job once.
 _job_conditions: dict[tuple[str, str], str] = {}
@@ -28,6 +41,9 @@ def retain_jobs(keys: set[tuple[str, str]]) -> None:
     """Forgets jobs that are gone (a deleted job is no longer counted)."""
     for key in set(_job_conditions) - keys:
         del _job_conditions[key]
+    for key in _passes - keys:
+        _passes.discard(key)
+        JOB_PASSES.remove(*key)
     _publish()
 
 

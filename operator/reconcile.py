@@ -150,6 +150,8 @@ class Reconciler:
             except Exception:
                 metrics.RECONCILES.labels("error").inc()
                 raise
+            finally:
+                metrics.count_pass(meta["namespace"], meta["name"])
 
     # -- the pass --------------------------------------------------------------------------------
     def _reconcile(self, job: JSON, mem: JobMemory) -> None:

@@ -48,6 +48,7 @@ from imagebatch.planning import Item, expand_items, fingerprint, image_fields, s
 from imagebatch.prompts import load_prompts
 from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, storage_options
 from imagebatch.worker import claims
+from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.kube import JSON, WorkerKube
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ SHARDS = Counter("imagebatch_worker_shards_total", "Shards finished by this work
 
 # How often a worker with nothing to claim looks again while other workers still hold claims.
 WAIT_SECONDS = 2.0
+# Progress reaches the shard's status at most this often, and at least once per lease period.
+# Independent of the lease length, so a shard that takes a few seconds still shows its progress.
+PROGRESS_SECONDS = 1.0
 
 
 class AbandonError(Exception):
@@ -94,6 +98,7 @@ class Worker:
         self.job = job
         self.spec = ImageBatchJobSpec.model_validate(job["spec"])
         self.storage = Storage.for_output(self.spec.output)
+        self.failpoints = Failpoints.from_env()
 
     # -- prompts and planning ------------------------------------------------------------------
     def items(self) -> list[Item]:
@@ -234,6 +239,14 @@ class Worker:
                 BATCH_SECONDS.observe(r.batch.batch_seconds)
             if r.batch is not None:
                 IMAGES.inc()
+                self.failpoints.hit(
+                    "image-stored",
+                    pod=self.pod,
+                    shard=claim.name,
+                    items_done=done_items,
+                    stop=self.stop,
+                    before=lease.report_now,
+                )
             if lease.lost.is_set():
                 raise LostClaimError(claim.name)
             if self.stop.is_set():
@@ -277,6 +290,7 @@ class Worker:
         if self.fenced_write(claim, lambda st: claims.done(st, now_utc(), n, seconds)):
             log.info("%s done: %d images in %.1fs", claim.name, n, seconds)
             SHARDS.labels("done").inc()
+            self.failpoints.hit("shard-done", pod=self.pod, shard=claim.name, items_done=n, stop=self.stop)
         else:
             log.warning("%s finished after its claim was lost; another worker owns it now", claim.name)
             SHARDS.labels("lost").inc()
@@ -317,7 +331,8 @@ class Worker:
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews a claim's lease every third of its length; flags `lost` when it is no longer ours."""
+    """Keeps a claim: renews its lease every third of its length and reports progress (at most
+    every PROGRESS_SECONDS, when it moved); flags `lost` when the claim is no longer ours."""
 
     def __init__(self, worker: Worker, claim: Claim, progress: Callable[[], int]) -> None:
         super().__init__(name=f"lease-{claim.name}", daemon=True)
@@ -327,19 +342,32 @@ class LeaseKeeper(threading.Thread):
         self.period = max(1.0, worker.spec.retries.lease_seconds / 3)
         self.lost = threading.Event()
         self._closed = threading.Event()
+        self._write_lock = threading.Lock()
+        self._reported = 0  # items done as last written
+        self._renewed = time.monotonic()
 
     def run(self) -> None:
-        while not self._closed.wait(self.period):
+        while not self._closed.wait(min(self.period, PROGRESS_SECONDS)):
+            moved = self.progress() != self._reported
+            if not moved and time.monotonic() - self._renewed < self.period - 0.05:
+                continue
             try:
-                ok = self.worker.fenced_write(
-                    self.claim, lambda st: claims.renewed(st, now_utc(), self.progress())
-                )
+                self.report_now()
             except Exception as e:  # a flaky API must not kill the worker; the next renewal may work
                 log.warning("cannot renew the lease on %s: %s", self.claim.name, e)
                 continue
-            if not ok and not self._closed.is_set():
-                self.lost.set()
+            if self.lost.is_set():
                 return
+
+    def report_now(self) -> None:
+        """Renews the lease with the current progress, now (from any thread)."""
+        with self._write_lock:
+            done = self.progress()
+            ok = self.worker.fenced_write(self.claim, lambda st: claims.renewed(st, now_utc(), done))
+            if ok:
+                self._reported, self._renewed = done, time.monotonic()
+            elif not self._closed.is_set():
+                self.lost.set()
 
     def close(self) -> None:
         self._closed.set()
@@ -359,7 +387,12 @@ def run_cluster_worker(
     # First of all: a SIGTERM while the model loads must still end in a clean exit.
     signal.signal(signal.SIGTERM, on_term)
     if metrics_port:
-        start_http_server(metrics_port)
+        try:
+            start_http_server(metrics_port)
+        except OSError as e:
+            # Metrics are for watching, not for working: a taken port (pods on the host network
+            # share ports) must not stop the worker.
+            log.warning("not serving metrics: cannot listen on port %d: %s", metrics_port, e)
     try:
         worker = Worker(WorkerKube(namespace, job), pod, stop, device)
         return worker.run()

@@ -18,6 +18,7 @@ from imagebatch.planning import expand_items, fingerprint, image_fields, plan_sh
 from imagebatch.prompts import load_prompts
 from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, manifest_part_key, storage_options
 from imagebatch.worker.engine import Engine, EngineOptions, ItemResult
+from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
 from imagebatch.worker.pipeline import load_pipeline
 from imagebatch.worker.shards import process_shard
@@ -85,6 +86,8 @@ def run_local(
         batch_memory=batch_memory_path(spec.engine),
     )
     made = skipped = 0
+    failpoints = Failpoints.from_env()
+    current = ""  # the shard being made, for the failpoints' record
     bar = tqdm(
         total=len(items),
         initial=already,
@@ -101,10 +104,12 @@ def run_local(
             skipped += 1
         else:
             made += 1
+            failpoints.hit("image-stored", pod="local", shard=current, items_done=made)
         bar.update(1)
 
     with logging_redirect_tqdm(), bar, Engine(loaded, storage, opts) as engine:
         for shard in todo:
+            current = shard.id
             process_shard(engine, shard.id, items[shard.start : shard.end], on_done)
 
     manifest = join_parts(storage, [s.id for s in shards])

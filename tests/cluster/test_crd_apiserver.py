@@ -36,7 +36,7 @@ def kubectl(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory)
     return k
 
 
-def wait_published(k: Kubectl, timeout: float = 60) -> None:
+def wait_published(k: Kubectl, timeout: float = 300) -> None:
     """Established is not the end: discovery and the OpenAPI document (explain) follow a bit later."""
     deadline = time.monotonic() + timeout
     while True:

@@ -153,17 +153,49 @@ class Operator:
             text: str = r.read().decode()
             return text
 
+    def passes(self, namespace: str, job: str) -> int:
+        """Finished reconcile passes of a job, from the operator's own metrics."""
+        labels = (f'namespace="{namespace}"', f'job="{job}"')
+        for line in self.metrics().splitlines():
+            if line.startswith("imagebatch_job_reconciles_total{") and all(x in line for x in labels):
+                return int(float(line.rsplit(" ", 1)[1]))
+        return 0
+
+    def wait_passes(self, namespace: str, job: str, n: int = 2) -> None:
+        """Returns once the operator has finished `n` more passes of the job: with n >= 2, at
+        least one whole pass started after the call (the way to show that something did NOT
+        happen, instead of sleeping)."""
+        start = self.passes(namespace, job)
+        wait_for(
+            f"{n} more operator passes of {job}",
+            lambda: self.passes(namespace, job) >= start + n,
+            timeout=300,
+            interval=0.2,
+        )
+
 
 # -- jobs -----------------------------------------------------------------------------------------
 
 TINY_ENV = [{"name": "OMP_NUM_THREADS", "value": "1"}]
 
+# IMAGEBATCH_TEST_SPEED=4 makes every image of these tests about 4x cheaper (a quarter of the
+# denoising steps), 0.25 about 4x dearer: the suite must pass on machines of any speed, so it is
+# run both ways to show that no test depends on how long a shard takes.
+SPEED = float(os.environ.get("IMAGEBATCH_TEST_SPEED", "1"))
+
+
+def steps(n: int) -> int:
+    """A step count scaled by IMAGEBATCH_TEST_SPEED."""
+    return max(1, round(n / SPEED))
+
 
 def tiny_job(name: str, out: str, **spec: Any) -> JSON:
     """A job for builtin:tiny at 32x32, 4 steps: about 100 images/s per core."""
+    if "generation" in spec and "steps" in spec["generation"]:
+        spec["generation"] = {**spec["generation"], "steps": steps(spec["generation"]["steps"])}
     base: JSON = {
         "model": {"name": "builtin:tiny"},
-        "generation": {"width": 32, "height": 32, "steps": 4},
+        "generation": {"width": 32, "height": 32, "steps": steps(4)},
         "batching": {"batchSize": 32, "shardSize": 50},
         "output": {"uri": out},
         "workers": {"maxReplicas": 2, "gpusPerWorker": 0, "env": TINY_ENV},
@@ -189,7 +221,7 @@ def for_test_cluster(doc: JSON, out_dir: Path, s3_endpoint: str | None, prompt_d
     spec = doc["spec"]
     if not spec["model"]["name"].startswith("builtin:"):
         spec["model"] = {"name": "builtin:tiny"}
-        spec["generation"] = {**spec.get("generation", {}), "width": 32, "height": 32, "steps": 4}
+        spec["generation"] = {**spec.get("generation", {}), "width": 32, "height": 32, "steps": steps(4)}
     workers = spec.setdefault("workers", {})
     workers["gpusPerWorker"] = 0
     workers["env"] = [*workers.get("env", []), *TINY_ENV]
@@ -277,3 +309,48 @@ def check_output_dir(out: Path, expected_ids: set[str] | int, ext: str = "png") 
     if not isinstance(expected_ids, int):
         assert set(ids) == expected_ids
     return lines
+
+
+# -- failpoints: a worker stopped at a known point (worker/failpoints.py) ----------------------------
+
+
+class Failpoints:
+    """The env that arms a failpoint in a job's workers, and the marks they leave when they act."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+
+    def env(self, spec: str) -> list[JSON]:
+        return [
+            *TINY_ENV,
+            {"name": "IMAGEBATCH_FAILPOINTS", "value": spec},
+            {"name": "IMAGEBATCH_FAILPOINT_DIR", "value": str(self.dir)},
+        ]
+
+    def marks(self, point: str) -> list[JSON]:
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob(f"{point}-*.json"))]
+
+    def wait(self, point: str, timeout: float = 600) -> JSON:
+        """The first worker that reached `point` (it has stopped or holds there now)."""
+        found: list[JSON] = wait_for(
+            f"a worker at failpoint {point}", lambda: self.marks(point), timeout, 0.1
+        )
+        return found[0]
+
+    def release(self) -> None:
+        """Lets every `hold` go on, and disarms it for workers that get there later."""
+        (self.dir / "release").write_text("")
+
+
+def scaling_history(kubectl: Kubectl, namespace: str, name: str) -> list[int]:
+    """The worker counts the operator set, from its ScaledUp/ScaledDown Events, in order."""
+    events = kubectl.json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    counts: list[tuple[str, int]] = []
+    for e in events["items"]:
+        msg = e.get("message", "")
+        if e.get("reason") == "ScaledUp" and msg.startswith("started worker Job with "):
+            counts.append((e["metadata"]["creationTimestamp"], int(msg.split()[4])))
+        elif e.get("reason") in ("ScaledUp", "ScaledDown") and " -> " in msg:
+            counts.append((e["metadata"]["creationTimestamp"], int(msg.rsplit(" ", 1)[-1])))
+    return [n for _, n in sorted(counts, key=lambda c: c[0])]

@@ -39,7 +39,7 @@ def test_every_example_completes(
     assert len(jobs) >= 5, f"expected every example, got {sorted(jobs)}"
 
     for name in jobs:
-        wait_condition(kubectl, namespace, name, "Complete", timeout=300)
+        wait_condition(kubectl, namespace, name, "Complete", timeout=900)
 
     table = kubectl("get", "ibj", "-n", namespace).stdout
     header = table.splitlines()[0].split()

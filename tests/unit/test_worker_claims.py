@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from typing import Any
 
 from imagebatch.operator.timeutil import now_utc
 from imagebatch.worker import claims
-from imagebatch.worker.cluster import Claim, Worker
+from imagebatch.worker.cluster import Claim, LeaseKeeper, Worker
 
 JSON = dict[str, Any]
 
@@ -106,3 +107,37 @@ def test_a_fenced_write_retries_a_conflict_with_another_writer() -> None:
     api.before_write.append(claim.name)  # e.g. the lease thread wrote in between
     assert a.fenced_write(claim, lambda st: claims.done(st, now_utc(), 10, 1.0))
     assert api.shards[claim.name]["status"]["state"] == "Done"
+
+
+def test_progress_reaches_the_shard_long_before_the_lease_is_due() -> None:
+    """A shard shorter than a lease period still shows progress: it is reported at a bounded rate
+    (PROGRESS_SECONDS), not only when the lease is renewed (here every 40 s)."""
+    api = FakeShardApi(1)
+    w = worker(api, "pod-a")
+    assert w.spec.retries.lease_seconds / 3 > 30  # the default lease: renewals 40 s apart
+    claim = w.try_claim(api.list_shards())
+    assert claim is not None
+    done = [0]
+    lease = LeaseKeeper(w, claim, lambda: done[0])
+    lease.start()
+    try:
+        done[0] = 7
+        deadline = time.monotonic() + 20  # a bound well under the 40 s renewal, not a timing
+        while api.shards[claim.name]["status"].get("itemsDone") != 7:
+            assert time.monotonic() < deadline, "progress waited for the lease renewal"
+            time.sleep(0.05)
+    finally:
+        lease.close()
+    assert not lease.lost.is_set()
+
+
+def test_a_lease_keeper_flags_a_claim_that_is_no_longer_ours() -> None:
+    api = FakeShardApi(1)
+    w = worker(api, "pod-a")
+    claim = w.try_claim(api.list_shards())
+    assert claim is not None
+    api.shards[claim.name]["status"].update(holder="pod-b", attempt=2)  # requeued and taken
+    lease = LeaseKeeper(w, claim, lambda: 3)
+    lease.report_now()
+    assert lease.lost.is_set()
+    assert api.shards[claim.name]["status"]["holder"] == "pod-b"

@@ -80,6 +80,16 @@ def test_progress_bar_shows_rate_and_eta(tmp_path: Path) -> None:
     assert "10/10" in r.stderr and "img/s" in r.stderr and "<" in r.stderr  # tqdm's elapsed<remaining
 
 
+def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 600) -> Path:
+    """The file a failpoint writes before it stops the process (a generous bound, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before reaching the failpoint"
+        assert time.monotonic() < deadline, f"no {path} after {timeout:.0f}s"
+        time.sleep(0.02)
+    return path
+
+
 def test_killed_run_resumes_with_one_image_and_line_per_item(tmp_path: Path) -> None:
     out = tmp_path / "out"
     n = 48
@@ -90,21 +100,28 @@ def test_killed_run_resumes_with_one_image_and_line_per_item(tmp_path: Path) -> 
         generation={"width": 32, "height": 32, "steps": 12, "seed": 1},
         batching={"batchSize": 2, "shardSize": 8},
     )
+    # The run stops itself (SIGSTOP) once its 10th image is stored: shard 1 is 2/8 done, and the
+    # engine has at most two more batches (4 images) in flight, so shard 1 cannot be complete.
+    marks = tmp_path / "failpoints"
+    marks.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagebatch.cli", "run", str(job), "--no-progress"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "IMAGEBATCH_FAILPOINTS": "image-stored@10=stop",
+            "IMAGEBATCH_FAILPOINT_DIR": str(marks),
+        },
     )
     images = out / "images"
-    deadline = time.monotonic() + 240
-    # Kill half-way, in the middle of a shard: 11 images means shard 1 is 3/8 done.
-    while not (images.exists() and len(list(images.glob("*.png"))) >= 11):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        mark = wait_for_file(marks / f"image-stored-{proc.pid}.json", proc)
+        assert json.loads(mark.read_text())["shard"] == "s00001"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     made_before = len(list(images.glob("*.png")))
     assert made_before < n, "the run finished before the kill: the test proves nothing"
     assert not (out / "manifest.jsonl").exists()
