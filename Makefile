@@ -6,17 +6,19 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml testing/pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint typecheck unit worker-tests cluster-tests bench crds cluster-bins cluster-up cluster-down clean
 
 # pip runs as $(VENV)/bin/pip, never `python -m pip`: with the repository root on sys.path, the
 # folder operator/ would shadow the standard library's `operator` before the install exists.
-$(STAMP): pyproject.toml
+# The test harness (testing/, import root imagebatch_testing) is a development-only package of its
+# own, installed in the same pip run so the dev extra's pins hold for its dependencies.
+$(STAMP): pyproject.toml testing/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade "pip==25.3"
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[worker,operator,dev]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[worker,operator,dev]' -e ./testing
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -58,10 +60,10 @@ cluster-bins:
 
 ## cluster-up: a local control plane and node agent in the background; prints the KUBECONFIG line
 cluster-up: install cluster-bins
-	$(PY) -m imagebatch.testing.cluster up
+	$(PY) -m imagebatch_testing.cluster up
 
 cluster-down:
-	$(PY) -m imagebatch.testing.cluster down
+	$(PY) -m imagebatch_testing.cluster down
 
 clean:
 	rm -rf out build .pytest_cache .mypy_cache .ruff_cache

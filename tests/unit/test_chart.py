@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from imagebatch.api import ImageBatchJobSpec
-from imagebatch.testing.cluster import build_binaries
+from imagebatch_testing.cluster import build_binaries
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts/imagebatch"

@@ -3,12 +3,12 @@
 etcd, kube-apiserver, kube-controller-manager and kube-scheduler are built from Go modules by
 hack/cluster/build.sh (cached by version) and started here on free ports of 127.0.0.1, with
 certificates generated for the occasion, RBAC and ServiceAccount tokens on. A node agent
-(imagebatch.testing.nodeagent) stands in for a kubelet and runs pods as local processes.
+(imagebatch_testing.nodeagent) stands in for a kubelet and runs pods as local processes.
 
-Use it as a library (LocalCluster), from pytest (imagebatch.testing.pytest_plugin), or from the
+Use it as a library (LocalCluster), from pytest (imagebatch_testing.pytest_plugin), or from the
 command line:
 
-    python -m imagebatch.testing.cluster up|down|status [--dir DIR]
+    python -m imagebatch_testing.cluster up|down|status [--dir DIR]
 
 The state dir (default ${IMAGEBATCH_CLUSTER_DIR:-/tmp/imagebatch-cluster}) holds the certificates,
 kubeconfigs (admin.kubeconfig), logs, etcd data and state.json, which records the processes that
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagebatch.testing.certs import CertificateAuthority, KeyPair, service_account_keys
-from imagebatch.testing.kubeapi import ApiError, KubeClient
+from imagebatch_testing.certs import CertificateAuthority, KeyPair, service_account_keys
+from imagebatch_testing.kubeapi import ApiError, KubeClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "cluster" / "build.sh"
@@ -237,7 +237,7 @@ class LocalCluster:
     `up()` builds (or finds cached) binaries, generates certificates and starts everything,
     waiting for each piece to be healthy; `down()` stops exactly the processes recorded in the
     state dir, including pods that the node agent started. A LocalCluster made on an existing
-    state dir (e.g. by `python -m imagebatch.testing.cluster up`) can stop or inspect it.
+    state dir (e.g. by `python -m imagebatch_testing.cluster up`) can stop or inspect it.
     """
 
     def __init__(
@@ -540,7 +540,7 @@ class LocalCluster:
                 [
                     sys.executable,
                     "-m",
-                    "imagebatch.testing.nodeagent",
+                    "imagebatch_testing.nodeagent",
                     f"--kubeconfig={node_config}",
                     f"--node-name={self.node_name}",
                     f"--work-dir={self.node_dir}",
@@ -684,7 +684,7 @@ def running_cluster(state_dir: Path | str | None = None, **kwargs: Any) -> Itera
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imagebatch.testing.cluster", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m imagebatch_testing.cluster", description=__doc__)
     parser.add_argument("command", choices=("up", "down", "status", "build"))
     parser.add_argument(
         "--dir", default=None, help="state dir (default: $IMAGEBATCH_CLUSTER_DIR or /tmp/imagebatch-cluster)"

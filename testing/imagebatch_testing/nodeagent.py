@@ -14,7 +14,7 @@ What it does not do: pull or use images, isolate pods (no namespaces, cgroups, m
 enforce resource limits, run probes (a running container is Ready), serve logs/exec/port
 forwarding, or networking (every pod has IP 127.0.0.1). See docs/test-cluster.md.
 
-    python -m imagebatch.testing.nodeagent --kubeconfig node.kubeconfig --node-name NAME \
+    python -m imagebatch_testing.nodeagent --kubeconfig node.kubeconfig --node-name NAME \
         --work-dir DIR --ca-file ca.crt
 """
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagebatch.testing.kubeapi import STRATEGIC_MERGE_PATCH, ApiError, KubeClient
+from imagebatch_testing.kubeapi import STRATEGIC_MERGE_PATCH, ApiError, KubeClient
 
 JSON = dict[str, Any]
 
@@ -716,7 +716,7 @@ class PodWorker(threading.Thread):
         cwd = str(self.dir / "work")
         working_dir = spec.get("workingDir")
         if working_dir:
-            from imagebatch.testing.pathmap import map_path
+            from imagebatch_testing.pathmap import map_path
 
             mapped = map_path(working_dir, {"IMAGEBATCH_PATH_MAP": env["IMAGEBATCH_PATH_MAP"]})
             if os.path.isdir(mapped):
@@ -943,7 +943,7 @@ class NodeAgent:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m imagebatch.testing.nodeagent",
+        prog="python -m imagebatch_testing.nodeagent",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
