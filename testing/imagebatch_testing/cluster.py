@@ -17,218 +17,51 @@ were started so that `down` stops exactly those. See docs/test-cluster.md.
 
 from __future__ import annotations
 
-import argparse
-import base64
 import contextlib
-import json
 import os
 import shutil
-import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagebatch_testing.certs import CertificateAuthority, KeyPair, service_account_keys
-from imagebatch_testing.kubeapi import ApiError, KubeClient
+from imagebatch_testing import components
+from imagebatch_testing.binaries import build_binaries
+from imagebatch_testing.components import ClusterPki, issue_certificates, kubeconfig
+from imagebatch_testing.kubeapi import KubeClient
+from imagebatch_testing.processes import (
+    ClusterError,
+    ProcessRecord,
+    free_port,
+    http_ok,
+    process_alive,
+    spawn,
+    ssl_insecure,
+    stop_process_group,
+    tail,
+    wait_healthy,
+    wait_until,
+)
+from imagebatch_testing.readiness import create_namespace, node_schedulable
+from imagebatch_testing.state import DEFAULT_NODE_NAME, ClusterState, default_state_dir, parse_pairs
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "hack" / "cluster" / "build.sh"
-DEFAULT_NODE_NAME = "imagebatch-node"
-SERVICE_CIDR = "10.96.0.0/16"
-KUBERNETES_SERVICE_IP = "10.96.0.1"
+# What tests and scripts import from here (the names kept their home when the module was split).
+__all__ = [
+    "ClusterError",
+    "LocalCluster",
+    "build_binaries",
+    "create_namespace",
+    "free_port",
+    "process_alive",
+    "running_cluster",
+    "wait_until",
+]
+
 # Processes that stop in this order; pods (run by the node agent) go last, see down().
 _STOP_ORDER = ("nodeagent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
-
-
-def _pairs(text: str) -> dict[str, str]:
-    """'a=1,b=2' -> {'a': '1', 'b': '2'}."""
-    return dict(item.strip().split("=", 1) for item in text.split(",") if "=" in item)
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("IMAGEBATCH_CLUSTER_DIR", "/tmp/imagebatch-cluster"))
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be built, started or stopped."""
-
-
-def build_binaries(timeout: float = 3600) -> Path:
-    """Runs hack/cluster/build.sh (cached, so quick when nothing is missing); returns the bin dir."""
-    if not BUILD_SCRIPT.exists():
-        raise ClusterError(f"missing {BUILD_SCRIPT}")
-    proc = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, timeout=timeout, check=False
-    )
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise ClusterError(f"{BUILD_SCRIPT} failed with exit code {proc.returncode}")
-    bin_dir = Path(lines[-1])
-    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"):
-        if not os.access(bin_dir / name, os.X_OK):
-            raise ClusterError(f"{BUILD_SCRIPT} did not produce {bin_dir / name}")
-    return bin_dir
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-# -- processes --------------------------------------------------------------------------------
-
-
-def process_start_time(pid: int) -> int | None:
-    """The start time of a live process (clock ticks since boot); None if gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
-        return None
-    return int(fields[19])
-
-
-def process_alive(pid: int, start_time: int) -> bool:
-    """Whether `pid` still is the process that started at `start_time` (not a reused pid)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
-    return process_start_time(pid) == start_time
-
-
-def stop_process_group(pid: int, start_time: int, grace: float = 10.0) -> None:
-    """SIGTERM to the process group led by `pid` (a session leader we started), then SIGKILL."""
-    if not process_alive(pid, start_time):
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)  # children left behind by a dead leader
-        return
-    with contextlib.suppress(OSError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and process_alive(pid, start_time):
-        time.sleep(0.05)
-    with contextlib.suppress(OSError):
-        os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and process_alive(pid, start_time):
-        time.sleep(0.05)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"(no {path})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _ssl_insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def http_ok(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout, context=ctx) as resp:
-            return int(resp.status) == 200
-    except (OSError, urllib.error.URLError, ssl.SSLError):
-        return False
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.25) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (OSError, ApiError):
-            pass
-        if time.monotonic() > deadline:
-            raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def kubeconfig(server: str, ca: Path, user: str, cert: Path | None = None, key: Path | None = None) -> str:
-    """A self-contained kubeconfig (certificates inline), as JSON, which is valid YAML."""
-
-    def b64(path: Path) -> str:
-        return base64.b64encode(path.read_bytes()).decode()
-
-    creds: dict[str, str] = {}
-    if cert and key:
-        creds = {"client-certificate-data": b64(cert), "client-key-data": b64(key)}
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "imagebatch-test", "cluster": {"server": server, "certificate-authority-data": b64(ca)}}
-        ],
-        "users": [{"name": user, "user": creds}],
-        "contexts": [{"name": "imagebatch-test", "context": {"cluster": "imagebatch-test", "user": user}}],
-        "current-context": "imagebatch-test",
-    }
-    return json.dumps(config, indent=2) + "\n"
-
-
-# -- the cluster ------------------------------------------------------------------------------
-
-
-@dataclass
-class ProcessRecord:
-    name: str
-    pid: int
-    start_time: int
-    log: str
-
-
-@dataclass
-class ClusterState:
-    """What state.json records: enough for another process to stop the cluster and use it."""
-
-    ports: dict[str, int] = field(default_factory=dict)
-    processes: list[ProcessRecord] = field(default_factory=list)
-    bin_dir: str = ""
-    node_name: str = DEFAULT_NODE_NAME
-    ready: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "ports": self.ports,
-                "processes": [vars(p) for p in self.processes],
-                "bin_dir": self.bin_dir,
-                "node_name": self.node_name,
-                "ready": self.ready,
-            },
-            indent=2,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> ClusterState:
-        data = json.loads(text)
-        return cls(
-            ports={k: int(v) for k, v in data.get("ports", {}).items()},
-            processes=[ProcessRecord(**p) for p in data.get("processes", [])],
-            bin_dir=data.get("bin_dir", ""),
-            node_name=data.get("node_name", DEFAULT_NODE_NAME),
-            ready=bool(data.get("ready")),
-        )
 
 
 class LocalCluster:
@@ -257,8 +90,10 @@ class LocalCluster:
         self.with_node_agent = node_agent
         # Extra node capacity (e.g. {"nvidia.com/gpu": "1"}) and labels; the environment variables
         # IMAGEBATCH_NODE_CAPACITY / IMAGEBATCH_NODE_LABELS ("k=v,k=v") add to them.
-        self.node_capacity = _pairs(os.environ.get("IMAGEBATCH_NODE_CAPACITY", "")) | (node_capacity or {})
-        self.node_labels = _pairs(os.environ.get("IMAGEBATCH_NODE_LABELS", "")) | (node_labels or {})
+        self.node_capacity = parse_pairs(os.environ.get("IMAGEBATCH_NODE_CAPACITY", "")) | (
+            node_capacity or {}
+        )
+        self.node_labels = parse_pairs(os.environ.get("IMAGEBATCH_NODE_LABELS", "")) | (node_labels or {})
         self.log = log or (lambda msg: print(f"[cluster] {msg}", file=sys.stderr, flush=True))
         self.state = self._load_state()
         self._children: list[subprocess.Popen[bytes]] = []
@@ -318,46 +153,11 @@ class LocalCluster:
     # -- start ------------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ProcessRecord:
-        log_path = self.logs / f"{name}.log"
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.dir,
-                env=env,
-                start_new_session=True,  # its own process group, so down() can stop all of it
-            )
+        proc, record = spawn(name, argv, self.logs, self.dir, env)
         self._children.append(proc)
-        start_time = None
-        for _ in range(100):
-            start_time = process_start_time(proc.pid)
-            if start_time is not None:
-                break
-            time.sleep(0.01)
-        if start_time is None:
-            raise ClusterError(f"{name} exited at once:\n{tail(log_path)}")
-        record = ProcessRecord(name, proc.pid, start_time, str(log_path))
         self.state.processes.append(record)
-        self._save_state()
-        (self.logs / f"{name}.cmd").write_text(" ".join(argv) + "\n")
+        self._save_state()  # at once: a `down` from elsewhere must find every started process
         return record
-
-    def _wait_healthy(self, record: ProcessRecord, url: str, timeout: float) -> None:
-        ctx = _ssl_insecure() if url.startswith("https") else None
-
-        def check() -> bool:
-            if not process_alive(record.pid, record.start_time):
-                raise ClusterError(f"{record.name} exited; log tail:\n{tail(Path(record.log))}")
-            return http_ok(url, ctx)
-
-        try:
-            wait_until(f"{record.name} at {url}", check, timeout)
-        except ClusterError as err:
-            if "exited" in str(err):
-                raise
-            raise ClusterError(f"{err}; log tail of {record.name}:\n{tail(Path(record.log))}") from None
 
     def up(self, timeout: float = 180.0) -> None:
         """Starts the cluster; raises ClusterError (after stopping what it started) on failure."""
@@ -376,8 +176,46 @@ class LocalCluster:
         self.log(f"cluster up in {time.monotonic() - started:.1f} s; KUBECONFIG={self.kubeconfig}")
 
     def _up(self, timeout: float) -> None:
+        """Starts etcd, the API server, the controller manager, the scheduler and the node agent,
+        each once what it needs is healthy; the cluster is ready when its node is."""
         assert self.bin_dir is not None
-        bins = self.bin_dir
+        self._fresh_dirs()
+        ports = {name: free_port() for name in components.PORT_NAMES}
+        self.state = ClusterState(ports=ports, bin_dir=str(self.bin_dir), node_name=self.node_name)
+        self._save_state()
+        pki = issue_certificates(self.pki, self.node_name)
+        self._start_etcd()
+        self._start_apiserver(pki, timeout)
+        self.log("starting kube-controller-manager and kube-scheduler")
+        controller_manager = self._spawn(
+            "kube-controller-manager",
+            components.controller_manager_command(
+                self.bin_dir,
+                self._component_kubeconfig(pki, "controller-manager"),
+                ports,
+                self.dir / "kcm-certs",
+                pki,
+            ),
+        )
+        scheduler = self._spawn(
+            "kube-scheduler",
+            components.scheduler_command(
+                self.bin_dir,
+                self._component_kubeconfig(pki, "scheduler"),
+                ports,
+                self.dir / "scheduler-certs",
+            ),
+        )
+        if self.with_node_agent:
+            self._start_node_agent(pki)
+        for record, port in ((controller_manager, "controller-manager"), (scheduler, "scheduler")):
+            wait_healthy(record, f"https://127.0.0.1:{ports[port]}/healthz", 60)
+        self._wait_ready()
+        self.state.ready = True
+        self._save_state()
+
+    def _fresh_dirs(self) -> None:
+        """Empties what a previous run left: a cluster always starts from nothing."""
         for sub in ("etcd-data", "logs", "pki", "node", "kcm-certs", "scheduler-certs"):
             path = self.dir / sub
             if path.exists():
@@ -385,191 +223,72 @@ class LocalCluster:
             path.mkdir(parents=True)
         for stale in ("admin.kubeconfig", "state.json"):
             (self.dir / stale).unlink(missing_ok=True)
-        ports = {
-            name: free_port()
-            for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")
-        }
-        self.state = ClusterState(ports=ports, bin_dir=str(bins), node_name=self.node_name)
-        self._save_state()
-        server = f"https://127.0.0.1:{ports['apiserver']}"
 
-        # Certificates: one CA for serving and clients, one key for ServiceAccount tokens.
-        pki = self.pki
-        ca = CertificateAuthority(pki)
-        apiserver_cert = ca.issue(
-            "apiserver",
-            "kube-apiserver",
-            hosts=(
-                "127.0.0.1",
-                "localhost",
-                KUBERNETES_SERVICE_IP,
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ),
-            client=False,
-            server=True,
-        )
-        admin = ca.issue("admin", "kubernetes-admin", organizations=("system:masters",))
-        kcm = ca.issue("controller-manager", "system:kube-controller-manager")
-        scheduler = ca.issue("scheduler", "system:kube-scheduler")
-        node = ca.issue("node", f"system:node:{self.node_name}", organizations=("system:nodes",))
-        sa: KeyPair = service_account_keys(pki)
-        # The aggregation layer's CA and client (request-header authentication), as kubeadm sets up.
-        front_proxy_ca = CertificateAuthority(pki, "front-proxy-ca", "imagebatch-test-front-proxy-ca")
-        front_proxy = front_proxy_ca.issue("front-proxy-client", "front-proxy-client")
+    def _component_kubeconfig(self, pki: ClusterPki, name: str) -> Path:
+        """The kubeconfig of a component, as the user its certificate names."""
+        pair, user = {
+            "controller-manager": (pki.controller_manager, "system:kube-controller-manager"),
+            "scheduler": (pki.scheduler, "system:kube-scheduler"),
+            "node": (pki.node, f"system:node:{self.node_name}"),
+            "admin": (pki.admin, "kubernetes-admin"),
+        }[name]
+        path = self.dir / f"{name}.kubeconfig"
+        path.write_text(kubeconfig(self.server, pki.ca.cert, user, pair.cert, pair.key))
+        path.chmod(0o600)
+        return path
 
-        def write_kubeconfig(name: str, user: str, pair: KeyPair) -> Path:
-            path = self.dir / f"{name}.kubeconfig"
-            path.write_text(kubeconfig(server, ca.pair.cert, user, pair.cert, pair.key))
-            path.chmod(0o600)
-            return path
-
-        kcm_config = write_kubeconfig("controller-manager", "system:kube-controller-manager", kcm)
-        scheduler_config = write_kubeconfig("scheduler", "system:kube-scheduler", scheduler)
-        node_config = write_kubeconfig("node", f"system:node:{self.node_name}", node)
-
-        # etcd
-        self.log(f"starting etcd on 127.0.0.1:{ports['etcd']}")
-        etcd_url = f"http://127.0.0.1:{ports['etcd']}"
-        peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+    def _start_etcd(self) -> None:
+        assert self.bin_dir is not None
+        url = components.etcd_client_url(self.state.ports)
+        self.log(f"starting etcd on {url}")
         etcd = self._spawn(
-            "etcd",
-            [
-                str(bins / "etcd"),
-                "--name=default",
-                f"--data-dir={self.dir / 'etcd-data'}",
-                f"--listen-client-urls={etcd_url}",
-                f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls={peer_url}",
-                f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=default={peer_url}",
-                "--initial-cluster-state=new",
-                "--unsafe-no-fsync=true",
-                "--log-level=warn",
-            ],
+            "etcd", components.etcd_command(self.bin_dir, self.dir / "etcd-data", self.state.ports)
         )
-        self._wait_healthy(etcd, f"{etcd_url}/health", 30)
+        wait_healthy(etcd, f"{url}/health", 30)
 
-        # kube-apiserver
-        self.log(f"starting kube-apiserver on {server}")
+    def _start_apiserver(self, pki: ClusterPki, timeout: float) -> None:
+        assert self.bin_dir is not None
+        self.log(f"starting kube-apiserver on {self.server}")
         apiserver = self._spawn(
-            "kube-apiserver",
-            [
-                str(bins / "kube-apiserver"),
-                f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={ports['apiserver']}",
-                f"--tls-cert-file={apiserver_cert.cert}",
-                f"--tls-private-key-file={apiserver_cert.key}",
-                f"--client-ca-file={ca.pair.cert}",
-                "--authorization-mode=Node,RBAC",
-                "--anonymous-auth=true",
-                "--allow-privileged=true",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                # The default admission plugins (NamespaceLifecycle, LimitRanger, ServiceAccount,
-                # PodSecurity, ResourceQuota, webhooks, ...) plus the node's restrictions.
-                "--enable-admission-plugins=NodeRestriction",
-                f"--service-account-issuer={server}",
-                f"--service-account-key-file={sa.cert}",
-                f"--service-account-signing-key-file={sa.key}",
-                # No kubelet serves the Service's endpoint; 127.0.0.1 is not a valid endpoint.
-                "--endpoint-reconciler-type=none",
-                f"--requestheader-client-ca-file={front_proxy_ca.pair.cert}",
-                "--requestheader-allowed-names=front-proxy-client",
-                "--requestheader-username-headers=X-Remote-User",
-                "--requestheader-group-headers=X-Remote-Group",
-                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-                f"--proxy-client-cert-file={front_proxy.cert}",
-                f"--proxy-client-key-file={front_proxy.key}",
-                "--v=1",
-            ],
+            "kube-apiserver", components.apiserver_command(self.bin_dir, self.state.ports, pki)
         )
-        self._wait_healthy(apiserver, f"{server}/readyz", timeout)
-        self.kubeconfig.write_text(
-            kubeconfig(server, ca.pair.cert, "kubernetes-admin", admin.cert, admin.key)
-        )
-        self.kubeconfig.chmod(0o600)
+        wait_healthy(apiserver, f"{self.server}/readyz", timeout)
+        # admin.kubeconfig (self.kubeconfig), written once the API answers: its presence means usable.
+        self._component_kubeconfig(pki, "admin")
 
-        # kube-controller-manager and kube-scheduler
-        self.log("starting kube-controller-manager and kube-scheduler")
-        controller_manager = self._spawn(
-            "kube-controller-manager",
-            [
-                str(bins / "kube-controller-manager"),
-                f"--kubeconfig={kcm_config}",
-                f"--authentication-kubeconfig={kcm_config}",
-                f"--authorization-kubeconfig={kcm_config}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={ports['controller-manager']}",
-                f"--cert-dir={self.dir / 'kcm-certs'}",
-                "--leader-elect=false",
-                "--controllers=*",
-                f"--service-account-private-key-file={sa.key}",
-                f"--root-ca-file={ca.pair.cert}",
-                "--use-service-account-credentials=true",
-                f"--cluster-signing-cert-file={ca.pair.cert}",
-                f"--cluster-signing-key-file={ca.pair.key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--v=1",
-            ],
+    def _start_node_agent(self, pki: ClusterPki) -> None:
+        self.log(f"starting the node agent for node {self.node_name}")
+        # The agent is a client of this cluster only; pods get their own KUBECONFIG from it.
+        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "PYTHONSAFEPATH")}
+        argv = components.nodeagent_command(
+            sys.executable,
+            self._component_kubeconfig(pki, "node"),
+            self.node_name,
+            self.node_dir,
+            pki.ca.cert,
+            self.node_capacity,
+            self.node_labels,
         )
-        kube_scheduler = self._spawn(
-            "kube-scheduler",
-            [
-                str(bins / "kube-scheduler"),
-                f"--kubeconfig={scheduler_config}",
-                f"--authentication-kubeconfig={scheduler_config}",
-                f"--authorization-kubeconfig={scheduler_config}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={ports['scheduler']}",
-                f"--cert-dir={self.dir / 'scheduler-certs'}",
-                "--leader-elect=false",
-                "--v=1",
-            ],
-        )
+        self._spawn("nodeagent", argv, env=env)
 
-        # The node agent (a kubelet stand-in) runs with this Python.
-        if self.with_node_agent:
-            self.log(f"starting the node agent for node {self.node_name}")
-            env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "PYTHONSAFEPATH")}
-            self._spawn(
-                "nodeagent",
-                [
-                    sys.executable,
-                    "-m",
-                    "imagebatch_testing.nodeagent",
-                    f"--kubeconfig={node_config}",
-                    f"--node-name={self.node_name}",
-                    f"--work-dir={self.node_dir}",
-                    f"--ca-file={ca.pair.cert}",
-                    *(f"--capacity={k}={v}" for k, v in self.node_capacity.items()),
-                    *(f"--label={k}={v}" for k, v in self.node_labels.items()),
-                ],
-                env=env,
-            )
-        self._wait_healthy(controller_manager, f"https://127.0.0.1:{ports['controller-manager']}/healthz", 60)
-        self._wait_healthy(kube_scheduler, f"https://127.0.0.1:{ports['scheduler']}/healthz", 60)
-
+    def _wait_ready(self) -> None:
+        """The default ServiceAccount exists (pods need it) and the node, if any, is schedulable."""
         client = self.client()
         wait_until(
             "the default ServiceAccount of namespace default",
             lambda: client.get_or_none("/api/v1/namespaces/default/serviceaccounts/default") is not None,
             60,
         )
-        if self.with_node_agent:
-            agent = next(p for p in self.state.processes if p.name == "nodeagent")
+        if not self.with_node_agent:
+            return
+        agent = next(p for p in self.state.processes if p.name == "nodeagent")
 
-            def node_ready() -> bool:
-                if not process_alive(agent.pid, agent.start_time):
-                    raise ClusterError(f"the node agent exited; log tail:\n{tail(Path(agent.log))}")
-                return node_schedulable(client.get_or_none(f"/api/v1/nodes/{self.node_name}"))
+        def node_ready() -> bool:
+            if not process_alive(agent.pid, agent.start_time):
+                raise ClusterError(f"the node agent exited; log tail:\n{tail(Path(agent.log))}")
+            return node_schedulable(client.get_or_none(f"/api/v1/nodes/{self.node_name}"))
 
-            wait_until(f"node {self.node_name} to be Ready and untainted", node_ready, 90)
-        self.state.ready = True
-        self._save_state()
+        wait_until(f"node {self.node_name} to be Ready and untainted", node_ready, 90)
 
     # -- stop -------------------------------------------------------------------------------
 
@@ -621,7 +340,7 @@ class LocalCluster:
         if self.state.ports.get("apiserver"):
             result["server"] = self.server
             result["kubeconfig"] = str(self.kubeconfig)
-            result["apiserver_ready"] = http_ok(f"{self.server}/readyz", _ssl_insecure())
+            result["apiserver_ready"] = http_ok(f"{self.server}/readyz", ssl_insecure())
         return result
 
     def log_tails(self, lines: int = 30) -> str:
@@ -645,31 +364,6 @@ class LocalCluster:
         self.down()
 
 
-def node_schedulable(node: dict[str, Any] | None) -> bool:
-    if not node:
-        return False
-    taints = node.get("spec", {}).get("taints") or []
-    if any(t.get("key") == "node.kubernetes.io/not-ready" for t in taints):
-        return False
-    conditions = node.get("status", {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
-# -- helpers for tests ------------------------------------------------------------------------
-
-
-def create_namespace(client: KubeClient, name: str, labels: dict[str, str] | None = None) -> None:
-    """Creates a namespace and waits for its default ServiceAccount (pods need it)."""
-    client.create(
-        "/api/v1/namespaces", {"metadata": {"name": name, "labels": labels or {}}, "apiVersion": "v1"}
-    )
-    wait_until(
-        f"the default ServiceAccount of namespace {name}",
-        lambda: client.get_or_none(f"/api/v1/namespaces/{name}/serviceaccounts/default") is not None,
-        60,
-    )
-
-
 @contextlib.contextmanager
 def running_cluster(state_dir: Path | str | None = None, **kwargs: Any) -> Iterator[LocalCluster]:
     cluster = LocalCluster(state_dir, **kwargs)
@@ -680,42 +374,8 @@ def running_cluster(state_dir: Path | str | None = None, **kwargs: Any) -> Itera
         cluster.down()
 
 
-# -- command line -----------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imagebatch_testing.cluster", description=__doc__)
-    parser.add_argument("command", choices=("up", "down", "status", "build"))
-    parser.add_argument(
-        "--dir", default=None, help="state dir (default: $IMAGEBATCH_CLUSTER_DIR or /tmp/imagebatch-cluster)"
-    )
-    parser.add_argument("--node-name", default=DEFAULT_NODE_NAME)
-    parser.add_argument("--no-node-agent", action="store_true", help="start only the control plane")
-    parser.add_argument("--timeout", type=float, default=180.0)
-    args = parser.parse_args(argv)
-    if args.command == "build":
-        print(build_binaries())
-        return 0
-    cluster = LocalCluster(args.dir, node_name=args.node_name, node_agent=not args.no_node_agent)
-    try:
-        if args.command == "up":
-            cluster.up(timeout=args.timeout)
-            print(f"export KUBECONFIG={cluster.kubeconfig}")
-        elif args.command == "down":
-            cluster.down()
-            busy = cluster.listening_ports()
-            if busy:
-                print(f"still listening: {busy}", file=sys.stderr)
-                return 1
-        else:
-            status = cluster.status()
-            print(json.dumps(status, indent=2))
-            return 0 if cluster.is_up() else 1
-    except ClusterError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
+    # `python -m imagebatch_testing.cluster`: the command line lives in clustercli.py.
+    from imagebatch_testing.clustercli import main
+
     sys.exit(main())
