@@ -7,6 +7,7 @@ worker count; each pod claims shards until none is left and then exits 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from typing import Any
 
 from imagebatch.api import ImageBatchJobSpec
@@ -25,9 +26,8 @@ from imagebatch.operator.shardplan import owner_reference
 
 GROUP = "imagebatch.dev"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-DEFAULT_WORKER_IMAGE = (
-    "ghcr.io/imagebatch/imagebatch-worker:0.1.0"  # the Dockerfile's worker target, as the chart names it
-)
+# The Dockerfile's worker target, tagged as the chart names it: the version is the package's own.
+DEFAULT_WORKER_IMAGE = f"ghcr.io/imagebatch/imagebatch-worker:{package_version('imagebatch')}"
 CONTAINER = "worker"
 TERMINATION_GRACE_SECONDS = 30
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imagebatch.testing.pytest_plugin import kube_cluster
-from imagebatch.testing.s3 import S3Server, s3_server
+from imagebatch_testing.pytest_plugin import kube_cluster
+from imagebatch_testing.s3 import S3Server, s3_server
 
 __all__ = ["kube_cluster", "s3"]
 

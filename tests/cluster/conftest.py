@@ -1,4 +1,4 @@
-"""The control-plane tests use `kube_cluster` (imagebatch.testing.pytest_plugin), which tests/conftest.py
+"""The control-plane tests use `kube_cluster` (imagebatch_testing.pytest_plugin), which tests/conftest.py
 imports for every test layer so that one session runs one cluster (see docs/test-cluster.md)."""
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from imagebatch.api import ImageBatchJobSpec
-from imagebatch.testing.cluster import build_binaries, create_namespace, free_port
-from imagebatch.testing.pytest_plugin import TestCluster
+from imagebatch_testing.cluster import build_binaries, create_namespace, free_port
+from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from imagebatch.testing.cluster import ClusterError, create_namespace, process_alive, wait_until
-from imagebatch.testing.kubeapi import ApiError, KubeClient
-from imagebatch.testing.pytest_plugin import TestCluster
+from imagebatch_testing.cluster import ClusterError, create_namespace, process_alive, wait_until
+from imagebatch_testing.kubeapi import ApiError, KubeClient
+from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -259,7 +259,7 @@ def listening(port: int) -> bool:
 
 def test_cli_teardown_stops_only_its_processes(kube_cluster: TestCluster, tmp_path: Path) -> None:
     state = tmp_path / "second-cluster"
-    cli = [sys.executable, "-m", "imagebatch.testing.cluster"]
+    cli = [sys.executable, "-m", "imagebatch_testing.cluster"]
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from imagebatch.testing.cluster import build_binaries, create_namespace
-from imagebatch.testing.kubectl import Kubectl, install_crds
-from imagebatch.testing.pytest_plugin import TestCluster
+from imagebatch_testing.cluster import build_binaries, create_namespace
+from imagebatch_testing.kubectl import Kubectl, install_crds
+from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from imagebatch.testing.nodeagent import expand
-from imagebatch.testing.pathmap import map_path
+from imagebatch_testing.pathmap import map_path
+from imagebatch_testing.podenv import expand
 
 
 def test_expand_follows_kubernetes_rules() -> None:

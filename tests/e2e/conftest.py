@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from harness import REPO, Operator, operator_kubeconfig
 
-from imagebatch.testing.cluster import build_binaries, create_namespace
-from imagebatch.testing.kubectl import Kubectl, install_crds
-from imagebatch.testing.pytest_plugin import TestCluster
+from imagebatch_testing.cluster import build_binaries, create_namespace
+from imagebatch_testing.kubectl import Kubectl, install_crds
+from imagebatch_testing.pytest_plugin import TestCluster
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from imagebatch.testing.cluster import free_port
-from imagebatch.testing.kubeapi import KubeClient
-from imagebatch.testing.kubectl import Kubectl
+from imagebatch_testing.cluster import free_port
+from imagebatch_testing.kubeapi import KubeClient
+from imagebatch_testing.kubectl import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 JSON = dict[str, Any]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from harness import REPO, Kubectl, Operator, example_docs, for_test_cluster, ibj, wait_condition
 
-from imagebatch.testing.s3 import S3Server
+from imagebatch_testing.s3 import S3Server
 
 pytestmark = pytest.mark.cluster
 

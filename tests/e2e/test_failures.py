@@ -24,7 +24,7 @@ from harness import (
     worker_pids,
 )
 
-from imagebatch.testing.pytest_plugin import TestCluster
+from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
 

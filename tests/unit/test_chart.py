@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from imagebatch.api import ImageBatchJobSpec
-from imagebatch.testing.cluster import build_binaries
+from imagebatch_testing.cluster import build_binaries
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts/imagebatch"
@@ -154,12 +155,12 @@ def test_default_render(helm: Path) -> None:
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert c["image"] == "ghcr.io/imagebatch/imagebatch-operator:0.1.0"
+    assert c["image"] == f"ghcr.io/imagebatch/imagebatch-operator:{version('imagebatch')}"
     assert c["command"] == ["python", "-m", "imagebatch.operator"]
     assert c["args"][0] == "--all-namespaces"
     assert "--liveness=http://0.0.0.0:8081/healthz" in c["args"]
     assert "--metrics-port=8080" in c["args"]
-    assert "--worker-image=ghcr.io/imagebatch/imagebatch-worker:0.1.0" in c["args"]
+    assert f"--worker-image=ghcr.io/imagebatch/imagebatch-worker:{version('imagebatch')}" in c["args"]
     assert "--verbose" not in c["args"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"health": 8081, "metrics": 8080}

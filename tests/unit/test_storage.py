@@ -8,7 +8,7 @@ import pytest
 
 from imagebatch.api import Output
 from imagebatch.storage import Storage, image_key, manifest_part_key, storage_options
-from imagebatch.testing.s3 import S3Server
+from imagebatch_testing.s3 import S3Server
 
 
 def test_keys() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from imagebatch.testing.s3 import S3Server
+from imagebatch_testing.s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[2]
 

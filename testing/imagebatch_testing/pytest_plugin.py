@@ -2,7 +2,7 @@
 
 Import the fixture into a conftest.py to use it:
 
-    from imagebatch.testing.pytest_plugin import kube_cluster  # noqa: F401
+    from imagebatch_testing.pytest_plugin import kube_cluster  # noqa: F401
 
 `kube_cluster` (session scope) starts a LocalCluster (hack/cluster/build.sh builds the binaries
 when they are not cached; a missing toolchain makes the tests fail, not skip) and stops it at the
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from imagebatch.testing.cluster import LocalCluster, build_binaries
-from imagebatch.testing.kubeapi import KubeClient
+from imagebatch_testing.cluster import LocalCluster, build_binaries
+from imagebatch_testing.kubeapi import KubeClient
 
 EXTERNAL_KUBECONFIG_ENV = "IMAGEBATCH_TEST_KUBECONFIG"
 

@@ -1,6 +1,6 @@
 """Where a pod's volume mounts live when the node agent runs the pod as a local process.
 
-The test node agent (imagebatch.testing.nodeagent) cannot bind-mount volumes, so it tells each
+The test node agent (imagebatch_testing.nodeagent) cannot bind-mount volumes, so it tells each
 container where every volumeMount's folder really is through the environment variable
 IMAGEBATCH_PATH_MAP: a JSON object {mountPath: local folder}. Code that reads or writes files
 under a mount path passes the path through `map_path` first; outside the test node (no
