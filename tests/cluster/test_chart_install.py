@@ -86,7 +86,7 @@ def release(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory)
     )
     deadline = time.monotonic() + 300
     while rel.run("kubectl", "get", "ibj,ibs", "-A", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "the CRDs are not served after 60 s"
+        assert time.monotonic() < deadline, "the CRDs are not served after 300 s"
         time.sleep(0.5)
     # The node agent runs pods on this machine's network: give the operator ports nobody uses.
     wait = ["--wait"] if kube_cluster.local is not None else []  # elsewhere the image may be missing
