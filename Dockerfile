@@ -1,8 +1,16 @@
 # syntax=docker/dockerfile:1
-# One Dockerfile, two images (the same `pip install .[extra]` as the tests):
+# One Dockerfile, two images (the same `pip install .[extra]` as the tests), tagged with the one
+# version, pyproject.toml's (`make version`; the chart's appVersion and the operator's default
+# worker image follow it, tests/unit/test_packaging.py checks):
 #
-#   docker build --target operator -t ghcr.io/imagebatch/imagebatch-operator:0.1.0 .
-#   docker build --target worker   -t ghcr.io/imagebatch/imagebatch-worker:0.1.0 .
+#   make images    # or:
+#   docker build --target operator --build-arg VERSION=$(make -s version) \
+#     -t ghcr.io/imagebatch/imagebatch-operator:$(make -s version) .
+#   docker build --target worker --build-arg VERSION=$(make -s version) \
+#     -t ghcr.io/imagebatch/imagebatch-worker:$(make -s version) .
+#
+# Only the product goes in: .dockerignore lets in pyproject.toml, README.md, imagebatch/, operator/
+# and worker/; the test harness (testing/) and tests/ stay out.
 #
 # The worker gets PyTorch from PyPI, whose Linux x86_64 wheels bundle CUDA (the nvidia-* wheels);
 # only the NVIDIA driver comes from the node (the NVIDIA container toolkit / device plugin).
@@ -11,6 +19,11 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS base
+# `make images` passes pyproject.toml's version; the label says which release an image is.
+ARG VERSION
+LABEL org.opencontainers.image.title="imagebatch" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -99,8 +99,8 @@ version:
 
 ## images: docker build both images, tagged with the version (needs docker)
 images:
-	docker build --target operator -t $(IMAGE_REPO)/imagebatch-operator:$(VERSION) .
-	docker build --target worker -t $(IMAGE_REPO)/imagebatch-worker:$(VERSION) .
+	docker build --target operator --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)/imagebatch-operator:$(VERSION) .
+	docker build --target worker --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)/imagebatch-worker:$(VERSION) .
 
 ## clean: remove outputs and tool caches (not .venv, not the cached cluster binaries)
 clean:

@@ -38,6 +38,7 @@ from imagebatch_testing.processes import (
     free_port,
     http_ok,
     process_alive,
+    process_start_time,
     spawn,
     ssl_insecure,
     stop_process_group,
@@ -50,13 +51,23 @@ from imagebatch_testing.state import DEFAULT_NODE_NAME, ClusterState, default_st
 
 # What tests and scripts import from here (the names kept their home when the module was split).
 __all__ = [
+    "DEFAULT_NODE_NAME",
     "ClusterError",
+    "ClusterState",
     "LocalCluster",
+    "ProcessRecord",
     "build_binaries",
     "create_namespace",
+    "default_state_dir",
     "free_port",
+    "http_ok",
+    "kubeconfig",
+    "node_schedulable",
     "process_alive",
+    "process_start_time",
     "running_cluster",
+    "stop_process_group",
+    "tail",
     "wait_until",
 ]
 

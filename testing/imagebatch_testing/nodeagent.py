@@ -32,7 +32,11 @@ from pathlib import Path
 
 from imagebatch_testing.kubeapi import KubeClient
 from imagebatch_testing.node import NodeAgent
-from imagebatch_testing.podworker import log
+from imagebatch_testing.podenv import ConfigError, expand
+from imagebatch_testing.podworker import PodWorker, log
+
+# The names this module held before it was split (kept for existing imports).
+__all__ = ["ConfigError", "NodeAgent", "PodWorker", "expand", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
