@@ -90,6 +90,7 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles"]
   verbs: ["get", "create", "patch"]
+# RoleBindings: the binding of that Role to the workers' ServiceAccount (never changed once made).
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
   verbs: ["get", "create"]
