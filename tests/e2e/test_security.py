@@ -139,7 +139,7 @@ def team(kube_cluster: TestCluster, kubectl: Kubectl) -> Iterator[Team]:
     kubectl.apply(rbac, ns)
     t = Team(ns, kubectl)
     # The policies act once the API server has loaded them: wait for a refusal (dry run).
-    probe = tiny_job("probe", "/out", workers={"image": "busybox"})
+    probe = tiny_job("probe", "/nowhere", prompts=["x"], workers={"image": "busybox"})
     wait_for(
         "the job-creator policy to act",
         lambda: "spec.workers.image" in t.as_user("alice", probe, "--dry-run=server").stderr,
@@ -203,16 +203,17 @@ def test_a_job_grants_nothing_its_creator_lacks(
 
     outs = {k: tmp_path / k for k in ("hostpath", "account", "secret", "configmap")}
     manifests = {
+        # Mounted at the host folder's own path: the test node runs workers as local processes.
         "hostpath": tiny_job(
             "hostpath",
-            "/out",
+            str(outs["hostpath"]),
             prompts=["a field", "a hill"],
             workers={
                 "maxReplicas": 1,
                 "volumes": [
                     {"name": "out", "hostPath": {"path": str(outs["hostpath"]), "type": "DirectoryOrCreate"}}
                 ],
-                "volumeMounts": [{"name": "out", "mountPath": "/out"}],
+                "volumeMounts": [{"name": "out", "mountPath": str(outs["hostpath"])}],
             },
         ),
         "account": tiny_job(
@@ -253,7 +254,7 @@ def test_a_job_grants_nothing_its_creator_lacks(
         "configmap": ("spec.promptsFrom.configMapKeyRef", "get configmaps"),
     }
     # alice may create jobs (a plain one passes, dry run) ...
-    plain = tiny_job("plain", "/out", prompts=["a tree"])
+    plain = tiny_job("plain", str(tmp_path / "plain"), prompts=["a tree"])
     proc = team.as_user("alice", plain, "--dry-run=server")
     assert proc.returncode == 0, proc.stderr
     # ... but none of these: the API server refuses each, naming the field and what she lacks.
@@ -274,8 +275,8 @@ def test_a_job_grants_nothing_its_creator_lacks(
     check_output_dir(outs["account"], 1)
     check_output_dir(outs["secret"], 1)
     check_output_dir(outs["configmap"], 2)
-    pods = kubectl.json("get", "pods", "-n", ns, "-l", "imagebatch.dev/job=account")["items"]
-    assert pods and all(p["spec"]["serviceAccountName"] == "deployer" for p in pods)
+    workers = kubectl.json("get", "job", "account-workers", "-n", ns)
+    assert workers["spec"]["template"]["spec"]["serviceAccountName"] == "deployer"
     # A spec change is checked again (alice edits bob's plain job to add the Secret: refused),
     # while a change that leaves the spec alone (a label) is not asked about.
     edited = copy.deepcopy(manifests["secret"])
