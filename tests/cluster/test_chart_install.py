@@ -61,6 +61,9 @@ class Release:
     def can_i(self, verb: str, resource: str, namespace: str | None) -> bool:
         sa = f"system:serviceaccount:{self.namespace}:{self.service_account}"
         where = ["-n", namespace] if namespace else []
+        # "x/status" is a subresource: kubectl would read the part after the slash as a name.
+        resource, _, sub = resource.partition("/")
+        where += ["--subresource", sub] if sub else []
         proc = self.run("kubectl", "auth", "can-i", verb, resource, "--as", sa, *where, check=False)
         return proc.stdout.strip() == "yes"
 
@@ -160,7 +163,6 @@ NAMESPACED = [
     ("watch", "imagebatchjobs.imagebatch.dev"),
     ("patch", "imagebatchjobs.imagebatch.dev/status"),
     ("create", "imagebatchshards.imagebatch.dev"),
-    ("deletecollection", "imagebatchshards.imagebatch.dev"),
     ("update", "imagebatchshards.imagebatch.dev/status"),
     ("create", "jobs.batch"),
     ("patch", "jobs.batch"),
@@ -170,12 +172,18 @@ NAMESPACED = [
     ("create", "rolebindings.rbac.authorization.k8s.io"),
     ("get", "configmaps"),
     ("create", "events"),
-    ("create", "events.events.k8s.io"),
 ]
 DENIED = [
     ("create", "imagebatchjobs.imagebatch.dev"),  # users create jobs, not the operator
     ("delete", "pods"),
     ("create", "pods"),
+    ("deletecollection", "imagebatchshards.imagebatch.dev"),  # shards go with their job (GC)
+    ("update", "imagebatchshards.imagebatch.dev"),
+    ("update", "imagebatchjobs.imagebatch.dev"),
+    ("delete", "serviceaccounts"),
+    ("delete", "roles.rbac.authorization.k8s.io"),
+    ("list", "configmaps"),
+    ("create", "events.events.k8s.io"),
     ("get", "secrets"),
     ("list", "secrets"),
     ("update", "configmaps"),
