@@ -297,11 +297,23 @@ def test_a_workers_token_cannot_touch_another_jobs_shards(
     client = kube_cluster.client
     shards_path = f"/apis/imagebatch.dev/v1alpha1/namespaces/{ns}/imagebatchshards"
     # Job B waits (suspended) with its shards planned; job A runs, so its worker account exists.
+    # A reads a prompt file: its own worker plans (creates) A's shards, all under the fence.
+    prompt_file = tmp_path / "a-prompts.txt"
+    prompt_file.write_text("".join(f"prompt {i}\n" for i in range(5)))
     kubectl.apply(
         [tiny_job("fence-b", str(tmp_path / "b"), prompts=[f"b{i}" for i in range(3)], suspend=True)], ns
     )
     kubectl.apply(
-        [tiny_job("fence-a", str(tmp_path / "a"), prompts=["a0", "a1"], workers={"maxReplicas": 1})], ns
+        [
+            tiny_job(
+                "fence-a",
+                str(tmp_path / "a"),
+                promptsFrom={"uri": str(prompt_file)},
+                batching={"shardSize": 2},
+                workers={"maxReplicas": 1},
+            )
+        ],
+        ns,
     )
     b_shards = wait_for(
         "job B's shards",
@@ -347,7 +359,11 @@ def test_a_workers_token_cannot_touch_another_jobs_shards(
     err = refused(lambda: worker_a.patch(b0_path, relabel))
     assert err.status == 403, err
     # Outside the fence the same token still works: the refusals above are the policy, not RBAC.
-    a_shards = client.get(shards_path, labelSelector="imagebatch.dev/job=fence-a")["items"]
+    a_shards = wait_for(
+        "job A's shards, planned by its worker",
+        lambda: client.get(shards_path, labelSelector="imagebatch.dev/job=fence-a")["items"],
+        timeout=180,
+    )
     a_path = f"{shards_path}/{a_shards[0]['metadata']['name']}"
     worker_a.patch(a_path, {"metadata": {"annotations": {"example.com/fence-probe": "ok"}}})
     err = refused(lambda: worker_a.delete(a_path))
@@ -358,6 +374,7 @@ def test_a_workers_token_cannot_touch_another_jobs_shards(
     kubectl("patch", "ibj", "fence-b", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
     wait_condition(kubectl, ns, "fence-b", "Complete", timeout=300)
     wait_condition(kubectl, ns, "fence-a", "Complete", timeout=300)
+    check_output_dir(tmp_path / "a", 5)  # planned, claimed, completed and joined by A's workers
     check_output_dir(tmp_path / "b", 3)
     assert ibj(kubectl, ns, "fence-b")["status"]["items"] == {"total": 3, "done": 3, "failed": 0}
     names = {
