@@ -348,3 +348,35 @@ def test_all_namespaces_rbac(release: Release) -> None:
             timeout=60,
             check=False,
         )
+
+
+def test_admission_and_network_policies_are_installed(release: Release) -> None:
+    """The API server accepts the chart's policies; their CEL type-checks against the CRD schema."""
+    policies = json.loads(release.run("kubectl", "get", "validatingadmissionpolicies", "-o", "json").stdout)[
+        "items"
+    ]
+    ours = {p["metadata"]["name"]: p for p in policies if p["metadata"]["name"].startswith(release.name)}
+    assert set(ours) == {f"{release.name}-imagebatch-job-creator", f"{release.name}-imagebatch-worker-fence"}
+    deadline = time.monotonic() + 60
+    while any("typeChecking" not in (p.get("status") or {}) for p in ours.values()):
+        assert time.monotonic() < deadline, "the API server did not type-check the policies in 60 s"
+        time.sleep(1)
+        policies = json.loads(
+            release.run("kubectl", "get", "validatingadmissionpolicies", "-o", "json").stdout
+        )["items"]
+        ours = {p["metadata"]["name"]: p for p in policies if p["metadata"]["name"] in ours}
+    for p in ours.values():
+        assert not p["status"]["typeChecking"].get("expressionWarnings"), p["status"]
+    bindings = json.loads(
+        release.run("kubectl", "get", "validatingadmissionpolicybindings", "-o", "json").stdout
+    )["items"]
+    for b in (b for b in bindings if b["metadata"]["name"] in ours):
+        selector = b["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
+        assert selector["values"] == [release.watched]  # acts where the operator works, only
+    for namespace, name in ((release.namespace, "imagebatch"), (release.watched, "imagebatch-workers")):
+        policy = json.loads(
+            release.run(
+                "kubectl", "get", "networkpolicy", f"{release.name}-{name}", "-n", namespace, "-o", "json"
+            ).stdout
+        )
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
