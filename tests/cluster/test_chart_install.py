@@ -380,3 +380,29 @@ def test_admission_and_network_policies_are_installed(release: Release) -> None:
             ).stdout
         )
         assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_built_in_edit_and_view_roles_cover_imagebatchjobs(release: Release) -> None:
+    """The chart's aggregated ClusterRoles reach users through the built-in edit and view roles."""
+    ns = release.watched
+    release.run(
+        "kubectl", "create", "rolebinding", "carol-edit", "-n", ns, "--clusterrole=edit", "--user=carol"
+    )
+    release.run(
+        "kubectl", "create", "rolebinding", "dave-view", "-n", ns, "--clusterrole=view", "--user=dave"
+    )
+
+    def can(user: str, verb: str, resource: str) -> bool:
+        proc = release.run("kubectl", "auth", "can-i", verb, resource, "-n", ns, "--as", user, check=False)
+        return proc.stdout.strip() == "yes"
+
+    # The controller manager aggregates the rules into edit/view shortly after the install.
+    deadline = time.monotonic() + 60
+    while not (can("carol", "create", "imagebatchjobs.imagebatch.dev") and can("dave", "list", "ibj")):
+        assert time.monotonic() < deadline, "edit/view do not cover imagebatchjobs after 60 s"
+        time.sleep(1)
+    assert can("carol", "delete", "imagebatchjobs.imagebatch.dev")
+    assert can("carol", "list", "imagebatchshards.imagebatch.dev")
+    assert not can("carol", "patch", "imagebatchshards.imagebatch.dev")  # only the operator and workers
+    assert not can("dave", "create", "imagebatchjobs.imagebatch.dev")
+    assert can("dave", "get", "imagebatchshards.imagebatch.dev")
