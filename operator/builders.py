@@ -30,6 +30,11 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DEFAULT_WORKER_IMAGE = f"ghcr.io/imagebatch/imagebatch-worker:{package_version('imagebatch')}"
 CONTAINER = "worker"
 TERMINATION_GRACE_SECONDS = 30
+# Writable folders of a worker whose root file system is read-only (the worker image's HOME is
+# /home/imagebatch; HF_HOME and torch's caches live under ~/.cache).
+SCRATCH_MOUNTS = {"imagebatch-tmp": "/tmp", "imagebatch-cache": "/home/imagebatch/.cache"}
+API_TOKEN_VOLUME = "imagebatch-api-access"
+API_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,16 @@ def worker_rbac(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, 
             "verbs": ["get"],
             "resourceNames": [job["metadata"]["name"]],
         },
-        # Claims and completions; create because the first worker plans a prompt file's shards.
+        # Claims (get, list) and the manifest-lines annotation on shard 0 (patch); create because
+        # the first worker plans a prompt file's shards. The API server's worker-fence policy (the
+        # chart) keeps all of it to this job's shards, which RBAC cannot express.
         {
             "apiGroups": [GROUP],
             "resources": [SHARD_PLURAL],
-            "verbs": ["get", "list", "watch", "create", "patch", "update"],
+            "verbs": ["get", "list", "create", "patch"],
         },
-        {"apiGroups": [GROUP], "resources": [f"{SHARD_PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+        # Claim, renew, complete: a conditional replace of the status.
+        {"apiGroups": [GROUP], "resources": [f"{SHARD_PLURAL}/status"], "verbs": ["update"]},
     ]
     src = spec.prompts_from
     if src is not None and src.config_map_key_ref is not None:
@@ -129,6 +137,44 @@ def _resources(spec: ImageBatchJobSpec) -> dict[str, Any]:
     if spec.workers.gpus_per_worker > 0:
         res.setdefault("limits", {})["nvidia.com/gpu"] = spec.workers.gpus_per_worker
     return res
+
+
+def harden_worker_pod(pod_spec: dict[str, Any], container: dict[str, Any]) -> None:
+    """A read-only root file system with emptyDir scratch space, and the API token mounted only
+    into the worker container (not automounted into every container of the pod)."""
+    container["securityContext"]["readOnlyRootFilesystem"] = True
+    taken = {m.get("mountPath", "").rstrip("/") for m in container.get("volumeMounts", [])}
+    volumes: list[dict[str, Any]] = pod_spec.setdefault("volumes", [])
+    mounts: list[dict[str, Any]] = container.setdefault("volumeMounts", [])
+    for name, path in SCRATCH_MOUNTS.items():
+        if path not in taken:  # the user's own volume there wins
+            volumes.append({"name": name, "emptyDir": {}})
+            mounts.append({"name": name, "mountPath": path})
+    pod_spec["automountServiceAccountToken"] = False
+    # The same projected volume the ServiceAccount admission plugin would add to every container.
+    volumes.append(
+        {
+            "name": API_TOKEN_VOLUME,
+            "projected": {
+                "defaultMode": 0o644,
+                "sources": [
+                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                    {
+                        "configMap": {
+                            "name": "kube-root-ca.crt",
+                            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                        }
+                    },
+                    {
+                        "downwardAPI": {
+                            "items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]
+                        }
+                    },
+                ],
+            },
+        }
+    )
+    mounts.append({"name": API_TOKEN_VOLUME, "mountPath": API_TOKEN_PATH, "readOnly": True})
 
 
 def pod_failure_policy() -> dict[str, Any]:
@@ -203,6 +249,7 @@ def worker_job(
     }
     if spec.workers.volumes:
         pod_spec["volumes"] = [dict(v) for v in spec.workers.volumes]
+    harden_worker_pod(pod_spec, container)
     if spec.workers.node_selector:
         pod_spec["nodeSelector"] = dict(spec.workers.node_selector)
     if spec.workers.tolerations:

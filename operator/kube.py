@@ -41,6 +41,22 @@ def _status(err: ApiException) -> int:
     return int(err.status or 0)
 
 
+class NotOwnedError(Exception):
+    """An object the operator would make for a job exists and is not the job's: never adopt it
+    (it may hold or grant more than the job should get)."""
+
+    def __init__(self, kind: str, namespace: str, name: str, job: str) -> None:
+        self.kind, self.namespace, self.name, self.job = kind, namespace, name, job
+        super().__init__(
+            f"{kind} {namespace}/{name} exists and is not owned by ImageBatchJob {job} (no owner reference "
+            f"to it); the operator does not adopt it: delete or rename that {kind}, or name the job differently"
+        )
+
+
+def _owned_by(obj: JSON, uid: str) -> bool:
+    return any(r.get("uid") == uid for r in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
 class OperatorKube:
     def __init__(self, api: kubernetes.client.ApiClient | None = None) -> None:
         self.api = api or load_client_config()
@@ -112,13 +128,25 @@ class OperatorKube:
         else:
             raise ValueError(f"cannot create a {kind}")
 
-    def ensure_role(self, obj: JSON) -> None:
-        """Creates a Role, or brings its rules up to date (a ConfigMap source may have changed)."""
-        if not self.create(obj):
-            meta = obj["metadata"]
-            self.rbac.patch_namespaced_role(
-                meta["name"], meta["namespace"], {"rules": obj["rules"]}, _content_type=MERGE_PATCH
-            )
+    def ensure_owned(self, obj: JSON) -> None:
+        """Creates a job's ServiceAccount, Role or RoleBinding, or checks that the existing one is
+        the job's own (owner reference to the job's UID) and brings a Role's rules up to date (a
+        ConfigMap source may have changed). Raises NotOwnedError for anyone else's object."""
+        if self.create(obj):
+            return
+        meta = obj["metadata"]
+        ns, name, kind = meta["namespace"], meta["name"], obj["kind"]
+        read = {
+            "ServiceAccount": self.core.read_namespaced_service_account,
+            "Role": self.rbac.read_namespaced_role,
+            "RoleBinding": self.rbac.read_namespaced_role_binding,
+        }[kind]
+        existing = _json(read(name, ns, _preload_content=False))
+        owner = meta["ownerReferences"][0]
+        if not _owned_by(existing, owner["uid"]):
+            raise NotOwnedError(kind, ns, name, owner["name"])
+        if kind == "Role" and existing.get("rules") != obj["rules"]:
+            self.rbac.patch_namespaced_role(name, ns, {"rules": obj["rules"]}, _content_type=MERGE_PATCH)
 
     def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
         """Writes a shard's status if it has not changed since it was read; False on a conflict."""

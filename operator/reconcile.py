@@ -21,7 +21,7 @@ from imagebatch.api import Condition, ImageBatchJobSpec, ImageBatchJobStatus
 from imagebatch.errors import ImageBatchError, format_validation_error
 from imagebatch.operator import builders, conditions, leases, metrics, progress, scaling
 from imagebatch.operator.conditions import Outcome
-from imagebatch.operator.kube import OperatorKube
+from imagebatch.operator.kube import NotOwnedError, OperatorKube
 from imagebatch.operator.labels import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_MANIFEST_LINES,
@@ -248,7 +248,13 @@ class Reconciler:
             max_step=self.settings.max_step,
         )
         desired = decision.replicas
-        self._apply_worker_job(job, spec, wj, desired, current, outcome, mem, decision.scaled_down)
+        try:
+            self._apply_worker_job(job, spec, wj, desired, current, outcome, mem, decision.scaled_down)
+        except NotOwnedError as e:
+            # Someone else's ServiceAccount, Role or RoleBinding has the name of this job's: fail
+            # the job rather than run its workers with (or grant) what that object holds.
+            outcome = Outcome(failed_reason="WorkerRBACNotOwned", message=str(e))
+            desired = 0
 
         # -- status --------------------------------------------------------------------------------
         rate = progress.images_per_second(t.completions, now, started)
@@ -384,10 +390,7 @@ class Reconciler:
                 # The pods' ServiceAccount and its rights first (again for each new worker Job:
                 # a ConfigMap source may have changed, and someone may have deleted them).
                 for obj in builders.worker_rbac(job, spec):
-                    if obj["kind"] == "Role":
-                        self.kube.ensure_role(obj)
-                    else:
-                        self.kube.create(obj)
+                    self.kube.ensure_owned(obj)
                 self.kube.create(builders.worker_job(job, spec, desired, self.settings.worker))
                 self.kube.post_event(job, "Normal", "ScaledUp", f"started worker Job with {desired} workers")
             return

@@ -61,6 +61,9 @@ class Release:
     def can_i(self, verb: str, resource: str, namespace: str | None) -> bool:
         sa = f"system:serviceaccount:{self.namespace}:{self.service_account}"
         where = ["-n", namespace] if namespace else []
+        # "x/status" is a subresource: kubectl would read the part after the slash as a name.
+        resource, _, sub = resource.partition("/")
+        where += ["--subresource", sub] if sub else []
         proc = self.run("kubectl", "auth", "can-i", verb, resource, "--as", sa, *where, check=False)
         return proc.stdout.strip() == "yes"
 
@@ -160,7 +163,6 @@ NAMESPACED = [
     ("watch", "imagebatchjobs.imagebatch.dev"),
     ("patch", "imagebatchjobs.imagebatch.dev/status"),
     ("create", "imagebatchshards.imagebatch.dev"),
-    ("deletecollection", "imagebatchshards.imagebatch.dev"),
     ("update", "imagebatchshards.imagebatch.dev/status"),
     ("create", "jobs.batch"),
     ("patch", "jobs.batch"),
@@ -170,12 +172,18 @@ NAMESPACED = [
     ("create", "rolebindings.rbac.authorization.k8s.io"),
     ("get", "configmaps"),
     ("create", "events"),
-    ("create", "events.events.k8s.io"),
 ]
 DENIED = [
     ("create", "imagebatchjobs.imagebatch.dev"),  # users create jobs, not the operator
     ("delete", "pods"),
     ("create", "pods"),
+    ("deletecollection", "imagebatchshards.imagebatch.dev"),  # shards go with their job (GC)
+    ("update", "imagebatchshards.imagebatch.dev"),
+    ("update", "imagebatchjobs.imagebatch.dev"),
+    ("delete", "serviceaccounts"),
+    ("delete", "roles.rbac.authorization.k8s.io"),
+    ("list", "configmaps"),
+    ("create", "events.events.k8s.io"),
     ("get", "secrets"),
     ("list", "secrets"),
     ("update", "configmaps"),
@@ -340,3 +348,61 @@ def test_all_namespaces_rbac(release: Release) -> None:
             timeout=60,
             check=False,
         )
+
+
+def test_admission_and_network_policies_are_installed(release: Release) -> None:
+    """The API server accepts the chart's policies; their CEL type-checks against the CRD schema."""
+    policies = json.loads(release.run("kubectl", "get", "validatingadmissionpolicies", "-o", "json").stdout)[
+        "items"
+    ]
+    ours = {p["metadata"]["name"]: p for p in policies if p["metadata"]["name"].startswith(release.name)}
+    assert set(ours) == {f"{release.name}-imagebatch-job-creator", f"{release.name}-imagebatch-worker-fence"}
+    deadline = time.monotonic() + 60
+    while any("typeChecking" not in (p.get("status") or {}) for p in ours.values()):
+        assert time.monotonic() < deadline, "the API server did not type-check the policies in 60 s"
+        time.sleep(1)
+        policies = json.loads(
+            release.run("kubectl", "get", "validatingadmissionpolicies", "-o", "json").stdout
+        )["items"]
+        ours = {p["metadata"]["name"]: p for p in policies if p["metadata"]["name"] in ours}
+    for p in ours.values():
+        assert not p["status"]["typeChecking"].get("expressionWarnings"), p["status"]
+    bindings = json.loads(
+        release.run("kubectl", "get", "validatingadmissionpolicybindings", "-o", "json").stdout
+    )["items"]
+    for b in (b for b in bindings if b["metadata"]["name"] in ours):
+        selector = b["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
+        assert selector["values"] == [release.watched]  # acts where the operator works, only
+    for namespace, name in ((release.namespace, "imagebatch"), (release.watched, "imagebatch-workers")):
+        policy = json.loads(
+            release.run(
+                "kubectl", "get", "networkpolicy", f"{release.name}-{name}", "-n", namespace, "-o", "json"
+            ).stdout
+        )
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_built_in_edit_and_view_roles_cover_imagebatchjobs(release: Release) -> None:
+    """The chart's aggregated ClusterRoles reach users through the built-in edit and view roles."""
+    ns = release.watched
+    release.run(
+        "kubectl", "create", "rolebinding", "carol-edit", "-n", ns, "--clusterrole=edit", "--user=carol"
+    )
+    release.run(
+        "kubectl", "create", "rolebinding", "dave-view", "-n", ns, "--clusterrole=view", "--user=dave"
+    )
+
+    def can(user: str, verb: str, resource: str) -> bool:
+        proc = release.run("kubectl", "auth", "can-i", verb, resource, "-n", ns, "--as", user, check=False)
+        return proc.stdout.strip() == "yes"
+
+    # The controller manager aggregates the rules into edit/view shortly after the install.
+    deadline = time.monotonic() + 60
+    while not (can("carol", "create", "imagebatchjobs.imagebatch.dev") and can("dave", "list", "ibj")):
+        assert time.monotonic() < deadline, "edit/view do not cover imagebatchjobs after 60 s"
+        time.sleep(1)
+    assert can("carol", "delete", "imagebatchjobs.imagebatch.dev")
+    assert can("carol", "list", "imagebatchshards.imagebatch.dev")
+    assert not can("carol", "patch", "imagebatchshards.imagebatch.dev")  # only the operator and workers
+    assert not can("dave", "create", "imagebatchjobs.imagebatch.dev")
+    assert can("dave", "get", "imagebatchshards.imagebatch.dev")

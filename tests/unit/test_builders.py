@@ -47,7 +47,9 @@ def test_pod_passes_restricted_pod_security() -> None:
     sc = pod["containers"][0]["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
-    assert "volumes" not in pod  # no hostPath or anything restricted forbids
+    # Only volume types that Pod Security `restricted` allows: no hostPath.
+    allowed = {"emptyDir", "projected", "persistentVolumeClaim", "configMap", "secret", "csi"}
+    assert all(set(v) - {"name"} <= allowed for v in pod["volumes"])
 
 
 def test_worker_env_downward_api_and_credentials() -> None:
@@ -113,10 +115,13 @@ def test_worker_rbac_is_least_privilege() -> None:
     rules = objs[1]["rules"]
     job_rule = next(r for r in rules if r["resources"] == ["imagebatchjobs"])
     assert job_rule["verbs"] == ["get"] and job_rule["resourceNames"] == ["cats"]
+    # Exactly what worker/kube.py calls: list/get shards, create (planning a prompt file), patch
+    # (the manifest-lines annotation), and a conditional replace of the status; no watch, no
+    # update of a shard's spec, no delete.
     shard_rule = next(r for r in rules if r["resources"] == ["imagebatchshards"])
-    assert "delete" not in shard_rule["verbs"] and "deletecollection" not in shard_rule["verbs"]
+    assert set(shard_rule["verbs"]) == {"get", "list", "create", "patch"}
     status_rule = next(r for r in rules if r["resources"] == ["imagebatchshards/status"])
-    assert set(status_rule["verbs"]) == {"get", "patch", "update"}
+    assert status_rule["verbs"] == ["update"]
     assert not any("configmaps" in r["resources"] for r in rules)
     assert not any(r.get("resources") == ["*"] or r.get("verbs") == ["*"] for r in rules)
     binding = objs[2]
@@ -159,3 +164,41 @@ def test_shard_manifests_cover_every_item_once() -> None:
         assert s["metadata"]["annotations"][ANNOTATION_ITEM_COUNT] == "1001"
         assert s["metadata"]["namespace"] == "team-a"
         assert "prompt" not in str(s["spec"])  # ranges only: prompts stay out of etcd
+
+
+def test_worker_root_file_system_is_read_only_with_scratch_and_cache_folders() -> None:
+    pod = worker_job(JOB, spec(), 1)["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert volumes[mounts["/tmp"]] == {"name": mounts["/tmp"], "emptyDir": {}}
+    assert volumes[mounts["/home/imagebatch/.cache"]]["emptyDir"] == {}
+
+
+def test_a_users_volume_at_tmp_replaces_the_scratch_folder() -> None:
+    s = spec(
+        workers={
+            "volumes": [{"name": "scratch", "persistentVolumeClaim": {"claimName": "fast"}}],
+            "volumeMounts": [{"name": "scratch", "mountPath": "/tmp/"}],
+        }
+    )
+    pod = worker_job(JOB, s, 1)["spec"]["template"]["spec"]
+    paths = [m["mountPath"].rstrip("/") for m in pod["containers"][0]["volumeMounts"]]
+    assert paths.count("/tmp") == 1  # a duplicate mountPath would make the pod invalid
+    assert "imagebatch-tmp" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_api_token_is_mounted_into_the_worker_container_only() -> None:
+    pod = worker_job(JOB, spec(), 1)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    token = next(v for v in pod["volumes"] if "projected" in v)
+    sources = token["projected"]["sources"]
+    assert {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}} in sources
+    (c,) = pod["containers"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == token["name"])
+    assert mount == {
+        "name": token["name"],
+        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+        "readOnly": True,
+    }

@@ -22,38 +22,45 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts/imagebatch"
 JSON = dict[str, Any]
 
-# What the operator may do in the namespaces it watches (resource -> verbs), and nothing more.
+# What the operator may do in the namespaces it watches (resource -> verbs), and nothing more;
+# test_every_granted_verb_is_used derives the same set from the code.
 NAMESPACED_PERMISSIONS = {
-    ("imagebatch.dev", "imagebatchjobs"): {"get", "list", "watch", "patch", "update", "delete"},
-    ("imagebatch.dev", "imagebatchjobs/status"): {"get", "patch", "update"},
-    ("imagebatch.dev", "imagebatchshards"): {
-        "get",
-        "list",
-        "watch",
+    ("imagebatch.dev", "imagebatchjobs"): {"get", "list", "watch", "patch", "delete"},
+    ("imagebatch.dev", "imagebatchjobs/status"): {"patch"},
+    ("imagebatch.dev", "imagebatchshards"): {"get", "list", "create", "patch"},
+    ("imagebatch.dev", "imagebatchshards/status"): {"update"},
+    ("batch", "jobs"): {"get", "create", "patch", "delete"},
+    ("", "pods"): {"list"},
+    ("", "serviceaccounts"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
+    ("", "configmaps"): {"get"},
+    ("", "events"): {"create"},
+}
+CLUSTER_SCOPED = {
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
+RBAC_KINDS = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+# Aggregated into the built-in edit/admin and view roles.
+EDIT_PERMISSIONS = {
+    ("imagebatch.dev", "imagebatchjobs"): {
         "create",
-        "patch",
-        "update",
         "delete",
         "deletecollection",
-    },
-    ("imagebatch.dev", "imagebatchshards/status"): {"get", "patch", "update"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "serviceaccounts"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {
         "get",
         "list",
-        "watch",
-        "create",
         "patch",
         "update",
-        "delete",
+        "watch",
     },
-    ("", "configmaps"): {"get", "list", "watch"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("imagebatch.dev", "imagebatchjobs/status"): {"get", "list", "watch"},
+    ("imagebatch.dev", "imagebatchshards"): {"get", "list", "watch"},
+    ("imagebatch.dev", "imagebatchshards/status"): {"get", "list", "watch"},
 }
+VIEW_PERMISSIONS = {k: {"get", "list", "watch"} for k in EDIT_PERMISSIONS}
 CLUSTER_PERMISSIONS = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"get", "list", "watch"},
@@ -141,15 +148,22 @@ def test_default_render(helm: Path) -> None:
     assert kinds == [
         "ClusterRole",
         "ClusterRole",
+        "ClusterRole",
+        "ClusterRole",
         "ClusterRoleBinding",
         "ClusterRoleBinding",
         "Deployment",
+        "NetworkPolicy",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "ValidatingAdmissionPolicyBinding",
     ]
     for doc in docs:
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "rel"
-        if doc["kind"] not in {"ClusterRole", "ClusterRoleBinding"}:
+        if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"]["namespace"] == "imagebatch-system"
     (dep,) = by_kind(docs, "Deployment")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
@@ -176,7 +190,12 @@ def test_default_render(helm: Path) -> None:
     )
     # All-namespaces mode: the namespaced rules in a ClusterRole, bound cluster-wide.
     roles = {r["metadata"]["name"]: permissions(r["rules"]) for r in by_kind(docs, "ClusterRole")}
-    assert roles == {"rel-imagebatch": NAMESPACED_PERMISSIONS, "rel-imagebatch-cluster": CLUSTER_PERMISSIONS}
+    assert roles == {
+        "rel-imagebatch": NAMESPACED_PERMISSIONS,
+        "rel-imagebatch-cluster": CLUSTER_PERMISSIONS,
+        "rel-imagebatch-edit": EDIT_PERMISSIONS,
+        "rel-imagebatch-view": VIEW_PERMISSIONS,
+    }
     for binding in by_kind(docs, "ClusterRoleBinding"):
         assert binding["roleRef"]["name"] in roles
         assert binding["subjects"] == [
@@ -211,7 +230,7 @@ def test_other_values_render(helm: Path) -> None:
     for b in bindings:
         assert b["roleRef"]["kind"] == "Role"
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "ib-operator", "namespace": "ops"}]
-    (cluster_role,) = by_kind(docs, "ClusterRole")
+    (cluster_role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith("-cluster")]
     # kopf lists and watches namespaces in namespaced mode (it follows the watched ones).
     assert permissions(cluster_role["rules"]) == CLUSTER_PERMISSIONS
     (monitor,) = by_kind(docs, "ServiceMonitor")
@@ -238,7 +257,8 @@ def test_no_rbac_no_service_account(helm: Path) -> None:
         "--set",
         "serviceAccount.name=mine",
     )
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
+    assert sorted(d["kind"] for d in docs if d["kind"] in RBAC_KINDS | {"ServiceAccount"}) == []
+    assert {"Deployment", "Service"} <= {d["kind"] for d in docs}
     proc = run_helm(helm, "template", "rel", str(CHART), "--set", "serviceAccount.create=false")
     assert proc.returncode != 0 and "serviceAccount.name is required" in proc.stderr
 
@@ -277,7 +297,8 @@ def test_every_rbac_rule_is_commented() -> None:
     for path in sorted((CHART / "templates").glob("*")):
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
-            if re.match(r"^\s*- apiGroups:", line):
+            # An RBAC rule (an admission policy's resourceRules have operations, not verbs).
+            if re.match(r"^\s*- apiGroups:", line) and "verbs:" in "".join(lines[i : i + 3]):
                 above = lines[i - 1].strip()
                 assert above.startswith("#") and len(above) > 20, (
                     f"{path.name}:{i + 1}: rule without a comment"
@@ -363,3 +384,229 @@ def test_operator_accepts_the_rendered_arguments(helm: Path, values: list[str]) 
         assert args.worker_image == "registry.example.com:5000/gpu/worker:cu128" and args.interval == 5
     else:
         assert args.all_namespaces and not args.namespace and args.metrics_port == 8080
+
+
+# -- least privilege: every verb the chart grants the operator is one its code uses ---------------
+
+API_RESOURCES = {
+    # client method suffix -> (API group, resource)
+    "namespaced_job": ("batch", "jobs"),
+    "namespaced_pod": ("", "pods"),
+    "namespaced_service_account": ("", "serviceaccounts"),
+    "namespaced_config_map": ("", "configmaps"),
+    "namespaced_event": ("", "events"),
+    "namespaced_role": ("rbac.authorization.k8s.io", "roles"),
+    "namespaced_role_binding": ("rbac.authorization.k8s.io", "rolebindings"),
+}
+VERB_OF_PREFIX = {"list": "list", "read": "get", "get": "get", "create": "create", "patch": "patch"}
+VERB_OF_PREFIX |= {"replace": "update", "delete": "delete"}
+# What kopf itself does with the operator's token, beyond operator/kube.py: it lists and watches
+# ImageBatchJobs and patches its handler-progress annotations onto them (operator/handlers.py).
+KOPF_USES = {("imagebatch.dev", "imagebatchjobs"): {"list", "watch", "patch"}}
+
+
+def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str, str], set[str]]:
+    """(group, resource) -> verbs, read from the Kubernetes client calls in operator/kube.py."""
+    import ast
+
+    from imagebatch.operator.labels import JOB_PLURAL, SHARD_PLURAL
+
+    plurals = {"JOB_PLURAL": JOB_PLURAL, "SHARD_PLURAL": SHARD_PLURAL}
+    tree = ast.parse(path.read_text())
+    used: dict[tuple[str, str], set[str]] = {}
+
+    def plural_of(call: ast.Call) -> str:
+        names = [a.id for a in call.args if isinstance(a, ast.Name) and a.id in plurals]
+        assert len(names) == 1, f"line {call.lineno}: which resource? {ast.unparse(call)}"
+        return plurals[names[0]]
+
+    calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "replace_status_if_unchanged":
+            used.setdefault(("imagebatch.dev", f"{plural_of(node)}/status"), set()).add("update")
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)):
+            continue
+        api, method = node.value.attr, node.attr
+        if api not in {"custom", "batch", "core", "rbac"} or node.value.value.__dict__.get("id") != "self":
+            continue
+        prefix, _, rest = method.partition("_")
+        verb = VERB_OF_PREFIX[prefix]
+        if api == "custom":
+            call = calls.get(id(node))
+            assert call is not None, f"line {node.lineno}: custom-object method not called directly"
+            resource = plural_of(call) + ("/status" if rest.endswith("_status") else "")
+            key = ("imagebatch.dev", resource)
+        else:
+            key = API_RESOURCES[rest]
+        used.setdefault(key, set()).add(verb)
+    return used
+
+
+def test_every_granted_verb_is_used(helm: Path) -> None:
+    """The operator's namespaced grants are exactly: what operator/kube.py calls, what kopf does,
+    and what the operator must hold to grant the workers' Role (RBAC escalation check)."""
+    from imagebatch.operator.builders import worker_rbac
+
+    spec = ImageBatchJobSpec.model_validate(
+        {
+            "model": {"name": "builtin:tiny"},
+            "promptsFrom": {"configMapKeyRef": {"name": "cm", "key": "prompts.txt"}},
+            "output": {"uri": "s3://b/p"},
+        }
+    )
+    job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
+    (role,) = [o for o in worker_rbac(job, spec) if o["kind"] == "Role"]
+    needed: dict[tuple[str, str], set[str]] = {}
+    for source in (
+        operator_api_calls(),
+        KOPF_USES,
+        permissions([dict(r) for r in strip_names(role["rules"])]),
+    ):
+        for key, verbs in source.items():
+            needed.setdefault(key, set()).update(verbs)
+    docs = render(helm)
+    (granted_role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == "rel-imagebatch"]
+    granted = permissions(granted_role["rules"])
+    unused = {k: v - needed.get(k, set()) for k, v in granted.items() if v - needed.get(k, set())}
+    assert not unused, f"the chart grants the operator verbs nothing uses: {unused}"
+    missing = {k: v - granted.get(k, set()) for k, v in needed.items() if v - granted.get(k, set())}
+    assert not missing, f"the code needs verbs the chart does not grant: {missing}"
+    assert ("", "secrets") not in granted
+
+
+def strip_names(rules: list[JSON]) -> list[JSON]:
+    return [{k: v for k, v in r.items() if k != "resourceNames"} for r in rules]
+
+
+def test_the_verb_scan_sees_a_new_call(tmp_path: Path) -> None:
+    """operator_api_calls reads the code: a new call to delete Pods shows up as (pods, delete)."""
+    assert "delete" not in operator_api_calls()[("", "pods")]
+    extra = "\n\ndef _extra(self):\n    self.core.delete_namespaced_pod('p', 'ns')\n"
+    (tmp_path / "kube.py").write_text((REPO / "operator/kube.py").read_text() + extra)
+    assert "delete" in operator_api_calls(tmp_path / "kube.py")[("", "pods")]
+
+
+# -- admission policies, aggregated roles, NetworkPolicy ----------------------------------------
+
+
+def policies(docs: list[JSON]) -> dict[str, JSON]:
+    return {d["metadata"]["name"]: d for d in by_kind(docs, "ValidatingAdmissionPolicy")}
+
+
+def test_admission_policies_and_bindings(helm: Path) -> None:
+    docs = render(helm)
+    pol = policies(docs)
+    assert set(pol) == {"rel-imagebatch-job-creator", "rel-imagebatch-worker-fence"}
+    creator = pol["rel-imagebatch-job-creator"]["spec"]
+    assert creator["failurePolicy"] == "Fail"
+    assert creator["matchConstraints"]["resourceRules"][0]["resources"] == ["imagebatchjobs"]
+    text = yaml.safe_dump(creator)
+    for needed in ("check('create')", "check('use')", "resource('secrets')", "resource('configmaps')"):
+        assert needed in text
+    # Each message names the field it is about.
+    messages = [v["messageExpression"] for v in creator["validations"]]
+    for field in (
+        "spec.workers.image",
+        "spec.workers.serviceAccountName",
+        "spec.workers.volumes[",
+        "spec.workers.priorityClassName",
+    ):
+        assert any(field in m for m in messages), field
+    refs = yaml.safe_dump(creator["variables"])
+    for field in (
+        "spec.output.credentialsSecret",
+        "].valueFrom.secretKeyRef",
+        "spec.promptsFrom.configMapKeyRef",
+        "].valueFrom.configMapKeyRef",
+    ):
+        assert field in refs, field
+    fence = pol["rel-imagebatch-worker-fence"]["spec"]
+    assert fence["paramKind"] == {"apiVersion": "imagebatch.dev/v1alpha1", "kind": "ImageBatchJob"}
+    assert set(fence["matchConstraints"]["resourceRules"][0]["resources"]) == {
+        "imagebatchshards",
+        "imagebatchshards/status",
+    }
+    bindings = {b["metadata"]["name"]: b["spec"] for b in by_kind(docs, "ValidatingAdmissionPolicyBinding")}
+    assert {b["policyName"] for b in bindings.values()} == set(pol)
+    assert all(b["validationActions"] == ["Deny"] for b in bindings.values())
+    assert bindings["rel-imagebatch-worker-fence"]["paramRef"] == {
+        "selector": {},
+        "parameterNotFoundAction": "Allow",
+    }
+    assert all("matchResources" not in b for b in bindings.values())  # all namespaces
+
+
+def test_admission_in_namespaced_mode_acts_in_the_watched_namespaces_only(helm: Path) -> None:
+    docs = render(helm, *OTHER_VALUES)
+    for b in by_kind(docs, "ValidatingAdmissionPolicyBinding"):
+        assert b["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
+        ]
+
+
+def test_admission_narrowed_by_the_admin(helm: Path) -> None:
+    docs = render(
+        helm,
+        "--set",
+        "admission.allowedImages={registry.example.com/imagebatch/}",
+        "--set",
+        "admission.allowedVolumeTypes={persistentVolumeClaim,emptyDir}",
+        "--set",
+        "admission.maxReferenceChecks=2",
+    )
+    creator = policies(docs)["rel-imagebatch-job-creator"]["spec"]
+    expressions = [v["expression"] for v in creator["validations"]]
+    assert any('["registry.example.com/imagebatch/"].exists(p,' in e for e in expressions)
+    assert any('["persistentVolumeClaim","emptyDir"]' in e for e in expressions)
+    assert sum("resource('secrets')" in e for e in expressions) == 2
+    assert not policies(render(helm, "--set", "admission.enabled=false"))
+
+
+def test_admission_values_are_checked(helm: Path) -> None:
+    for args in (
+        ["--set", "admission.allowedImages={it's}"],
+        ["--set", "admission.maxReferenceChecks=50"],
+        ["--set", "admission.openVolumeTypes={host path}"],
+    ):
+        proc = run_helm(helm, "template", "rel", str(CHART), *args)
+        assert proc.returncode != 0 and "/admission/" in proc.stderr, (args, proc.stderr)
+
+
+def test_aggregated_roles(helm: Path) -> None:
+    roles = {r["metadata"]["name"]: r for r in by_kind(render(helm), "ClusterRole")}
+    edit, view = roles["rel-imagebatch-edit"], roles["rel-imagebatch-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    # Users never write shards: only the operator and the job's own workers do.
+    writes = {"create", "update", "patch", "delete", "deletecollection"}
+    assert not permissions(edit["rules"])[("imagebatch.dev", "imagebatchshards")] & writes
+    off = render(helm, "--set", "rbac.aggregateToDefaultRoles=false")
+    assert {r["metadata"]["name"] for r in by_kind(off, "ClusterRole")} == {
+        "rel-imagebatch",
+        "rel-imagebatch-cluster",
+    }
+
+
+def test_network_policies(helm: Path) -> None:
+    (op,) = by_kind(render(helm), "NetworkPolicy")
+    assert op["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = op["spec"]["ingress"]  # metrics only; nothing else may connect
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"imagebatch.dev/monitoring": "true"}}}]
+    docs = render(helm, *OTHER_VALUES, "--set", "networkPolicy.metricsFrom.namespaceLabels.team=obs")
+    nps = {(n["metadata"]["namespace"], n["metadata"]["name"]): n for n in by_kind(docs, "NetworkPolicy")}
+    assert set(nps) == {
+        ("imagebatch-system", "rel-imagebatch"),
+        ("team-a", "rel-imagebatch-workers"),
+        ("team-b", "rel-imagebatch-workers"),
+    }
+    workers = nps[("team-a", "rel-imagebatch-workers")]["spec"]
+    assert workers["podSelector"] == {"matchLabels": {"imagebatch.dev/component": "worker"}}
+    (rule,) = workers["ingress"]
+    assert rule["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "imagebatch.dev/monitoring": "true",
+        "team": "obs",
+    }
+    assert not by_kind(render(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from imagebatch.operator.kube import NotOwnedError
 from imagebatch.operator.labels import ANNOTATION_MANIFEST_LINES
 from imagebatch.operator.reconcile import Reconciler
 from imagebatch.operator.shardplan import shard_manifests
@@ -41,8 +42,14 @@ class FakeKube:
             self.objects[(obj["kind"], obj["metadata"]["name"])] = obj
         return True
 
-    def ensure_role(self, obj: JSON) -> None:
-        self.create(obj)
+    def ensure_owned(self, obj: JSON) -> None:
+        existing = self.objects.get((obj["kind"], obj["metadata"]["name"]))
+        if existing is None:
+            self.create(obj)
+            return
+        uid = obj["metadata"]["ownerReferences"][0]["uid"]
+        if not any(r["uid"] == uid for r in existing["metadata"].get("ownerReferences") or []):
+            raise NotOwnedError(obj["kind"], "ns", obj["metadata"]["name"], "j")
 
     def list_shards(self, ns: str, job: str) -> list[JSON]:
         return [copy.deepcopy(s) for s in self.shards.values()]
@@ -260,3 +267,16 @@ def test_started_workers_are_not_scaled_away_while_the_job_runs() -> None:
     ]
     passes(kube, body)
     assert kube.job["spec"]["parallelism"] == 2
+
+
+def test_a_role_of_the_same_name_not_owned_by_the_job_fails_it_and_runs_no_workers() -> None:
+    kube = FakeKube()
+    foreign = {"kind": "Role", "metadata": {"name": "j-worker", "ownerReferences": []}, "rules": ["x"]}
+    kube.objects[("Role", "j-worker")] = copy.deepcopy(foreign)
+    status = passes(kube, job())
+    failed = cond(status, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "WorkerRBACNotOwned"
+    assert "Role ns/j-worker exists and is not owned by ImageBatchJob j" in failed["message"]
+    assert kube.job is None  # no workers
+    assert kube.objects[("Role", "j-worker")] == foreign  # untouched
+    assert status["desiredReplicas"] == 0

@@ -43,63 +43,67 @@ app.kubernetes.io/part-of: imagebatch
 {{- end }}
 
 {{/*
-The operator's permissions in the namespaces it watches. Every rule says who needs it and why.
+The operator's permissions in the namespaces it watches: only verbs its code calls (operator/kube.py,
+kopf) or grants to the workers. tests/unit/test_chart.py fails on a verb that nothing here uses.
 The operator makes a least-privilege Role for each job's workers; Kubernetes only lets it grant
-permissions it holds itself (RBAC escalation check), which is why it holds the workers' ones too.
+permissions it holds itself (RBAC escalation check), which is why it holds the workers' ones too
+(marked "workers" below). It can neither read Secrets nor create pods, and has no bind/escalate.
 */}}
 {{- define "imagebatch.namespacedRules" -}}
-# ImageBatchJobs: the operator (kopf) watches them, reconciles them, and patches them for its
-# finalizer and its handler-progress annotations; delete lets it clean up with ttlSecondsAfterFinished.
+# ImageBatchJobs: kopf and the resync loop list and watch them; kopf patches them for its
+# handler-progress annotations; delete for ttlSecondsAfterFinished; get: workers (their own job).
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchjobs"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 # ImageBatchJob status: the operator writes progress and conditions (kubectl wait reads them).
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchjobs/status"]
-  verbs: ["get", "patch", "update"]
-# ImageBatchShards: the operator plans them (create), counts them (list/watch), requeues expired
-# claims (patch/update) and removes them with their job (delete, deletecollection); the workers'
-# Role grants get/list/watch/create/patch/update on them, so the operator must hold those verbs.
+  verbs: ["patch"]
+# ImageBatchShards: the operator plans them (create) and counts them (list); get and patch:
+# workers (claims read a shard; the joining worker annotates shard 0). They go with their job
+# through owner references (garbage collection), so no delete.
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchshards"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete", "deletecollection"]
-# ImageBatchShard status: the operator requeues or fails shards; the workers' Role grants the same
-# verbs (to claim, renew and complete a shard).
+  verbs: ["get", "list", "create", "patch"]
+# ImageBatchShard status: the operator requeues or fails shards, workers claim, renew and complete
+# them, all by a conditional replace (update with the resourceVersion read).
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchshards/status"]
-  verbs: ["get", "patch", "update"]
-# Worker Jobs (batch/v1): the operator creates one per ImageBatchJob, scales its parallelism,
-# suspends it and deletes it.
+  verbs: ["update"]
+# Worker Jobs (batch/v1): the operator creates one per ImageBatchJob, reads it, scales and
+# suspends it (patch) and replaces a finished one (delete).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# Pods: the operator reads the workers' pods to count active replicas and to free the claims of
+  verbs: ["get", "create", "patch", "delete"]
+# Pods: the operator lists the workers' pods to count active replicas and to free the claims of
 # pods that are gone.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-# ServiceAccounts: the operator makes one per job for its workers (unless the job names one).
+  verbs: ["list"]
+# ServiceAccounts: the operator makes one per job for its workers (unless the job names one);
+# get: to see that an existing one is the job's own before using it (it never adopts another).
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# Roles and RoleBindings: the operator makes the least-privilege Role of each job's workers and
-# binds it to their ServiceAccount.
+  verbs: ["get", "create"]
+# Roles and RoleBindings: the least-privilege Role of each job's workers, bound to their
+# ServiceAccount; patch brings the Role's rules up to date; get: the ownership check.
 - apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# ConfigMaps: the operator reads prompts from spec.promptsFrom.configMapKeyRef to plan shards; the
-# workers' Role grants get on that ConfigMap.
+  resources: ["roles"]
+  verbs: ["get", "create", "patch"]
+# RoleBindings: the binding of that Role to the workers' ServiceAccount (never changed once made).
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["rolebindings"]
+  verbs: ["get", "create"]
+# ConfigMaps: the operator reads prompts from spec.promptsFrom.configMapKeyRef to plan shards;
+# workers: get on that one ConfigMap. The admission policy checks that the job's creator may read it.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch"]
-# Events (core API): the operator (and kopf) report what they do on the ImageBatchJob.
+  verbs: ["get"]
+# Events (core API): the operator and kopf report what they do on the ImageBatchJob (create only:
+# every Event has a fresh name).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-# Events (events.k8s.io): the same, for clients that use the newer Events API.
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/* Cluster-scoped permissions kopf needs in every mode. */}}
@@ -137,5 +141,17 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 {{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Where the admission policies act: the namespaces the operator watches. */}}
+{{- define "imagebatch.policyScope" -}}
+{{- if not .Values.watch.allNamespaces }}
+matchResources:
+  namespaceSelector:
+    matchExpressions:
+      - key: kubernetes.io/metadata.name
+        operator: In
+        values: {{ toJson .Values.watch.namespaces }}
 {{- end }}
 {{- end }}

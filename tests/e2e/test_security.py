@@ -1,0 +1,556 @@
+"""Least privilege on the real API server (RBAC, the chart's ValidatingAdmissionPolicies, real
+tokens): an ImageBatchJob grants nothing its creator lacks, a job's workers can write only that
+job's shards, the operator holds only what it uses, and it never adopts a Role it did not make.
+
+Users alice and bob are real to the authorizer and to admission: the admin impersonates them
+(`kubectl --as`), so the policy's `authorizer` asks RBAC about alice, not about the admin.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness import (
+    REPO,
+    TINY_ENV,
+    Kubectl,
+    Operator,
+    check_output_dir,
+    condition,
+    ibj,
+    tiny_job,
+    wait_condition,
+    wait_for,
+)
+
+from imagebatch.testing.cluster import build_binaries, create_namespace, free_port
+from imagebatch.testing.kubeapi import ApiError, KubeClient
+from imagebatch.testing.pytest_plugin import TestCluster
+
+pytestmark = pytest.mark.cluster
+
+JSON = dict[str, Any]
+CHART = REPO / "charts" / "imagebatch"
+POLICY_RELEASE = "ibsec"
+
+
+def helm_template(release: str, namespace: str, *args: str) -> list[JSON]:
+    proc = subprocess.run(
+        [str(build_binaries() / "helm"), "template", release, str(CHART), "--namespace", namespace, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def token_of(client: KubeClient, namespace: str, service_account: str) -> str:
+    """A real token of a ServiceAccount (TokenRequest), as the kubelet would mount it."""
+    answer = client.create(
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        },
+    )
+    return str(answer["status"]["token"])
+
+
+def refused(call: Any) -> ApiError:
+    try:
+        call()
+    except ApiError as err:
+        return err
+    raise AssertionError("the API server accepted it")
+
+
+@dataclass
+class Team:
+    namespace: str
+    kubectl: Kubectl
+
+    def as_user(self, user: str, doc: JSON, *extra: str) -> subprocess.CompletedProcess[str]:
+        return self.kubectl(
+            "apply",
+            "-n",
+            self.namespace,
+            "--as",
+            user,
+            *extra,
+            "-f",
+            "-",
+            input=yaml.safe_dump(doc),
+            check=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def team(kube_cluster: TestCluster, kubectl: Kubectl) -> Iterator[Team]:
+    """Namespace team-a-…, the chart's admission policies acting in it, users alice and bob.
+
+    No Pod Security enforcement here: bob's hostPath job must be able to run once admitted.
+    alice may create ImageBatchJobs and read pods; bob may also create pods, read the Secret and
+    the ConfigMap, which is what the policy asks of a job that uses them.
+    """
+    ns = f"team-a-{uuid.uuid4().hex[:5]}"
+    create_namespace(kube_cluster.client, ns)
+    policies = [
+        d
+        for d in helm_template(
+            POLICY_RELEASE,
+            "imagebatch-system",
+            "--set",
+            "watch.allNamespaces=false",
+            "--set",
+            f"watch.namespaces={{{ns}}}",
+        )
+        if d["kind"] in {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    ]
+    assert len(policies) == 4
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(policies))
+    rbac = [
+        role(
+            "ibj-creator",
+            ns,
+            [rule("imagebatch.dev", "imagebatchjobs", "create,get,list,watch,patch,update,delete")],
+        ),
+        role("pod-reader", ns, [rule("", "pods", "get,list,watch")]),
+        role("pod-creator", ns, [rule("", "pods", "create")]),
+        role("secret-reader", ns, [rule("", "secrets", "get", "registry-token")]),
+        role("prompt-reader", ns, [rule("", "configmaps", "get", "prompts")]),
+        binding("alice-ibj", ns, "ibj-creator", "alice"),
+        binding("alice-pods", ns, "pod-reader", "alice"),
+        *(
+            binding(f"bob-{r}", ns, r, "bob")
+            for r in ("ibj-creator", "pod-reader", "pod-creator", "secret-reader", "prompt-reader")
+        ),
+    ]
+    kubectl.apply(rbac, ns)
+    t = Team(ns, kubectl)
+    # The policies act once the API server has loaded them: wait for a refusal (dry run).
+    probe = tiny_job("probe", "/nowhere", prompts=["x"], workers={"image": "busybox"})
+    wait_for(
+        "the job-creator policy to act",
+        lambda: "spec.workers.image" in t.as_user("alice", probe, "--dry-run=server").stderr,
+        timeout=120,
+    )
+    yield t
+    kubectl("delete", "-f", "-", "--ignore-not-found", input=yaml.safe_dump_all(policies), check=False)
+    kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def rule(group: str, resource: str, verbs: str, name: str | None = None) -> JSON:
+    r: JSON = {"apiGroups": [group], "resources": [resource], "verbs": verbs.split(",")}
+    if name:
+        r["resourceNames"] = [name]
+    return r
+
+
+def role(name: str, ns: str, rules: list[JSON]) -> JSON:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": ns},
+        "rules": rules,
+    }
+
+
+def binding(name: str, ns: str, role_name: str, user: str, kind: str = "Role") -> JSON:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role_name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+
+
+# -- 1. admission checks the creator --------------------------------------------------------------
+
+
+def test_a_job_grants_nothing_its_creator_lacks(
+    kube_cluster: TestCluster, kubectl: Kubectl, running_operator: Operator, team: Team, tmp_path: Path
+) -> None:
+    if kube_cluster.local is None:
+        pytest.skip("bob's jobs run on the local node agent (hostPath, local output folders)")
+    ns = team.namespace
+    # A privileged ServiceAccount (cluster-admin in the namespace), a Secret, a prompt ConfigMap.
+    kubectl("create", "serviceaccount", "deployer", "-n", ns)
+    kubectl.apply(
+        [
+            {
+                **binding("deployer-admin", ns, "cluster-admin", "x", kind="ClusterRole"),
+                "subjects": [{"kind": "ServiceAccount", "name": "deployer", "namespace": ns}],
+            }
+        ],
+        ns,
+    )
+    kubectl("create", "secret", "generic", "registry-token", "-n", ns, "--from-literal=token=s3cr3t")
+    kubectl(
+        "create", "configmap", "prompts", "-n", ns, "--from-literal=prompts.txt=a red door\na blue door\n"
+    )
+
+    outs = {k: tmp_path / k for k in ("hostpath", "account", "secret", "configmap")}
+    manifests = {
+        # Mounted at the host folder's own path: the test node runs workers as local processes.
+        "hostpath": tiny_job(
+            "hostpath",
+            str(outs["hostpath"]),
+            prompts=["a field", "a hill"],
+            workers={
+                "maxReplicas": 1,
+                "volumes": [
+                    {"name": "out", "hostPath": {"path": str(outs["hostpath"]), "type": "DirectoryOrCreate"}}
+                ],
+                "volumeMounts": [{"name": "out", "mountPath": str(outs["hostpath"])}],
+            },
+        ),
+        "account": tiny_job(
+            "account",
+            str(outs["account"]),
+            prompts=["a cat"],
+            workers={"maxReplicas": 1, "serviceAccountName": "deployer"},
+        ),
+        "secret": tiny_job(
+            "secret",
+            str(outs["secret"]),
+            prompts=["a dog"],
+            workers={
+                "maxReplicas": 1,
+                "env": [
+                    *TINY_ENV,
+                    {
+                        "name": "REGISTRY_TOKEN",
+                        "valueFrom": {"secretKeyRef": {"name": "registry-token", "key": "token"}},
+                    },
+                ],
+            },
+        ),
+        "configmap": tiny_job(
+            "configmap",
+            str(outs["configmap"]),
+            promptsFrom={"configMapKeyRef": {"name": "prompts", "key": "prompts.txt"}},
+            workers={"maxReplicas": 1},
+        ),
+    }
+    expected = {
+        "hostpath": ("spec.workers.volumes[out]", "create pods"),
+        "account": (
+            "spec.workers.serviceAccountName",
+            "create pods, or the verb use on serviceaccounts/deployer",
+        ),
+        "secret": ("spec.workers.env[REGISTRY_TOKEN].valueFrom.secretKeyRef", "get secrets"),
+        "configmap": ("spec.promptsFrom.configMapKeyRef", "get configmaps"),
+    }
+    # alice may create jobs (a plain one passes, dry run) ...
+    plain = tiny_job("plain", str(tmp_path / "plain"), prompts=["a tree"])
+    proc = team.as_user("alice", plain, "--dry-run=server")
+    assert proc.returncode == 0, proc.stderr
+    # ... but none of these: the API server refuses each, naming the field and what she lacks.
+    for name, doc in manifests.items():
+        proc = team.as_user("alice", doc)
+        field, missing = expected[name]
+        assert proc.returncode != 0, f"{name}: accepted from alice"
+        assert "ValidatingAdmissionPolicy" in proc.stderr and field in proc.stderr, proc.stderr
+        assert "user alice" in proc.stderr and f"(missing: {missing})" in proc.stderr, proc.stderr
+        assert kubectl("get", "ibj", name, "-n", ns, check=False).returncode != 0
+    # bob may do each of those things directly: the same manifests pass and run.
+    for name, doc in manifests.items():
+        proc = team.as_user("bob", doc)
+        assert proc.returncode == 0, f"{name} from bob: {proc.stderr}"
+    for name in manifests:
+        wait_condition(kubectl, ns, name, "Complete", timeout=300)
+    check_output_dir(outs["hostpath"], {"p0000000", "p0000001"})
+    check_output_dir(outs["account"], 1)
+    check_output_dir(outs["secret"], 1)
+    check_output_dir(outs["configmap"], 2)
+    workers = kubectl.json("get", "job", "account-workers", "-n", ns)
+    assert workers["spec"]["template"]["spec"]["serviceAccountName"] == "deployer"
+    # A spec change is checked again (alice edits bob's plain job to add the Secret: refused),
+    # while a change that leaves the spec alone (a label) is not asked about.
+    edited = copy.deepcopy(manifests["secret"])
+    edited["metadata"]["labels"] = {"owner": "bob"}
+    proc = team.as_user("alice", {**edited, "spec": {**edited["spec"], "suspend": True}})
+    assert proc.returncode != 0 and "spec.workers.env[REGISTRY_TOKEN]" in proc.stderr, proc.stderr
+    proc = kubectl("label", "ibj", "secret", "-n", ns, "--as", "alice", "reviewed=yes", check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- 2. workers are fenced to their own job -------------------------------------------------------
+
+
+def test_a_workers_token_cannot_touch_another_jobs_shards(
+    kube_cluster: TestCluster, kubectl: Kubectl, running_operator: Operator, team: Team, tmp_path: Path
+) -> None:
+    ns = team.namespace
+    client = kube_cluster.client
+    shards_path = f"/apis/imagebatch.dev/v1alpha1/namespaces/{ns}/imagebatchshards"
+    # Job B waits (suspended) with its shards planned; job A runs, so its worker account exists.
+    # A reads a prompt file: its own worker plans (creates) A's shards, all under the fence.
+    prompt_file = tmp_path / "a-prompts.txt"
+    prompt_file.write_text("".join(f"prompt {i}\n" for i in range(5)))
+    kubectl.apply(
+        [tiny_job("fence-b", str(tmp_path / "b"), prompts=[f"b{i}" for i in range(3)], suspend=True)], ns
+    )
+    kubectl.apply(
+        [
+            tiny_job(
+                "fence-a",
+                str(tmp_path / "a"),
+                promptsFrom={"uri": str(prompt_file)},
+                batching={"shardSize": 2},
+                workers={"maxReplicas": 1},
+            )
+        ],
+        ns,
+    )
+    b_shards = wait_for(
+        "job B's shards",
+        lambda: client.get(shards_path, labelSelector="imagebatch.dev/job=fence-b")["items"],
+        timeout=120,
+    )
+    wait_for(
+        "job A's worker ServiceAccount",
+        lambda: client.get_or_none(f"/api/v1/namespaces/{ns}/serviceaccounts/fence-a-worker"),
+        timeout=120,
+    )
+    worker_a = client.with_token(token_of(client, ns, "fence-a-worker"))
+    b0 = next(s for s in b_shards if s["spec"]["index"] == 0)
+    b0_path = f"{shards_path}/{b0['metadata']['name']}"
+    fence = "may write only its own shards"
+
+    # Mark B's shard Done (a conditional replace of the status: a verb the worker's Role holds).
+    forged = copy.deepcopy(b0)
+    forged["status"] = {**(b0.get("status") or {}), "state": "Done", "itemsDone": 3}
+    err = refused(lambda: worker_a.replace(f"{b0_path}/status", forged))
+    assert err.status == 403 and fence in err.message, err
+    # Annotate B's shard 0 with a manifest line count (patch: held by the Role too).
+    err = refused(
+        lambda: worker_a.patch(b0_path, {"metadata": {"annotations": {"imagebatch.dev/manifest-lines": "3"}}})
+    )
+    assert err.status == 403 and fence in err.message, err
+    # Create a shard for job B.
+    extra = {
+        "apiVersion": "imagebatch.dev/v1alpha1",
+        "kind": "ImageBatchShard",
+        "metadata": {
+            "name": "fence-b-s00099",
+            "labels": b0["metadata"]["labels"],
+            "annotations": b0["metadata"].get("annotations", {}),
+            "ownerReferences": b0["metadata"]["ownerReferences"],
+        },
+        "spec": {**b0["spec"], "index": 99},
+    }
+    err = refused(lambda: worker_a.create(shards_path, extra))
+    assert err.status == 403 and fence in err.message, err
+    # Nor can it pass a shard off as its own: relabelling B's shard is a change of labels.
+    relabel = {"metadata": {"labels": {"imagebatch.dev/job": "fence-a"}}}
+    err = refused(lambda: worker_a.patch(b0_path, relabel))
+    assert err.status == 403, err
+    # Outside the fence the same token still works: the refusals above are the policy, not RBAC.
+    a_shards = wait_for(
+        "job A's shards, planned by its worker",
+        lambda: client.get(shards_path, labelSelector="imagebatch.dev/job=fence-a")["items"],
+        timeout=180,
+    )
+    a_path = f"{shards_path}/{a_shards[0]['metadata']['name']}"
+    worker_a.patch(a_path, {"metadata": {"annotations": {"example.com/fence-probe": "ok"}}})
+    err = refused(lambda: worker_a.delete(a_path))
+    assert err.status == 403
+
+    # Job B runs and completes untouched.
+    assert client.get(b0_path).get("status") == b0.get("status")
+    kubectl("patch", "ibj", "fence-b", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_condition(kubectl, ns, "fence-b", "Complete", timeout=300)
+    wait_condition(kubectl, ns, "fence-a", "Complete", timeout=300)
+    check_output_dir(tmp_path / "a", 5)  # planned, claimed, completed and joined by A's workers
+    check_output_dir(tmp_path / "b", 3)
+    assert ibj(kubectl, ns, "fence-b")["status"]["items"] == {"total": 3, "done": 3, "failed": 0}
+    names = {
+        s["metadata"]["name"]
+        for s in client.get(shards_path, labelSelector="imagebatch.dev/job=fence-b")["items"]
+    }
+    assert "fence-b-s00099" not in names
+
+
+# -- 3. the operator's own token ------------------------------------------------------------------
+
+
+def test_the_operators_token_cannot_read_secrets_or_make_pods(
+    kube_cluster: TestCluster, kubectl: Kubectl, operator: Operator, team: Team
+) -> None:
+    ns = team.namespace
+    kubectl("create", "secret", "generic", "operator-probe", "-n", ns, "--from-literal=k=v", check=False)
+    op = KubeClient.from_kubeconfig(operator.kubeconfig)
+    me = op.create(
+        "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+    )["status"]["userInfo"]["username"]
+    assert me.startswith("system:serviceaccount:imagebatch-system:"), me
+    for path in (
+        f"/api/v1/namespaces/{ns}/secrets",
+        f"/api/v1/namespaces/{ns}/secrets/operator-probe",
+        "/api/v1/secrets",
+        "/api/v1/namespaces/kube-system/secrets",
+    ):
+        err = refused(lambda p=path: op.get(p))  # type: ignore[misc]
+        assert err.status == 403, (path, err)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "x"},
+        "spec": {"containers": [{"name": "c", "image": "i"}]},
+    }
+    err = refused(lambda: op.request("POST", f"/api/v1/namespaces/{ns}/pods", pod, query={"dryRun": "All"}))
+    assert err.status == 403, err
+
+
+# -- 5. a Role of the workers' name that the job does not own -------------------------------------
+
+
+def test_a_foreign_role_named_like_the_workers_is_never_adopted(
+    kubectl: Kubectl, running_operator: Operator, team: Team, tmp_path: Path
+) -> None:
+    ns = team.namespace
+    kubectl.apply([role("squat-worker", ns, [rule("", "pods", "get")])], ns)
+    before = kubectl.json("get", "role", "squat-worker", "-n", ns)
+    kubectl.apply([tiny_job("squat", str(tmp_path / "out"), prompts=["a"])], ns)
+    wait_condition(kubectl, ns, "squat", "Failed", timeout=120)
+    failed = condition(ibj(kubectl, ns, "squat"), "Failed")
+    assert failed is not None and failed["reason"] == "WorkerRBACNotOwned", failed
+    assert f"Role {ns}/squat-worker exists and is not owned by ImageBatchJob squat" in failed["message"]
+    after = kubectl.json("get", "role", "squat-worker", "-n", ns)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert after["rules"] == before["rules"] and not after["metadata"].get("ownerReferences")
+    assert kubectl("get", "job", "squat-workers", "-n", ns, check=False).returncode != 0  # no workers ran
+    assert kubectl("get", "rolebinding", "squat-worker", "-n", ns, check=False).returncode != 0
+
+
+# -- 4. watchNamespaces: an operator that can act in its namespaces only --------------------------
+
+
+class NamespacedOperator(Operator):
+    """The operator watching only `namespaces`, as the chart's namespaced mode runs it."""
+
+    def __init__(self, kubeconfig: Path, log_dir: Path, namespaces: list[str]) -> None:
+        super().__init__(kubeconfig, log_dir)
+        self.namespaces = namespaces
+
+    def start(self) -> None:
+        self.starts += 1
+        self.metrics_port = free_port()
+        log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "imagebatch.operator",
+                *(f"--namespace={n}" for n in self.namespaces),
+                "--interval=1",
+                f"--metrics-port={self.metrics_port}",
+                "--worker-metrics-port=0",
+            ],
+            cwd=self.log_dir,
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def test_watch_namespaces_operator_reconciles_there_and_cannot_act_elsewhere(
+    kube_cluster: TestCluster, kubectl: Kubectl, operator: Operator, team: Team, tmp_path: Path
+) -> None:
+    client = kube_cluster.client
+    suffix = uuid.uuid4().hex[:5]
+    home, watched = f"ibns-system-{suffix}", f"ibns-team-{suffix}"
+    for name in (home, watched):
+        create_namespace(client, name, {"pod-security.kubernetes.io/enforce": "restricted"})
+    release = f"ibns{suffix}"
+    docs = [
+        d
+        for d in helm_template(
+            release,
+            home,
+            "--set",
+            "watch.allNamespaces=false",
+            "--set",
+            f"watch.namespaces={{{watched}}}",
+            "--show-only",
+            "templates/rbac.yaml",
+            "--show-only",
+            "templates/serviceaccount.yaml",
+        )
+    ]
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    sa = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
+    token = token_of(client, home, sa)
+    admin = yaml.safe_load(kubectl.kubeconfig.read_text())
+    cluster = admin["clusters"][0]
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": sa, "user": {"token": token}}],
+                "contexts": [{"name": "op", "context": {"cluster": cluster["name"], "user": sa}}],
+                "current-context": "op",
+            }
+        )
+    )
+    # The session's all-namespaces operator steps aside, so that only this one can do the work.
+    operator.stop()
+    (tmp_path / "log").mkdir()
+    ns_operator = NamespacedOperator(config, tmp_path / "log", [watched])
+    ns_operator.start()
+    try:
+        kubectl.apply(
+            [tiny_job("scoped", str(tmp_path / "out"), prompts=["a", "b"], workers={"maxReplicas": 1})],
+            watched,
+        )
+        wait_condition(kubectl, watched, "scoped", "Complete", timeout=300)
+        check_output_dir(tmp_path / "out", 2)
+        # With its own token: a worker Job in the watched namespace is allowed (dry run) ...
+        op = client.with_token(token)
+        job = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "probe"},
+            "spec": {
+                "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "i"}]}}
+            },
+        }
+        op.request("POST", f"/apis/batch/v1/namespaces/{watched}/jobs", job, query={"dryRun": "All"})
+        # ... and refused everywhere else, kube-system included.
+        for other in ("kube-system", "default", team.namespace, home):
+            err = refused(
+                lambda o=other: op.request(  # type: ignore[misc]
+                    "POST", f"/apis/batch/v1/namespaces/{o}/jobs", job, query={"dryRun": "All"}
+                )
+            )
+            assert err.status == 403, (other, err)
+            err = refused(
+                lambda o=other: op.get(f"/apis/imagebatch.dev/v1alpha1/namespaces/{o}/imagebatchjobs")
+            )  # type: ignore[misc]
+            assert err.status == 403, (other, err)
+        assert "forbidden" not in ns_operator.log().lower(), ns_operator.log()[-3000:]
+    finally:
+        ns_operator.stop()
+        operator.start()
+        kubectl("delete", "-f", "-", "--ignore-not-found", input=yaml.safe_dump_all(docs), check=False)
+        for name in (home, watched):
+            kubectl("delete", "namespace", name, "--wait=false", check=False)
