@@ -33,9 +33,9 @@ from harness import (
     wait_for,
 )
 
-from imagebatch.testing.cluster import build_binaries, create_namespace, free_port
-from imagebatch.testing.kubeapi import ApiError, KubeClient
-from imagebatch.testing.pytest_plugin import TestCluster
+from imagebatch_testing.cluster import build_binaries, create_namespace, free_port
+from imagebatch_testing.kubeapi import ApiError, KubeClient
+from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
 
