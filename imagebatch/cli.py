@@ -45,11 +45,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from imagebatch.jobfile import load_job
     from imagebatch.planning import expand_items
-    from imagebatch.prompts import load_prompts
+    from imagebatch.prompts import iter_prompts
     from imagebatch.storage import storage_options
 
     job = load_job(args.job)
-    items = expand_items(load_prompts(job.spec, storage_options(job.spec.output)), job.spec.generation)
+    items = expand_items(iter_prompts(job.spec, storage_options(job.spec.output)), job.spec.generation)
     print(f"{args.job}: valid; {len(items)} images")
     return 0
 
