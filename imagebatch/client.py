@@ -200,7 +200,7 @@ class Client:
         meta["namespace"] = ns
         name = meta["name"]
         before = self.get_or_none(name, ns)
-        applied = self._call(
+        resp = self._call(
             f"submitting ImageBatchJob {ns}/{name}",
             lambda: self.custom.patch_namespaced_custom_object(
                 GROUP,
@@ -212,10 +212,15 @@ class Client:
                 field_manager=FIELD_MANAGER,
                 force=True,
                 _content_type=APPLY_PATCH,
+                _preload_content=False,  # the generated client drops apply responses' bodies
             ),
         )
-        changed = (
-            before is None or before["metadata"]["resourceVersion"] != applied["metadata"]["resourceVersion"]
+        applied: JSON = json.loads(resp.data)
+        # Not the resourceVersion: the operator's status writes move it. A spec change moves the
+        # generation; labels and annotations are compared as they are.
+        changed = before is None or any(
+            before["metadata"].get(k) != applied["metadata"].get(k)
+            for k in ("generation", "labels", "annotations")
         )
         return SubmittedJob(self, name, ns, {**applied, "_changed": changed})
 
