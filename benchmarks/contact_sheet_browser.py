@@ -5,8 +5,9 @@ already brings). Prints one JSON line per step and writes PNG screenshots.
 
     python benchmarks/contact_sheet_browser.py OUTPUT_DIR [--http] [--screenshot page2.png]
 
-OUTPUT_DIR is a finished job's output (index.html, manifest.jsonl). --http serves it with Python's
-http.server (needed for the webdataset layout, whose images are read out of tars) instead of file://.
+OUTPUT_DIR is a finished job's output (index.html, manifest.jsonl). --http serves it over HTTP
+(needed for the webdataset layout, whose images are read out of tars by byte range) with Python's
+http.server plus Range support, or without it (--no-range), instead of file://.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import base64
 import functools
 import http.server
+import io
 import itertools
 import json
 import os
@@ -36,10 +38,12 @@ SHOWN = """(() => {
   if (!grid || document.body.dataset.shown !== "%d") return null;
   const imgs = [...grid.querySelectorAll("img")].filter(i => i.getBoundingClientRect().top < innerHeight);
   if (!imgs.length || !imgs.every(i => i.complete && i.naturalWidth > 0)) return null;
+  // The smooth/crisp choice is made a frame after each image loads: wait for it to settle.
+  if (!imgs.every(i => i.classList.contains("upscaled") === (i.naturalWidth < i.clientWidth))) return null;
   return {figures: grid.children.length, visible_images: imgs.length,
           first_id: grid.querySelector(".meta").textContent.split(" ")[0],
           label: document.getElementById("page").textContent,
-          smooth: getComputedStyle(imgs[0]).imageRendering,
+          image_rendering: getComputedStyle(imgs[0]).imageRendering,
           image_px: imgs[0].naturalWidth, tile_px: Math.round(imgs[0].clientWidth)};
 })()"""
 
@@ -114,10 +118,37 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.RequestHandlerClass.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+class Handler(http.server.SimpleHTTPRequestHandler):
+    """http.server plus single byte ranges (as S3 and every CDN serve them), and no request log."""
+
+    range_support = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def send_head(self) -> Any:
+        spec = self.headers.get("Range", "")
+        path = Path(self.translate_path(self.path))
+        if not (self.range_support and spec.startswith("bytes=") and path.is_file()):
+            return super().send_head()
+        first, _, last = spec[6:].partition("-")
+        size = path.stat().st_size
+        start, end = int(first), min(int(last) if last else size - 1, size - 1)
+        f = path.open("rb")
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Type", self.guess_type(str(path)))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        return io.BytesIO(f.read(end - start + 1))
+
+
+def serve(root: Path, ranges: bool = True) -> tuple[http.server.ThreadingHTTPServer, str]:
+    handler = type("H", (Handler,), {"range_support": ranges})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(root))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/index.html"
 
@@ -126,6 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("output", type=Path)
     ap.add_argument("--http", action="store_true")
+    ap.add_argument("--no-range", action="store_true", help="with --http: a server that ignores Range")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     ap.add_argument("--screenshot", type=Path, help="PNG of page 2 after paging forward")
     args = ap.parse_args()
@@ -133,7 +165,7 @@ def main() -> None:
     images = sum(1 for _ in (root / "manifest.jsonl").open())
     server = None
     if args.http:
-        server, url = serve(root)
+        server, url = serve(root, ranges=not args.no_range)
     else:
         url = (root / "index.html").as_uri()
     b = Browser(args.chromium)

@@ -27,7 +27,8 @@ def page_key(page: int) -> str:
 
 
 def _row(line: dict[str, Any]) -> list[Any]:
-    row = [line["key"], line["prompt"], line["id"], line["seed"]]
+    # The seed as a string: 63-bit seeds do not survive JavaScript's doubles.
+    row = [line["key"], line["prompt"], line["id"], str(line["seed"])]
     if "offset" in line:
         row += [line["member"], line["offset"], line["size"]]
     return row
@@ -79,22 +80,43 @@ function figure(r) {
   return `<figure><a href="${esc(r[0])}">${img}</a><figcaption>${esc(r[1])}<br><span class="meta">${esc(r[2])} · seed ${r[3]}</span></figcaption></figure>`;
 }
 function mark(img) {
-  const up = () => img.classList.toggle("upscaled", img.naturalWidth > 0 && img.naturalWidth < img.clientWidth);
+  // After layout (a frame later), so that the tile's width is known.
+  const up = () => requestAnimationFrame(() =>
+    img.classList.toggle("upscaled", img.naturalWidth > 0 && img.naturalWidth < img.clientWidth));
   if (img.complete) up(); else img.addEventListener("load", up, {once: true});
 }
+// Per tar: the first image's request finds out whether the server honours Range. If it does,
+// every image is one small request; if not, the whole tar is fetched once and sliced.
+const probes = {};
 async function member(img) {
   const off = +img.dataset.off, size = +img.dataset.size, url = img.dataset.tar;
+  const range = {headers: {Range: `bytes=${off}-${off + size - 1}`}};
   let buf;
-  const r = await fetch(url, {headers: {Range: `bytes=${off}-${off + size - 1}`}});
-  if (r.status === 206) buf = await r.arrayBuffer();
-  else { tars[url] = tars[url] || r.arrayBuffer(); buf = (await tars[url]).slice(off, off + size); }
+  if (!(url in probes)) {
+    probes[url] = fetch(url, range).then(async r => {
+      if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+      const body = await r.arrayBuffer();
+      return r.status === 206 ? {first: body} : {whole: body};
+    });
+    const p = await probes[url];
+    buf = p.whole ? p.whole.slice(off, off + size) : p.first;
+  } else {
+    const p = await probes[url];
+    if (p.whole) buf = p.whole.slice(off, off + size);
+    else {
+      const r = await fetch(url, range);
+      buf = await r.arrayBuffer();
+      if (r.status !== 206) buf = buf.slice(off, off + size);  // a cache or proxy that dropped Range
+    }
+  }
   const ext = img.dataset.name.split(".").pop();
   img.src = URL.createObjectURL(new Blob([buf], {type: ext === "jpg" ? "image/jpeg" : "image/" + ext}));
+  mark(img);
 }
 function hydrate() {
   for (const img of grid.querySelectorAll("img")) {
     if (img.dataset.tar && !img.src) member(img).catch(() => { img.alt = "serve this folder over HTTP to see images inside tars"; });
-    mark(img);
+    else mark(img);
   }
 }
 function show(n) {

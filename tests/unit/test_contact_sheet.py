@@ -48,7 +48,14 @@ def test_webdataset_rows_carry_the_byte_range_in_the_tar() -> None:
         in pages["index.html"]
     )
     rows = json.loads(pages[page_key(2)][len("ibPage(2,") : -3])
-    assert rows[0] == ["shards/s00001.tar", "prompt 10", "p0000010", 10, "p0000010.png", 0, 100]
+    assert rows[0] == ["shards/s00001.tar", "prompt 10", "p0000010", "10", "p0000010.png", 0, 100]
+
+
+def test_seeds_are_exact_on_every_page() -> None:
+    big = [{"id": f"p{i}", "prompt": "x", "seed": 2**63 - 1 - i, "key": f"images/p{i}.png"} for i in range(2)]
+    pages = render_pages("job", big, page_size=1)
+    assert f"seed {2**63 - 1}" in pages["index.html"]
+    assert f'"{2**63 - 2}"' in pages[page_key(2)]  # a string: a JavaScript number would round it
 
 
 def test_prompts_cannot_break_out_of_the_page() -> None:
