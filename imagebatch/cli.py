@@ -206,9 +206,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_logs(args: argparse.Namespace) -> int:
     client = _client(args)
-    for pod, line in client.logs(args.name, follow=args.follow, tail=args.tail):
-        print(f"[{pod}] {line}", flush=args.follow)
-    return 0
+    failed = False
+    for line in client.logs(args.name, follow=args.follow, tail=args.tail):
+        if line.error:
+            failed = True
+            print(f"[{line.pod}] error: {line.text}", file=sys.stderr, flush=True)
+        else:
+            print(f"[{line.pod}] {line.text}", flush=args.follow)
+    return 1 if failed else 0
 
 
 def _cmd_suspend(args: argparse.Namespace) -> int:

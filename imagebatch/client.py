@@ -93,6 +93,13 @@ def job_state(job: JSON) -> tuple[str, str, str]:
     return ("Running" if (job.get("status") or {}).get("items", {}).get("total") else "Pending"), "", ""
 
 
+@dataclass(frozen=True)
+class LogLine:
+    pod: str
+    text: str
+    error: bool = False  # the API gave no log for this pod; text says why
+
+
 @dataclass
 class Result:
     """A finished job: its last status and where its outputs are."""
@@ -334,21 +341,21 @@ class Client:
             (self.api.sanitize_for_serialization(p) for p in pods.items), key=lambda p: p["metadata"]["name"]
         )
 
-    def logs(self, name: str, follow: bool = False, tail: int | None = None) -> Iterator[tuple[str, str]]:
-        """(pod, line) of every worker pod; with follow, interleaved as they come until all end."""
+    def logs(self, name: str, follow: bool = False, tail: int | None = None) -> Iterator[LogLine]:
+        """Every worker pod's lines; with follow, interleaved as they come until all pods end.
+        A pod whose log the API cannot give yields one line with `error` set."""
         self.get(name)
         pods = [p["metadata"]["name"] for p in self.pods(name)]
         if not follow:
             for pod in pods:
-                for line in self._pod_log(pod, False, tail):
-                    yield pod, line
+                yield from self._pod_log(pod, False, tail)
             return
-        lines: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        lines: queue.Queue[LogLine | None] = queue.Queue()
 
         def pump(pod: str) -> None:
             try:
                 for line in self._pod_log(pod, True, tail):
-                    lines.put((pod, line))
+                    lines.put(line)
             finally:
                 lines.put(None)
 
@@ -362,7 +369,7 @@ class Client:
             else:
                 yield item
 
-    def _pod_log(self, pod: str, follow: bool, tail: int | None) -> Iterator[str]:
+    def _pod_log(self, pod: str, follow: bool, tail: int | None) -> Iterator[LogLine]:
         from kubernetes.client.exceptions import ApiException
 
         kwargs: dict[str, Any] = {"follow": follow, "_preload_content": False}
@@ -373,16 +380,16 @@ class Client:
         try:
             resp = self.core.read_namespaced_pod_log(pod, self.namespace, **kwargs)
         except ApiException as e:
-            yield f"(no log: {_api_message(e)})"
+            yield LogLine(pod, f"cannot read its log: {_api_message(e)}", error=True)
             return
         buf = b""
         for chunk in resp.stream(4096):
             buf += chunk
             *complete, buf = buf.split(b"\n")
             for line in complete:
-                yield line.decode(errors="replace")
+                yield LogLine(pod, line.decode(errors="replace"))
         if buf:
-            yield buf.decode(errors="replace")
+            yield LogLine(pod, buf.decode(errors="replace"))
 
     # -- outputs -------------------------------------------------------------------------------
     def output_storage(

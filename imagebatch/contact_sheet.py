@@ -143,10 +143,11 @@ function go(n) {
 document.getElementById("prev").onclick = () => go(current - 1);
 document.getElementById("next").onclick = () => go(current + 1);
 document.addEventListener("keydown", e => { if (e.key === "ArrowRight") go(current + 1); if (e.key === "ArrowLeft") go(current - 1); });
-const m = location.hash.match(/page=(\d+)/);
+const hashPage = () => { const m = location.hash.match(/page=(\d+)/); return m ? +m[1] : 1; };
+addEventListener("hashchange", () => { if (hashPage() !== current) go(hashPage()); });
 grid.dataset.page = "1";
 show(1);
-if (m && +m[1] !== 1) go(+m[1]);
+if (hashPage() !== 1) go(hashPage());
 """
 
 
