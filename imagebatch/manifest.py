@@ -131,11 +131,16 @@ def imagefolder_lines(lines: list[dict[str, Any]]) -> bytes:
     return dumps_lines(rows)
 
 
-def join_outputs(storage: Storage, title: str, shards: Iterable[str], layout: str) -> bytes:
+def join_outputs(
+    storage: Storage, title: str, shards: Iterable[str], layout: str, expected: int | None = None
+) -> bytes:
     """Everything written once all shards are done: manifest.jsonl (returned), manifest.parquet,
-    the imagefolder metadata (files layout) and the contact sheet's pages."""
+    the imagefolder metadata (files layout) and the contact sheet's pages. With `expected`, a
+    manifest of another line count raises before anything but manifest.jsonl is written."""
     data = join_parts(storage, shards)
     lines = contact_sheet.parse_manifest(data)
+    if expected is not None and len(lines) != expected:
+        raise RuntimeError(f"manifest has {len(lines)} lines for {expected} images")
     storage.write_bytes(MANIFEST_PARQUET, parquet_bytes(lines))
     if layout == "files":
         storage.write_bytes(HF_METADATA, imagefolder_lines(lines))
