@@ -4,6 +4,7 @@ that name the file, line and column."""
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +15,8 @@ from pydantic import ValidationError
 from imagebatch.api import ImageBatchJobSpec
 from imagebatch.errors import PromptFileError, SpecError
 from imagebatch.prompts import iter_prompts, load_prompts
+from imagebatch.storage import Storage
+from imagebatch.testing.s3 import S3Server
 
 
 def spec_for(uri: str, fmt: str | None = None) -> ImageBatchJobSpec:
@@ -237,3 +240,26 @@ def test_configmap_rejects_binary_formats() -> None:
                 "output": {"uri": "/tmp/o"},
             }
         )
+
+
+def test_parquet_gzip_and_save_to_disk_from_s3(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import datasets
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    s3.create_bucket("prompts")
+    st = Storage("s3://prompts", {"client_kwargs": {"endpoint_url": s3.endpoint}})
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog"]}), buf)
+    st.write_bytes("p.parquet", buf.getvalue())
+    st.write_bytes("p.csv.gz", gzip.compress(b'prompt\n"a cat, in a hat"\n'))
+    d = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["a bird"]}).save_to_disk(str(d))
+    for f in d.iterdir():
+        st.write_bytes(f"ds/{f.name}", f.read_bytes())
+    opts = {"client_kwargs": {"endpoint_url": s3.endpoint}}
+    assert [p.prompt for p in load_prompts(spec_for("s3://prompts/p.parquet"), opts)] == ["a cat", "a dog"]
+    assert [p.prompt for p in load_prompts(spec_for("s3://prompts/p.csv.gz"), opts)] == ["a cat, in a hat"]
+    assert [p.prompt for p in load_prompts(spec_with("s3://prompts/ds", column="text"), opts)] == ["a bird"]
