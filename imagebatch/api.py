@@ -110,22 +110,45 @@ class PromptsFrom(Model):
     uri: str | None = Field(
         default=None,
         description=(
-            "A prompt file: a local or volume path, or an s3:// URI. Plain text (one prompt per line), "
-            "JSONL (one object per line with a prompt field, or a JSON string) or CSV (a header row "
-            "with a prompt column)."
+            "A prompt file or data set: a local or volume path, or an s3:// URI. Plain text (one prompt "
+            "per line), JSONL (one object per line with a prompt field, or a JSON string), CSV (RFC 4180, "
+            "a header row), Parquet, any of the text formats gzip'd (.gz), or a folder written by a "
+            "Hugging Face data set's save_to_disk. Read as a stream: a million rows never sit in memory whole."
         ),
     )
     config_map_key_ref: ConfigMapKeyRef | None = Field(
-        default=None, description="Prompts stored in a ConfigMap key (cluster mode only)."
+        default=None, description="Prompts stored in a ConfigMap key (cluster mode only; txt, jsonl or csv)."
     )
-    format: Literal["txt", "jsonl", "csv"] | None = Field(
-        default=None, description="File format; default: from the file extension (.txt, .jsonl, .csv)."
+    format: Literal["txt", "jsonl", "csv", "parquet", "hf"] | None = Field(
+        default=None,
+        description=(
+            "File format; default: from the extension (.txt, .jsonl, .csv, .parquet, each text one "
+            "optionally .gz), or hf for a save_to_disk folder (one holding dataset_info.json)."
+        ),
+    )
+    column: str | None = Field(
+        default=None,
+        description="The column (or JSONL field) that holds the prompt text; default: prompt (txt: each line).",
+    )
+    id_column: str | None = Field(
+        default=None, description="Column that holds each prompt's id; default: the id column if any."
+    )
+    seed_column: str | None = Field(
+        default=None, description="Column that holds each prompt's seed; default: the seed column if any."
+    )
+    negative_prompt_column: str | None = Field(
+        default=None,
+        description="Column that holds each prompt's negative prompt; default: negativePrompt or negative_prompt if any.",
     )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PromptsFrom:
         if (self.uri is None) == (self.config_map_key_ref is None):
             raise ValueError("set exactly one of promptsFrom.uri and promptsFrom.configMapKeyRef")
+        if self.config_map_key_ref is not None and self.format in ("parquet", "hf"):
+            raise ValueError(
+                f"promptsFrom.format {self.format} needs promptsFrom.uri; a ConfigMap holds txt, jsonl or csv"
+            )
         return self
 
 
@@ -196,7 +219,18 @@ class Output(Model):
         min_length=1,
         description="Where images and manifest.jsonl go: a path (on a volume in cluster mode) or s3://bucket/prefix.",
     )
-    format: Literal["png", "webp", "jpeg"] = Field(default="png", description="Image file format.")
+    format: Literal["png", "webp", "jpeg"] = Field(
+        default="png",
+        description="Image file format; each image carries its prompt, seed and settings (PNG text, XMP and EXIF).",
+    )
+    layout: Literal["files", "webdataset"] = Field(
+        default="files",
+        description=(
+            "files: images/<id>.<ext>, one file each, with images/metadata.jsonl for Hugging Face "
+            "imagefolder; webdataset: shards/<shard>.tar holding <id>.<ext> and <id>.json, one tar per "
+            "shard (one write per shard, not per image). Both write manifest.jsonl and manifest.parquet."
+        ),
+    )
     quality: int = Field(default=90, ge=1, le=100, description="WebP/JPEG quality (ignored for PNG).")
     credentials_secret: SecretRef | None = Field(
         default=None,

@@ -1,13 +1,20 @@
-"""The `imagebatch` command: run a job locally, validate a manifest, print the CRD schema."""
+"""The `imagebatch` command (also `kubectl imagebatch`): run a job locally, validate a manifest;
+on a cluster submit, wait, watch, inspect and fetch jobs (through imagebatch.client)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
 
 from imagebatch.errors import ImageBatchError
+
+if TYPE_CHECKING:
+    from imagebatch.client import Client, Progress
 
 log = logging.getLogger("imagebatch")
 
@@ -45,11 +52,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from imagebatch.jobfile import load_job
     from imagebatch.planning import expand_items
-    from imagebatch.prompts import load_prompts
+    from imagebatch.prompts import iter_prompts
     from imagebatch.storage import storage_options
 
     job = load_job(args.job)
-    items = expand_items(load_prompts(job.spec, storage_options(job.spec.output)), job.spec.generation)
+    items = expand_items(iter_prompts(job.spec, storage_options(job.spec.output)), job.spec.generation)
     print(f"{args.job}: valid; {len(items)} images")
     return 0
 
@@ -69,10 +76,178 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="imagebatch", description="Generate images in bulk with diffusion models."
+# -- cluster commands -------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from imagebatch.client import Client
+
+    return Client(namespace=args.namespace, kubeconfig=args.kubeconfig, context=args.context)
+
+
+class ProgressLine:
+    """A progress bar drawn from the job's status: one redrawn line on a terminal, a line per
+    change otherwise (logs, CI)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.t0 = time.monotonic()
+
+    def __call__(self, p: Progress) -> None:
+        width = 30
+        frac = p.done / p.total if p.total else 0.0
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        parts = [f"{p.name} [{bar}] {p.done}/{p.total} images ({frac:.0%})"]
+        if p.images_per_second:
+            parts.append(f"{p.images_per_second} img/s")
+        if p.eta and p.state == "Running":
+            parts.append(f"ETA {p.eta}")
+        parts.append(f"{p.active_replicas}/{p.desired_replicas} workers")
+        if p.failed:
+            parts.append(f"{p.failed} failed")
+        parts.append(p.state)
+        text = " | ".join(parts)
+        if self.tty:
+            self.out.write("\r\x1b[2K" + text + ("\n" if p.state in ("Complete", "Failed") else ""))
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from imagebatch.client import JobFailedError
+
+    client = _client(args)
+    submitted = client.submit(args.job)
+    verb = "configured" if submitted.changed else "unchanged"
+    print(f"imagebatchjob.imagebatch.dev/{submitted.name} {verb} (namespace {submitted.namespace})")
+    if not args.wait:
+        return 0
+    client.namespace = submitted.namespace
+    try:
+        result = submitted.wait(on_progress=ProgressLine(sys.stderr), timeout=args.timeout)
+    except JobFailedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{submitted.name}: Complete; {result.progress.done} images in {result.output}")
+    return 0
+
+
+def _cmd_wait(args: argparse.Namespace) -> int:
+    from imagebatch.client import JobFailedError
+
+    client = _client(args)
+    try:
+        result = client.wait(args.name, on_progress=ProgressLine(sys.stderr), timeout=args.timeout)
+    except (JobFailedError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.name}: Complete; {result.progress.done} images in {result.output}")
+    return 0
+
+
+def _age(ts: str | None) -> str:
+    from datetime import UTC, datetime
+
+    if not ts:
+        return ""
+    s = int((datetime.now(UTC) - datetime.fromisoformat(ts.replace("Z", "+00:00"))).total_seconds())
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+def status_rows(jobs: list[dict[str, Any]]) -> list[list[str]]:
+    from imagebatch.client import Progress
+
+    rows = [["NAME", "STATE", "PROGRESS", "IMG/S", "ETA", "WORKERS", "AGE"]]
+    for job in jobs:
+        p = Progress.of(job)
+        rows.append(
+            [
+                p.name,
+                p.state + (f" ({p.reason})" if p.state == "Failed" else ""),
+                f"{p.done}/{p.total}",
+                p.images_per_second,
+                p.eta if p.state == "Running" else "",
+                f"{p.active_replicas}/{p.desired_replicas}",
+                _age(job["metadata"].get("creationTimestamp")),
+            ]
+        )
+    return rows
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    jobs = [client.get(args.name)] if args.name else client.list_jobs()
+    if args.output == "json":
+        print(json.dumps(jobs[0] if args.name else {"items": jobs}, indent=2))
+        return 0
+    if not jobs:
+        print(f"No ImageBatchJobs in namespace {client.namespace}.", file=sys.stderr)
+        return 0
+    rows = status_rows(jobs)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if args.name:
+        from imagebatch.client import job_state
+
+        _, reason, message = job_state(jobs[0])
+        if message:
+            print(f"\n{reason}: {message}")
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    failed = False
+    for line in client.logs(args.name, follow=args.follow, tail=args.tail):
+        if line.error:
+            failed = True
+            print(f"[{line.pod}] error: {line.text}", file=sys.stderr, flush=True)
+        else:
+            print(f"[{line.pod}] {line.text}", flush=args.follow)
+    return 1 if failed else 0
+
+
+def _cmd_suspend(args: argparse.Namespace) -> int:
+    _client(args).set_suspend(args.name, args.command == "suspend")
+    print(
+        f"imagebatchjob.imagebatch.dev/{args.name} {'suspended' if args.command == 'suspend' else 'resumed'}"
     )
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    _client(args).delete(args.name)
+    print(f'imagebatchjob.imagebatch.dev "{args.name}" deleted (its outputs stay where they are)')
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    client = _client(args)
+    r = client.fetch(args.name, args.to, source=args.source, endpoint_url=args.endpoint_url)
+    print(
+        f"{args.name}: {r.images} image files listed in the manifest (with the manifest, index.html and "
+        f"the data-set files): {r.copied} copied, {r.skipped} already there, into {r.to}"
+    )
+    return 0
+
+
+def _cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", help="the job's namespace; default: the kubeconfig context's")
+    p.add_argument("--kubeconfig", help="kubeconfig file; default: $KUBECONFIG or ~/.kube/config")
+    p.add_argument("--context", help="kubeconfig context; default: the current one")
+
+
+def build_parser(prog: str = "imagebatch") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Generate images in bulk with diffusion models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -103,11 +278,60 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port; 0: none"
     )
     wk.set_defaults(func=_cmd_worker)
+
+    sb = sub.add_parser("submit", help="cluster: apply a job (again: no change); --wait to follow it")
+    sb.add_argument("job", help="path to the ImageBatchJob YAML")
+    sb.add_argument("--wait", action="store_true", help="draw progress; exit 0 when Complete, 1 when Failed")
+    sb.add_argument("--timeout", type=float, help="with --wait: give up (exit 1) after this many seconds")
+    _cluster_flags(sb)
+    sb.set_defaults(func=_cmd_submit)
+
+    wt = sub.add_parser("wait", help="cluster: follow a submitted job until Complete (0) or Failed (1)")
+    wt.add_argument("name")
+    wt.add_argument("--timeout", type=float, help="give up (exit 1) after this many seconds")
+    _cluster_flags(wt)
+    wt.set_defaults(func=_cmd_wait)
+
+    st = sub.add_parser("status", help="cluster: a table of jobs (like kubectl get ibj), or one job")
+    st.add_argument("name", nargs="?")
+    st.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    _cluster_flags(st)
+    st.set_defaults(func=_cmd_status)
+
+    lg = sub.add_parser("logs", help="cluster: the worker pods' logs, each line prefixed by its pod")
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true", help="stream until the pods end")
+    lg.add_argument("--tail", type=int, help="only the last N lines of each pod")
+    _cluster_flags(lg)
+    lg.set_defaults(func=_cmd_logs)
+
+    for verb, text in (("suspend", "stop the job's workers (spec.suspend: true)"), ("resume", "go on")):
+        sp = sub.add_parser(verb, help=f"cluster: {text}")
+        sp.add_argument("name")
+        _cluster_flags(sp)
+        sp.set_defaults(func=_cmd_suspend)
+
+    dl = sub.add_parser("delete", help="cluster: delete a job and its workers (not its outputs)")
+    dl.add_argument("name")
+    _cluster_flags(dl)
+    dl.set_defaults(func=_cmd_delete)
+
+    fe = sub.add_parser("fetch", help="copy a job's images, manifest and index.html here (resumable)")
+    fe.add_argument("name")
+    fe.add_argument("--to", required=True, help="local folder")
+    fe.add_argument(
+        "--from", dest="source", help="where the output is seen from here (a mounted volume), if not its uri"
+    )
+    fe.add_argument("--endpoint-url", help="S3 endpoint seen from here, if not spec.output.endpointUrl")
+    _cluster_flags(fe)
+    fe.set_defaults(func=_cmd_fetch)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # As a kubectl plugin (kubectl-imagebatch on PATH), help and errors say `kubectl imagebatch`.
+    prog = "kubectl imagebatch" if os.path.basename(sys.argv[0]).startswith("kubectl-") else "imagebatch"
+    args = build_parser(prog).parse_args(argv)
     _setup_logging(args.verbose)
     try:
         rc: int = args.func(args)

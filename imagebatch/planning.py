@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,7 +12,7 @@ from imagebatch.api import Generation, ImageBatchJobSpec, PromptItem
 from imagebatch.errors import SpecError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One image to make. Its id fixes its output key; its seed fixes its pixels."""
 
@@ -62,8 +62,11 @@ def shard_id(index: int) -> str:
     return f"s{index:05d}"
 
 
-def expand_items(prompts: Sequence[PromptItem], gen: Generation) -> list[Item]:
-    """Each prompt gives `imagesPerPrompt` items; user-given ids and seeds win over derived ones."""
+def expand_items(prompts: Iterable[PromptItem], gen: Generation) -> list[Item]:
+    """Each prompt gives `imagesPerPrompt` items; user-given ids and seeds win over derived ones.
+
+    `prompts` may be a stream: only the items (slotted, small) are kept, never the prompt rows.
+    """
     items: list[Item] = []
     first_index: dict[str, int] = {}
     per = gen.images_per_prompt
@@ -124,4 +127,6 @@ def image_fields(spec: ImageBatchJobSpec) -> dict[str, Any]:
         "generation": spec.generation.model_dump(),
         "format": spec.output.format,
         "quality": spec.output.quality,
+        # Only when set, so that outputs made before layouts existed keep their fingerprint.
+        **({"layout": spec.output.layout} if spec.output.layout != "files" else {}),
     }

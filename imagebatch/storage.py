@@ -1,17 +1,22 @@
 """Output storage on a local path or S3-compatible object storage, through fsspec.
 
-Keys are the contract: `images/<item id>.<ext>`, `manifest/<shard id>.jsonl` (one part per
-shard), and `manifest.jsonl` (the parts joined). Writes are atomic: temp file and rename on a
+Keys are the contract: `images/<item id>.<ext>` (layout files) or `shards/<shard id>.tar`
+(layout webdataset: `<item id>.<ext>` and `<item id>.json` inside), `manifest/<shard id>.jsonl`
+(one part per shard), and `manifest.jsonl` (the parts joined). Writes are atomic: temp file and rename on a
 file system, one PUT on object storage, so a reader never sees half an image.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
+import threading
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -20,13 +25,79 @@ from imagebatch.api import Output
 from imagebatch.errors import ImageBatchError
 
 MANIFEST = "manifest.jsonl"
+MANIFEST_PARQUET = "manifest.parquet"
 MANIFEST_PARTS = "manifest"
 INDEX_HTML = "index.html"
+# Hugging Face imagefolder metadata: file_name is relative to it, so images/<id>.<ext>.
+HF_METADATA = "metadata.jsonl"
+SHARDS = "shards"
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
 
 def image_key(item_id: str, fmt: str) -> str:
     return f"images/{item_id}.{EXTENSIONS[fmt]}"
+
+
+def shard_tar_key(shard: str) -> str:
+    return f"{SHARDS}/{shard}.tar"
+
+
+class ImageSink(Protocol):
+    """Where the engine puts encoded images: a Storage, or a shard's in-memory tar."""
+
+    def existing(self, keys: Iterable[str]) -> set[str]: ...
+
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+
+
+class MemorySink:
+    """Images of one shard held until the shard's tar is written in one go (encoders are threads)."""
+
+    def __init__(self, files: dict[str, bytes] | None = None) -> None:
+        self.files = dict(files or {})
+        self._lock = threading.Lock()
+
+    def existing(self, keys: Iterable[str]) -> set[str]:
+        return {k for k in keys if k in self.files}
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self.files[key] = data
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int  # where the member's bytes start in the tar, for readers that fetch a byte range
+    size: int
+
+
+def build_tar(files: list[tuple[str, bytes]]) -> tuple[bytes, dict[str, Member]]:
+    """A deterministic tar (mtime 0, given order): the same files give the same bytes on a rerun."""
+    buf = io.BytesIO()
+    members: dict[str, Member] = {}
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            # The header (and a PAX header for a long name) comes first; the data ends the block.
+            tar.addfile(info, io.BytesIO(data))
+            end = tar.offset
+            members[name] = Member(
+                name, end - (-(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE), len(data)
+            )
+    return buf.getvalue(), members
+
+
+def read_tar(data: bytes) -> dict[str, bytes]:
+    """The regular files of a tar, by name."""
+    out: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar.getmembers():
+            f = tar.extractfile(m) if m.isfile() else None
+            if f is not None:
+                out[m.name] = f.read()
+    return out
 
 
 def manifest_part_key(shard: str) -> str:

@@ -28,10 +28,9 @@ from typing import Any
 from prometheus_client import Counter, Histogram, start_http_server
 from pydantic import ValidationError
 
-from imagebatch import contact_sheet
 from imagebatch.api import ImageBatchJobSpec, ImageBatchShardStatus
 from imagebatch.errors import ImageBatchError, ModelLoadError, format_validation_error
-from imagebatch.manifest import BatchInfo, join_parts
+from imagebatch.manifest import BatchInfo, join_outputs
 from imagebatch.operator.labels import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_MANIFEST_LINES,
@@ -45,8 +44,8 @@ from imagebatch.operator.leases import shard_status
 from imagebatch.operator.shardplan import shard_manifests
 from imagebatch.operator.timeutil import now_utc
 from imagebatch.planning import Item, expand_items, fingerprint, image_fields, shard_id
-from imagebatch.prompts import load_prompts
-from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, storage_options
+from imagebatch.prompts import iter_prompts
+from imagebatch.storage import MANIFEST, Storage, storage_options
 from imagebatch.worker import claims
 from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.kube import JSON, WorkerKube
@@ -103,7 +102,7 @@ class Worker:
     # -- prompts and planning ------------------------------------------------------------------
     def items(self) -> list[Item]:
         if self._items is None:
-            prompts = load_prompts(
+            prompts = iter_prompts(
                 self.spec, storage_options(self.spec.output), config_map_reader=self.kube.read_config_map
             )
             self._items = expand_items(prompts, self.spec.generation)
@@ -256,7 +255,7 @@ class Worker:
         lease.start()
         try:
             items = self.items()[claim.start : claim.end]
-            process_shard(engine, shard_id(claim.index), items, on_done)
+            process_shard(engine, shard_id(claim.index), items, on_done, self.spec.output.layout)
         except AbandonError:
             lease.close()
             ok = self.fenced_write(claim, claims.released)
@@ -318,14 +317,11 @@ class Worker:
         if any(shard_status(s).state != "Done" for s in shards):
             return
         ordered = sorted(int(s["spec"]["index"]) for s in shards)
-        manifest = join_parts(self.storage, [shard_id(i) for i in ordered])
-        lines = manifest.count(b"\n")
-        expected = int(ann.get(ANNOTATION_ITEM_COUNT, lines))
-        if lines != expected:
-            raise RuntimeError(f"manifest has {lines} lines for {expected} images")
         name = str(self.job["metadata"]["name"])
-        html = contact_sheet.render(name, contact_sheet.parse_manifest(manifest))
-        self.storage.write_bytes(INDEX_HTML, html.encode())
+        shard_ids = [shard_id(i) for i in ordered]
+        expected = int(ann[ANNOTATION_ITEM_COUNT]) if ANNOTATION_ITEM_COUNT in ann else None
+        manifest = join_outputs(self.storage, name, shard_ids, self.spec.output.layout, expected)
+        lines = manifest.count(b"\n")
         self.kube.annotate_shard(first["metadata"]["name"], {ANNOTATION_MANIFEST_LINES: str(lines)})
         log.info("joined %d manifest lines into %s", lines, self.storage.path(MANIFEST))
 

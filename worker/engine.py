@@ -28,7 +28,8 @@ from PIL import Image
 
 from imagebatch.manifest import BatchInfo
 from imagebatch.planning import Item
-from imagebatch.storage import Storage, image_key
+from imagebatch.storage import ImageSink, Storage, image_key
+from imagebatch.worker import imagemeta
 from imagebatch.worker.pipeline import LoadedPipeline
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,18 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def encode_image(arr: np.ndarray[Any, np.dtype[np.uint8]], fmt: str, quality: int) -> bytes:
+def encode_image(
+    arr: np.ndarray[Any, np.dtype[np.uint8]], fmt: str, quality: int, meta: dict[str, Any] | None = None
+) -> bytes:
     buf = io.BytesIO()
     im = Image.fromarray(arr)
+    extra = imagemeta.save_options(fmt, meta) if meta else {}
     if fmt == "png":
-        im.save(buf, format="PNG")
+        im.save(buf, format="PNG", **extra)
     elif fmt == "webp":
-        im.save(buf, format="WEBP", quality=quality)
+        im.save(buf, format="WEBP", quality=quality, **extra)
     else:
-        im.save(buf, format="JPEG", quality=quality)
+        im.save(buf, format="JPEG", quality=quality, **extra)
     return buf.getvalue()
 
 
@@ -221,12 +225,21 @@ class Engine:
 
     # -- many items -----------------------------------------------------------------------------
     def run(
-        self, items: Sequence[Item], on_done: Callable[[ItemResult], None] | None = None
+        self,
+        items: Sequence[Item],
+        on_done: Callable[[ItemResult], None] | None = None,
+        metadata: Callable[[Item], dict[str, Any]] | None = None,
+        sink: ImageSink | None = None,
     ) -> list[ItemResult]:
-        """Make and store every item whose image is not stored yet; return one result per item."""
-        fmt, quality = self.opts.image_format, self.opts.quality
+        """Make and store every item whose image is not stored yet; return one result per item.
+
+        `metadata` gives what each image file carries about itself; `sink` replaces the storage
+        (a shard's tar collects its images in memory).
+        """
+        fmt = self.opts.image_format
+        out = sink or self.storage
         keys = {it.id: image_key(it.id, fmt) for it in items}
-        existing = self.storage.existing(keys.values())
+        existing = out.existing(keys.values())
         results: dict[str, ItemResult] = {}
         for it in items:
             if keys[it.id] in existing:
@@ -263,7 +276,8 @@ class Engine:
                 dt = time.perf_counter() - t0
                 info = BatchInfo(len(chunk), dt, str(self.device), self.oom_halvings)
                 for i, it in enumerate(chunk):
-                    fut = self._pool.submit(self._encode_write, host, i, keys[it.id], fmt, quality)
+                    meta = metadata(it) if metadata else None
+                    fut = self._pool.submit(self._encode_write, out, host, i, keys[it.id], meta)
                     inflight.append((it, info, fut))
                 log.info(
                     "batch of %d at %dx%d, %d steps: %.3fs (%.2f images/s), %d images waiting to be written",
@@ -280,8 +294,10 @@ class Engine:
         drain(block_until=0)
         return [results[it.id] for it in items]
 
-    def _encode_write(self, host: HostImages, index: int, key: str, fmt: str, quality: int) -> float:
+    def _encode_write(
+        self, out: ImageSink, host: HostImages, index: int, key: str, meta: dict[str, Any] | None
+    ) -> float:
         t0 = time.perf_counter()
         arr: np.ndarray[Any, np.dtype[np.uint8]] = host.wait()[index].numpy()
-        self.storage.write_bytes(key, encode_image(arr, fmt, quality))
+        out.write_bytes(key, encode_image(arr, self.opts.image_format, self.opts.quality, meta))
         return time.perf_counter() - t0

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from imagebatch import contact_sheet
 from imagebatch.api import ImageBatchJob
 from imagebatch.errors import ImageBatchError
-from imagebatch.manifest import join_parts
+from imagebatch.manifest import join_outputs
 from imagebatch.planning import expand_items, fingerprint, image_fields, plan_shards
-from imagebatch.prompts import load_prompts
-from imagebatch.storage import INDEX_HTML, MANIFEST, Storage, manifest_part_key, storage_options
+from imagebatch.prompts import iter_prompts
+from imagebatch.storage import MANIFEST, Storage, manifest_part_key, storage_options
 from imagebatch.worker.engine import Engine, EngineOptions, ItemResult
 from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
@@ -63,8 +62,7 @@ def run_local(
     spec = job.spec
     t0 = time.perf_counter()
     # Everything that can fail on bad input happens before anything is written.
-    prompts = load_prompts(spec, storage_options(spec.output))
-    items = expand_items(prompts, spec.generation)
+    items = expand_items(iter_prompts(spec, storage_options(spec.output)), spec.generation)
     shards = plan_shards(len(items), spec.batching.shard_size)
     storage = Storage.for_output(spec.output)
     loaded = load_pipeline(spec.model, device)
@@ -110,12 +108,9 @@ def run_local(
     with logging_redirect_tqdm(), bar, Engine(loaded, storage, opts) as engine:
         for shard in todo:
             current = shard.id
-            process_shard(engine, shard.id, items[shard.start : shard.end], on_done)
+            process_shard(engine, shard.id, items[shard.start : shard.end], on_done, spec.output.layout)
 
-    manifest = join_parts(storage, [s.id for s in shards])
-    lines = contact_sheet.parse_manifest(manifest)
-    assert len(lines) == len(items), f"manifest has {len(lines)} lines for {len(items)} items"
-    storage.write_bytes(INDEX_HTML, contact_sheet.render(job.metadata.name, lines).encode())
+    join_outputs(storage, job.metadata.name, [s.id for s in shards], spec.output.layout, len(items))
     summary = RunSummary(len(items), made, skipped + already, time.perf_counter() - t0, spec.output.uri)
     log.info(
         "done: %d images (%d made, %d already stored) in %.1fs; manifest at %s",

@@ -1,14 +1,22 @@
-"""Prompt files: TXT, JSONL and CSV, and errors that name the file and line."""
+"""Prompt files: TXT, JSONL, CSV (gzip'd or not), Parquet and save_to_disk data sets, and errors
+that name the file, line and column."""
 
 from __future__ import annotations
 
+import gzip
+import io
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from imagebatch.api import ImageBatchJobSpec
 from imagebatch.errors import PromptFileError, SpecError
-from imagebatch.prompts import load_prompts
+from imagebatch.prompts import iter_prompts, load_prompts
+from imagebatch.storage import Storage
+from imagebatch_testing.s3 import S3Server
 
 
 def spec_for(uri: str, fmt: str | None = None) -> ImageBatchJobSpec:
@@ -110,3 +118,148 @@ def test_configmap_source_needs_cluster() -> None:
     with pytest.raises(SpecError, match="needs a cluster"):
         load_prompts(spec)
     assert [p.prompt for p in load_prompts(spec, config_map_reader=lambda n, k: "x\ny\n")] == ["x", "y"]
+
+
+def spec_with(uri: str, **src: str) -> ImageBatchJobSpec:
+    return ImageBatchJobSpec.model_validate(
+        {"model": {"name": "builtin:tiny"}, "promptsFrom": {"uri": uri, **src}, "output": {"uri": "/tmp/o"}}
+    )
+
+
+def test_csv_keeps_quoted_commas_and_drops_the_bom(tmp_path: Path) -> None:
+    f = tmp_path / "p.csv"
+    # Excel's "CSV UTF-8": a BOM, CRLF line ends, RFC 4180 quoting (commas, doubled quotes, a newline).
+    f.write_bytes(
+        b'\xef\xbb\xbfprompt,seed\r\n"a cat, in a hat",1\r\n"say ""cheese"", please",2\r\n"two\r\nlines",3\r\n'
+    )
+    ps = load_prompts(spec_for(str(f)))
+    assert [(p.prompt, p.seed) for p in ps] == [
+        ("a cat, in a hat", 1),
+        ('say "cheese", please', 2),
+        ("two\r\nlines", 3),
+    ]
+
+
+def test_csv_unquoted_comma_is_an_error_not_a_cut_prompt(tmp_path: Path) -> None:
+    f = tmp_path / "p.csv"
+    f.write_text("prompt\na cat, in a hat\n")
+    with pytest.raises(PromptFileError, match=r"p\.csv:2: more fields than the header.*quote"):
+        load_prompts(spec_for(str(f)))
+
+
+def test_bom_is_dropped_from_txt_and_jsonl(tmp_path: Path) -> None:
+    t = tmp_path / "p.txt"
+    t.write_bytes(b"\xef\xbb\xbfa cat\n")
+    j = tmp_path / "p.jsonl"
+    j.write_bytes(b'\xef\xbb\xbf{"prompt": "a dog"}\n')
+    assert load_prompts(spec_for(str(t)))[0].prompt == "a cat"
+    assert load_prompts(spec_for(str(j)))[0].prompt == "a dog"
+
+
+@pytest.mark.parametrize("name", ["p.txt.gz", "p.jsonl.gz", "p.csv.gz"])
+def test_gzipped_text(tmp_path: Path, name: str) -> None:
+    body = {
+        "p.txt.gz": "a cat\na dog\n",
+        "p.jsonl.gz": '{"prompt": "a cat"}\n"a dog"\n',
+        "p.csv.gz": 'prompt\n"a cat"\na dog\n',
+    }[name]
+    f = tmp_path / name
+    f.write_bytes(gzip.compress(body.encode()))
+    assert [p.prompt for p in load_prompts(spec_for(str(f)))] == ["a cat", "a dog"]
+
+
+def test_parquet_with_named_columns(tmp_path: Path) -> None:
+    f = tmp_path / "p.parquet"
+    table = pa.table(
+        {
+            "caption": ["a cat", "a dog", "a bird"],
+            "uid": [10, 11, 12],
+            "my_seed": [1, 2, 3],
+            "neg": ["blurry", None, ""],
+            "url": ["http://x/1", "http://x/2", "http://x/3"],  # other columns are left alone
+        }
+    )
+    pq.write_table(table, f, row_group_size=2)
+    spec = spec_with(
+        str(f), column="caption", idColumn="uid", seedColumn="my_seed", negativePromptColumn="neg"
+    )
+    ps = load_prompts(spec)
+    assert [(p.id, p.prompt, p.seed, p.negative_prompt) for p in ps] == [
+        ("10", "a cat", 1, "blurry"),
+        ("11", "a dog", 2, None),
+        ("12", "a bird", 3, None),
+    ]
+
+
+def test_unknown_column_is_named_with_the_ones_there_are(tmp_path: Path) -> None:
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"caption": ["a cat"]}), f)
+    with pytest.raises(
+        PromptFileError,
+        match=r"promptsFrom.column: the parquet has no 'prompt' column; its columns are 'caption'",
+    ):
+        load_prompts(spec_for(str(f)))
+    with pytest.raises(PromptFileError, match=r"promptsFrom.seedColumn: .* no 'seed' column"):
+        load_prompts(spec_with(str(f), column="caption", seedColumn="seed"))
+    c = tmp_path / "p.csv"
+    c.write_text("text\nhello\n")
+    with pytest.raises(
+        PromptFileError, match=r"promptsFrom.column: the csv has no 'txt' column; its columns are 'text'"
+    ):
+        load_prompts(spec_with(str(c), column="txt"))
+
+
+def test_hf_save_to_disk_folder(tmp_path: Path) -> None:
+    import datasets
+
+    d = tmp_path / "ds"
+    datasets.Dataset.from_dict(
+        {"text": [f"prompt {i}" for i in range(50)], "score": list(range(50))}
+    ).save_to_disk(str(d), max_shard_size="1KB")
+    assert len(list(d.glob("*.arrow"))) > 1  # several Arrow files, read in order
+    ps = load_prompts(spec_with(str(d), column="text"))  # found as hf by its state.json
+    assert [p.prompt for p in ps] == [f"prompt {i}" for i in range(50)]
+    with pytest.raises(PromptFileError, match="no 'prompt' column; its columns are 'text', 'score'"):
+        load_prompts(spec_with(str(d), format="hf"))
+
+
+def test_iter_prompts_is_a_stream(tmp_path: Path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\n" * 3 + "\n")
+    it = iter_prompts(spec_for(str(f)))
+    assert next(it).prompt == "a cat"  # a generator: nothing is read ahead into a list
+    assert len(list(it)) == 2
+
+
+def test_configmap_rejects_binary_formats() -> None:
+    with pytest.raises(ValidationError, match="promptsFrom.format parquet needs promptsFrom.uri"):
+        ImageBatchJobSpec.model_validate(
+            {
+                "model": {"name": "builtin:tiny"},
+                "promptsFrom": {"configMapKeyRef": {"name": "p", "key": "k"}, "format": "parquet"},
+                "output": {"uri": "/tmp/o"},
+            }
+        )
+
+
+def test_parquet_gzip_and_save_to_disk_from_s3(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import datasets
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    s3.create_bucket("prompts")
+    st = Storage("s3://prompts", {"client_kwargs": {"endpoint_url": s3.endpoint}})
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog"]}), buf)
+    st.write_bytes("p.parquet", buf.getvalue())
+    st.write_bytes("p.csv.gz", gzip.compress(b'prompt\n"a cat, in a hat"\n'))
+    d = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["a bird"]}).save_to_disk(str(d))
+    for f in d.iterdir():
+        st.write_bytes(f"ds/{f.name}", f.read_bytes())
+    opts = {"client_kwargs": {"endpoint_url": s3.endpoint}}
+    assert [p.prompt for p in load_prompts(spec_for("s3://prompts/p.parquet"), opts)] == ["a cat", "a dog"]
+    assert [p.prompt for p in load_prompts(spec_for("s3://prompts/p.csv.gz"), opts)] == ["a cat, in a hat"]
+    assert [p.prompt for p in load_prompts(spec_with("s3://prompts/ds", column="text"), opts)] == ["a bird"]
