@@ -8,6 +8,7 @@ file system, one PUT on object storage, so a reader never sees half an image.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -162,6 +163,23 @@ class Storage:
         paths = self.fs.find(base)
         keys = [p[len(self.root) + 1 :] if p.startswith(self.root) else p for p in paths]
         return sorted(k for k in keys if ".tmp-" not in k)
+
+    def remove_interrupted_writes(self) -> int:
+        """Deletes the temp files that writes killed half-way left behind; returns how many.
+
+        Only for an output no other process writes to now (local mode owns its folder); object
+        stores need nothing, they write each key in one PUT.
+        """
+        if not self.local or not os.path.isdir(self.root):
+            return 0
+        removed = 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if ".tmp-" in name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, name))
+                        removed += 1
+        return removed
 
     def ensure_root(self) -> None:
         if self.local:

@@ -69,6 +69,8 @@ def run_local(
 
     storage.ensure_root()
     check_job_record(storage, job.metadata.name, fingerprint(image_fields(spec), items))
+    if removed := storage.remove_interrupted_writes():
+        log.info("removed %d temp files of writes interrupted by an earlier crash", removed)
     done_parts = storage.existing(manifest_part_key(s.id) for s in shards)
     todo = [s for s in shards if manifest_part_key(s.id) not in done_parts]
     already = sum(len(s) for s in shards) - sum(len(s) for s in todo)

@@ -26,6 +26,11 @@ def test_local_write_is_atomic_and_listed(tmp_path: Path) -> None:
     assert st.list("images") == ["images/a.png"]
     assert st.existing(["images/a.png", "images/b.png"]) == {"images/a.png"}
     assert not list((tmp_path / "out/images").glob("a.png.tmp-*"))
+    # Resuming in local mode sweeps what the crash left, and only that.
+    (tmp_path / "out/manifest").mkdir()
+    (tmp_path / "out/manifest/s00001.jsonl.tmp-0badf00d").write_bytes(b"half")
+    assert st.remove_interrupted_writes() == 2
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == ["a.png"]
 
 
 def test_s3_round_trip(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
