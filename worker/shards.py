@@ -34,7 +34,17 @@ def process_shard(
     info = model_info(engine.loaded)
     results = engine.run(items, on_done)
     lines = [
-        manifest_line(r.item, r.key, info, shard, engine.opts.worker, r.batch, r.encode_seconds)
+        manifest_line(
+            r.item,
+            r.key,
+            info,
+            shard,
+            engine.opts.worker,
+            r.batch,
+            r.encode_seconds,
+            truncated=r.truncated,
+            labels=engine.opts.labels,
+        )
         for r in results
     ]
     # The part is written last: its presence means every image of the shard is stored.
