@@ -62,9 +62,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise ImageBatchError(f"worker: set {', '.join(missing)} (or NAMESPACE, JOB_NAME, POD_NAME)")
-    from imagebatch.worker.cluster import run_cluster_worker  # torch is imported only by workers
+    # torch is imported only by workers; a pod with several GPUs runs one engine process per GPU.
+    from imagebatch.worker import multigpu
 
-    return run_cluster_worker(
+    if args.rank is not None:
+        return multigpu.run_rank(
+            args.namespace, args.job, args.pod, args.rank, device=args.device, metrics_port=args.metrics_port
+        )
+    return multigpu.run_worker_pod(
         args.namespace, args.job, args.pod, device=args.device, metrics_port=args.metrics_port
     )
 
@@ -101,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--device", default="auto", help="auto (CUDA if present), cuda, cuda:N or cpu")
     wk.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port; 0: none"
+    )
+    wk.add_argument(
+        "--rank", type=int, help="internal: one engine process of a multi-GPU pod (set by its supervisor)"
     )
     wk.set_defaults(func=_cmd_worker)
     return p

@@ -355,7 +355,12 @@ class LeaseKeeper(threading.Thread):
 
 
 def run_cluster_worker(
-    namespace: str, job: str, pod: str, device: str = "auto", metrics_port: int = 0
+    namespace: str,
+    job: str,
+    pod: str,
+    device: str = "auto",
+    metrics_port: int = 0,
+    labels: dict[str, Any] | None = None,
 ) -> int:
     stop = threading.Event()
 
@@ -369,6 +374,7 @@ def run_cluster_worker(
         start_http_server(metrics_port)
     try:
         worker = Worker(WorkerKube(namespace, job), pod, stop, device)
+        worker.labels = dict(labels or {})
         return worker.run()
     except ValidationError as e:
         log.error("ImageBatchJob %s/%s: invalid spec\n%s", namespace, job, format_validation_error(e, "spec"))
