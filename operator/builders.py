@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imagebatch.api import ImageBatchJobSpec
+from imagebatch.api import BUILTIN_PREFIX, ImageBatchJobSpec
 from imagebatch.operator.labels import (
     EXIT_MODEL_LOAD_ERROR,
     EXIT_TERMINATED,
@@ -29,7 +29,10 @@ DEFAULT_WORKER_IMAGE = (
     "ghcr.io/imagebatch/imagebatch-worker:0.1.0"  # the Dockerfile's worker target, as the chart names it
 )
 CONTAINER = "worker"
-TERMINATION_GRACE_SECONDS = 30
+FETCH_CONTAINER = "fetch-model"
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_PATH = "/var/cache/huggingface"  # HF_HOME of workers with spec.model.cache
+GPUS_ENV = "IMAGEBATCH_GPUS"  # read by worker/multigpu.py: one engine process per GPU
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class WorkerSettings:
 
     image: str = DEFAULT_WORKER_IMAGE
     command: tuple[str, ...] = ("python", "-m", "imagebatch.cli", "worker")
+    fetch_command: tuple[str, ...] = ("python", "-m", "imagebatch.cli", "fetch-model")
     metrics_port: int = 0  # 0: workers serve no metrics
     run_as_user: int = 1000
 
@@ -119,9 +123,67 @@ def _env(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
         {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "JOB_NAME", "value": job["metadata"]["name"]},
     ]
+    env.append({"name": GPUS_ENV, "value": str(spec.workers.gpus_per_worker)})
+    env += model_env(spec, read_only=True)
     # The user's env comes last so that it can set e.g. OMP_NUM_THREADS or HF_HOME.
     env += [dict(e) for e in spec.workers.env or []]
     return env
+
+
+# -- the model: Hugging Face token, cache volume, fetch step -------------------------------------
+
+
+def model_env(spec: ImageBatchJobSpec, read_only: bool) -> list[dict[str, Any]]:
+    """HF_TOKEN from the Secret; with a cache volume, HF_HOME on it (and offline for readers)."""
+    env: list[dict[str, Any]] = []
+    ref = spec.model.token_secret_ref
+    if ref is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if spec.model.cache is not None:
+        env.append({"name": "HF_HOME", "value": MODEL_CACHE_PATH})
+        if read_only:
+            # The fetch step (or the user) filled the cache: workers never reach the hub.
+            env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    return env
+
+
+def model_cache_volumes(spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
+    cache = spec.model.cache
+    if cache is None:
+        return []
+    return [{"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}]
+
+
+def model_cache_mount(read_only: bool) -> dict[str, Any]:
+    return {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH, "readOnly": read_only}
+
+
+def needs_fetch(spec: ImageBatchJobSpec) -> bool:
+    """Only a hub model with a cache volume is fetched; built-ins and paths have nothing to fetch."""
+    name = spec.model.name
+    local = name.startswith((BUILTIN_PREFIX, "/", "./", "../", "~"))
+    return spec.model.cache is not None and spec.model.cache.fetch and not local
+
+
+def fetch_container(spec: ImageBatchJobSpec, image: str, s: WorkerSettings) -> dict[str, Any]:
+    """The init container that fills the cache (what is missing only) before the engine starts."""
+    args = ["--model", spec.model.name]
+    if spec.model.revision:
+        args += ["--revision", spec.model.revision]
+    if spec.model.variant:
+        args += ["--variant", spec.model.variant]
+    if spec.model.pipeline:
+        args += ["--pipeline", spec.model.pipeline]
+    return {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "command": list(s.fetch_command),
+        "args": args,
+        "env": model_env(spec, read_only=False) + [dict(e) for e in spec.workers.env or []],
+        "volumeMounts": [model_cache_mount(read_only=False)],
+        "securityContext": _container_security(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
 
 
 def _resources(spec: ImageBatchJobSpec) -> dict[str, Any]:
@@ -129,6 +191,15 @@ def _resources(spec: ImageBatchJobSpec) -> dict[str, Any]:
     if spec.workers.gpus_per_worker > 0:
         res.setdefault("limits", {})["nvidia.com/gpu"] = spec.workers.gpus_per_worker
     return res
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def pod_failure_policy() -> dict[str, Any]:
@@ -139,6 +210,15 @@ def pod_failure_policy() -> dict[str, Any]:
                 "action": "FailJob",
                 "onExitCodes": {
                     "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": [EXIT_USER_ERROR, EXIT_MODEL_LOAD_ERROR],
+                },
+            },
+            # The fetch step: a model that does not exist (or a token refused) fails on every retry.
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": FETCH_CONTAINER,
                     "operator": "In",
                     "values": [EXIT_USER_ERROR, EXIT_MODEL_LOAD_ERROR],
                 },
@@ -173,25 +253,22 @@ def worker_job(
         "args": args,
         "env": _env(job, spec),
         "resources": _resources(spec),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.output.credentials_secret is not None:
         container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret.name}}]
-    if spec.workers.volume_mounts:
-        container["volumeMounts"] = [dict(m) for m in spec.workers.volume_mounts]
+    mounts = [model_cache_mount(read_only=True)] if spec.model.cache is not None else []
+    mounts += [dict(m) for m in spec.workers.volume_mounts or []]
+    if mounts:
+        container["volumeMounts"] = mounts
     if s.metrics_port:
         container["ports"] = [{"name": "metrics", "containerPort": s.metrics_port}]
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(job, spec),
         # podFailurePolicy needs Never; a failed pod is replaced by the Job controller.
         "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": spec.workers.termination_grace_period_seconds,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": s.run_as_user,
@@ -201,8 +278,11 @@ def worker_job(
         },
         "containers": [container],
     }
-    if spec.workers.volumes:
-        pod_spec["volumes"] = [dict(v) for v in spec.workers.volumes]
+    volumes = model_cache_volumes(spec) + [dict(v) for v in spec.workers.volumes or []]
+    if volumes:
+        pod_spec["volumes"] = volumes
+    if needs_fetch(spec):
+        pod_spec["initContainers"] = [fetch_container(spec, container["image"], s)]
     if spec.workers.node_selector:
         pod_spec["nodeSelector"] = dict(spec.workers.node_selector)
     if spec.workers.tolerations:
