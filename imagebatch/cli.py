@@ -12,6 +12,7 @@ from imagebatch.errors import ImageBatchError
 log = logging.getLogger("imagebatch")
 
 EXIT_USER_ERROR = 2
+EXIT_MODEL_LOAD_ERROR = 3  # as imagebatch.operator.labels: the Job's podFailurePolicy fails the job
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -74,6 +75,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from imagebatch.api import ModelSpec
+    from imagebatch.errors import ModelLoadError
+    from imagebatch.worker.pipeline import fetch_model  # torch is imported only by workers
+
+    spec = ModelSpec(name=args.model, revision=args.revision, variant=args.variant, pipeline=args.pipeline)
+    try:
+        fetch_model(spec)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_MODEL_LOAD_ERROR
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imagebatch", description="Generate images in bulk with diffusion models."
@@ -111,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--rank", type=int, help="internal: one engine process of a multi-GPU pod (set by its supervisor)"
     )
     wk.set_defaults(func=_cmd_worker)
+
+    fm = sub.add_parser(
+        "fetch-model",
+        help="fill the Hugging Face cache (HF_HOME) with a model; the fetch step of spec.model.cache",
+    )
+    fm.add_argument("--model", required=True, help="Hugging Face repo id")
+    fm.add_argument("--revision")
+    fm.add_argument("--variant", help="weights variant, e.g. fp16")
+    fm.add_argument("--pipeline", help="diffusers pipeline class (unused by the download; for the record)")
+    fm.set_defaults(func=_cmd_fetch_model)
     return p
 
 
