@@ -202,19 +202,29 @@ def _container_security() -> dict[str, Any]:
     }
 
 
-def pod_failure_policy() -> dict[str, Any]:
-    return {
-        "rules": [
-            # A user error (bad prompts, unloadable model) fails the same way on every retry.
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER,
-                    "operator": "In",
-                    "values": [EXIT_USER_ERROR, EXIT_MODEL_LOAD_ERROR],
-                },
+def pod_failure_policy(fetch: bool = False) -> dict[str, Any]:
+    """`fetch`: the pod has the fetch init container (a rule may name only a container it has)."""
+    rules: list[dict[str, Any]] = [
+        # A user error (bad prompts, unloadable model) fails the same way on every retry.
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": CONTAINER,
+                "operator": "In",
+                "values": [EXIT_USER_ERROR, EXIT_MODEL_LOAD_ERROR],
             },
-            # The fetch step: a model that does not exist (or a token refused) fails on every retry.
+        },
+        # SIGTERM from scale-in, suspend or a drain: the claim was released, nothing failed.
+        {
+            "action": "Ignore",
+            "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_TERMINATED]},
+        },
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
+    if fetch:
+        # The fetch step: a model that does not exist (or a refused token) fails on every retry.
+        rules.insert(
+            1,
             {
                 "action": "FailJob",
                 "onExitCodes": {
@@ -223,14 +233,8 @@ def pod_failure_policy() -> dict[str, Any]:
                     "values": [EXIT_USER_ERROR, EXIT_MODEL_LOAD_ERROR],
                 },
             },
-            # SIGTERM from scale-in, suspend or a drain: the claim was released, nothing failed.
-            {
-                "action": "Ignore",
-                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_TERMINATED]},
-            },
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]
-    }
+        )
+    return {"rules": rules}
 
 
 def worker_job(
@@ -295,7 +299,7 @@ def worker_job(
         "suspend": bool(spec.suspend or spec.queue_name),
         # Each shard has its own attempt budget; this only stops pods that crash in a loop.
         "backoffLimit": max(6, spec.workers.max_replicas * spec.retries.max_attempts),
-        "podFailurePolicy": pod_failure_policy(),
+        "podFailurePolicy": pod_failure_policy(fetch="initContainers" in pod_spec),
         "template": {"metadata": {"labels": {**labels(name, "worker"), **extra}}, "spec": pod_spec},
     }
     if spec.active_deadline_seconds:

@@ -196,6 +196,8 @@ def test_model_cache_token_and_fetch_step() -> None:
 def test_no_fetch_for_builtin_or_unset_cache_and_a_configurable_grace() -> None:
     plain = worker_job(JOB, spec(), 1)["spec"]["template"]["spec"]
     assert "initContainers" not in plain and "volumes" not in plain
+    rules = worker_job(JOB, spec(), 1)["spec"]["podFailurePolicy"]["rules"]
+    assert all(r["onExitCodes"]["containerName"] == "worker" for r in rules if "onExitCodes" in r)
     env = {e["name"] for e in plain["containers"][0]["env"]}
     assert not env & {"HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN"}
     assert plain["terminationGracePeriodSeconds"] == 30
