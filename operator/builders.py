@@ -179,7 +179,10 @@ def fetch_container(spec: ImageBatchJobSpec, image: str, s: WorkerSettings) -> d
         "image": image,
         "command": list(s.fetch_command),
         "args": args,
-        "env": model_env(spec, read_only=False) + [dict(e) for e in spec.workers.env or []],
+        # Online whatever the image's defaults say: this step is the one that may reach the hub.
+        "env": model_env(spec, read_only=False)
+        + [{"name": "HF_HUB_OFFLINE", "value": "0"}]
+        + [dict(e) for e in spec.workers.env or []],
         "volumeMounts": [model_cache_mount(read_only=False)],
         "securityContext": _container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -185,7 +185,7 @@ def test_model_cache_token_and_fetch_step() -> None:
     assert fetch["name"] == "fetch-model"
     assert fetch["args"] == ["--model", "stabilityai/stable-diffusion-xl-base-1.0", "--variant", "fp16"]
     fenv = {e["name"]: e for e in fetch["env"]}
-    assert "HF_HUB_OFFLINE" not in fenv and fenv["HF_HOME"]["value"] == "/var/cache/huggingface"
+    assert fenv["HF_HUB_OFFLINE"]["value"] == "0" and fenv["HF_HOME"]["value"] == "/var/cache/huggingface"
     assert fetch["volumeMounts"] == [
         {"name": "model-cache", "mountPath": "/var/cache/huggingface", "readOnly": False}
     ]

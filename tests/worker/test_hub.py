@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub
 
+from imagebatch.testing.fakehub import FakeHub
 from imagebatch.worker.tiny import build_tiny_pipeline
 
 REPO = "test-org/tiny-sd"
