@@ -52,8 +52,13 @@ def is_transient(err: BaseException) -> bool:
     diffusers wraps hub errors (an OSError "cannot find the requested files ... from" the
     HfHubHTTPError), so the chain is searched, not only the outer error."""
     import httpx
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
-    for e in _chain(err):
+    chain = list(_chain(err))
+    # Offline (HF_HUB_OFFLINE=1) is a ConnectionError too, but no retry can change it.
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return False
+    for e in chain:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in TRANSIENT_STATUS:
             return True

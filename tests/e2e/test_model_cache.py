@@ -16,7 +16,6 @@ from harness import TINY_ENV, Kubectl, Operator, check_output_dir, tiny_job, wai
 
 from imagebatch.testing.fakehub import FakeHub
 from imagebatch.testing.pytest_plugin import TestCluster
-from imagebatch.worker.tiny import build_tiny_pipeline
 
 pytestmark = pytest.mark.cluster
 
@@ -59,6 +58,8 @@ def test_fetch_step_fills_the_cache_and_workers_run_offline(
 ) -> None:
     if kube_cluster.local is None:
         pytest.skip("the fake hub listens on this machine only")
+    from imagebatch.worker.tiny import build_tiny_pipeline  # torch only in this test
+
     model = tmp_path / "repo"
     build_tiny_pipeline().save_pretrained(str(model))
     bound_claim(kubectl, namespace, "hf-cache", tmp_path / "pv")

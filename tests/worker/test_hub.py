@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from imagebatch.testing.fakehub import FakeHub
-from imagebatch.worker.tiny import build_tiny_pipeline
 
 REPO = "test-org/tiny-sd"
 
@@ -40,6 +39,10 @@ FETCH = PRELUDE + "from imagebatch.cli import main\nsys.exit(main(['fetch-model'
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Imported here, not at collection: huggingface_hub reads HF_HUB_OFFLINE when first imported,
+    # and the other tests of the session rely on the offline setting of tests/conftest.py.
+    from imagebatch.worker.tiny import build_tiny_pipeline
+
     folder = tmp_path_factory.mktemp("hub") / "repo"
     build_tiny_pipeline().save_pretrained(str(folder))
     return folder
@@ -119,3 +122,6 @@ def test_transient_errors_are_found_through_diffusers_wrapping() -> None:
     assert not is_transient(wrapped(404)) and not is_transient(wrapped(401))
     assert is_transient(OSError("x").with_traceback(None)) is False
     assert is_transient(httpx.ConnectTimeout("slow"))
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    assert not is_transient(OfflineModeIsEnabled("offline mode is enabled"))
