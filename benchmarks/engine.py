@@ -1,15 +1,21 @@
 """The engine against plain diffusers, in one run, on the same pipeline. Prints JSON lines.
 
-Three ways to make the same images (same prompts, same seeds):
+Four ways to make the same images (same prompts, same seeds):
   single_loop    a loop of pipe(prompt) calls, one image each (what most scripts do);
   plain_batched  pipe([...]) over batches of --batch, PIL images returned, nothing written;
+  engine_inline  the engine with text encoded inside each pipe(...) call, as before it prepared
+                 prompts ahead (prepare_ahead=False);
   engine         imagebatch's engine at the same batch size, every image encoded and written
-                 to local disk.
-The last lines give the engine's ratios to the other two. On CUDA it also reports the fraction
-of the engine's wall time the GPU was busy (from the profiler's kernel timeline) and the model
-FLOP utilisation.
+                 to local disk, the next batch's text encoded while this one denoises and each
+                 distinct negative prompt encoded once (a fresh engine each round, as a new worker).
+The last lines give the engine's ratios to the other two. `text` lines give, per mode, the text
+encoder's calls and sequences and the share of wall time the denoising loop spent on (or waiting
+for) text encoding; --negatives N gives the prompts N distinct negative prompts. On CUDA it also
+reports the fraction of the engine's wall time the GPU was busy (from the profiler's kernel
+timeline) and the model FLOP utilisation.
 
     python benchmarks/engine.py --arch tiny                     # CPU, about a minute
+    python benchmarks/engine.py --arch tiny --images 256 --negatives 20
     python benchmarks/engine.py --arch sd15 --images 256 --batch 64
     python benchmarks/engine.py --arch sdxl --images 64 --batch 16
 """
@@ -17,6 +23,7 @@ FLOP utilisation.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -78,6 +85,35 @@ def plain_call(pipe: Any, chunk: list[Item], output_type: str = "pil") -> Any:
     ).images
 
 
+class TextMeter:
+    """Calls, sequences and seconds of the text encoder's forward, from module hooks.
+
+    On CUDA the seconds are host time (kernel launches), not kernel time: read the calls there."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = self.rows = 0
+        self.seconds = 0.0
+        self._t0: dict[int, float] = {}
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, module: Any, args: Any) -> None:
+        import threading
+
+        self._t0[threading.get_ident()] = time.perf_counter()
+
+    def _post(self, module: Any, args: Any, out: Any) -> None:
+        import threading
+
+        self.calls += 1
+        self.rows += int(args[0].shape[0]) if args else 0
+        self.seconds += time.perf_counter() - self._t0.pop(threading.get_ident())
+
+    def reset(self) -> None:
+        self.calls = self.rows = 0
+        self.seconds = 0.0
+
+
 def flops_per_image(pipe: Any, item: Item) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -132,6 +168,7 @@ def main() -> None:
     ap.add_argument("--out", help="where the engine writes (default: a temp folder, removed)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of plain_batched and engine")
     ap.add_argument("--no-profile", action="store_true", help="skip the GPU-busy measurement")
+    ap.add_argument("--negatives", type=int, default=0, help="distinct negative prompts (0: none)")
     a = ap.parse_args()
 
     steps, n_images, batch, n_single = DEFAULTS[a.arch]
@@ -159,12 +196,18 @@ def main() -> None:
     )
     gen = Generation(width=size, height=size, steps=steps, guidance_scale=7.5, seed=0)
     items = expand_items(
-        [PromptItem(prompt=f"a photo of object number {i}, studio light") for i in range(n_images)], gen
+        [
+            PromptItem(
+                prompt=f"a photo of object number {i}, studio light",
+                negative_prompt=f"blurry, low quality, style {i % a.negatives}" if a.negatives else None,
+            )
+            for i in range(n_images)
+        ],
+        gen,
     )
     warm = expand_items([PromptItem(prompt="warm up")] * 1, gen.model_copy(update={"steps": 2}))
 
     out_dir = a.out or tempfile.mkdtemp(prefix="imagebatch-bench-")
-    engine = Engine(loaded, Storage(out_dir), EngineOptions(batch_size=batch, image_format=a.format))
     emit(
         event="env",
         arch=a.arch,
@@ -176,10 +219,11 @@ def main() -> None:
         images=n_images,
         torch=torch.__version__,
         torch_threads=torch.get_num_threads(),
-        encode_workers=engine.opts.encode_workers,
+        encode_workers=EngineOptions().encode_workers,
         fast=a.fast,
         compile=a.compile,
         cpus=len(os.sched_getaffinity(0)),
+        negatives=a.negatives,
     )
 
     # Warm-up at every shape each mode uses (and compile, if asked): not timed.
@@ -214,18 +258,58 @@ def main() -> None:
     record("single_loop", 1, len(single), timed(device, lambda: [plain_call(pipe, [it]) for it in single]))
     chunks = [items[i : i + batch] for i in range(0, len(items), batch)]
     # Interleaved rounds, best of each: a shared machine's noise hits both modes alike.
-    samples: dict[str, list[float]] = {"plain_batched": [], "engine": []}
+    samples: dict[str, list[float]] = {"plain_batched": [], "engine_inline": [], "engine": []}
+    meter = TextMeter(pipe.text_encoder)
+    text: dict[str, list[dict[str, Any]]] = {mode: [] for mode in samples}
+
+    def text_record(mode: str, seconds: float, critical: float) -> None:
+        text[mode].append(
+            dict(
+                calls=meter.calls,
+                rows=meter.rows,
+                encoder_seconds=round(meter.seconds, 4),
+                critical_seconds=round(critical, 4),
+                wall_seconds=round(seconds, 3),
+                share=round(critical / seconds, 4),
+            )
+        )
+
     for r in range(a.repeats):
-        samples["plain_batched"].append(timed(device, lambda: [plain_call(pipe, c) for c in chunks]))
-        engine.storage = Storage(os.path.join(out_dir, f"round{r}"))  # nothing to skip
-        samples["engine"].append(timed(device, lambda: engine.run(items)))
-        written = len(list(Path(out_dir, f"round{r}", "images").iterdir()))
-        assert written == len(items), f"the engine wrote {written} of {len(items)} images"
+        meter.reset()
+        secs = timed(device, lambda: [plain_call(pipe, c) for c in chunks])
+        samples["plain_batched"].append(secs)
+        text_record("plain_batched", secs, meter.seconds)  # pipe(...) encodes on the critical path
+        for mode, ahead in (("engine_inline", False), ("engine", True)):
+            folder = os.path.join(out_dir, f"round{r}" + ("" if ahead else "-inline"))  # nothing to skip
+            eng = Engine(
+                loaded,
+                Storage(folder),
+                EngineOptions(batch_size=batch, image_format=a.format, prepare_ahead=ahead),
+            )
+            meter.reset()
+            secs = timed(device, functools.partial(eng.run, items))
+            samples[mode].append(secs)
+            # Ahead: only the time the loop waited for embeddings is on the critical path.
+            text_record(mode, secs, eng.text.stats.wait_seconds if ahead else meter.seconds)
+            eng.close()
+            written = len(list(Path(folder, "images").iterdir()))
+            assert written == len(items), f"the engine wrote {written} of {len(items)} images"
     for mode, secs in samples.items():
         extra: dict[str, Any] = {"rounds_images_per_s": [round(len(items) / x, 3) for x in secs]}
         if mode == "engine":
             extra["writes"] = f"{a.format} files"
         record(mode, batch, len(items), min(secs), **extra)
+    distinct_negatives = len({it.negative_prompt for it in items})
+    for mode, secs in samples.items():
+        best = text[mode][secs.index(min(secs))]
+        emit(
+            event="text",
+            mode=mode,
+            batches=len(chunks),
+            distinct_negatives=distinct_negatives,
+            **best,
+            rounds_share=[t["share"] for t in text[mode]],
+        )
 
     emit(
         event="ratio",
@@ -248,7 +332,6 @@ def main() -> None:
             gpu["busy_fraction"] = round(gpu_busy_fraction(lambda: probe.run(items[: 2 * batch])), 4)
             probe.close()
     emit(event="gpu" if device.type == "cuda" else "flops", **gpu)
-    engine.close()
     if not a.out:
         import shutil
 

@@ -29,6 +29,32 @@ class Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+class ModelCache(Model):
+    claim_name: str = Field(
+        min_length=1,
+        description=(
+            "PersistentVolumeClaim, in the job's namespace, mounted as the Hugging Face cache (HF_HOME). "
+            "Workers mount it read-only and run with HF_HUB_OFFLINE=1, so they never reach the hub; "
+            "it needs ReadWriteMany (or ReadOnlyMany after a first fill) to be shared by many nodes."
+        ),
+    )
+    fetch: bool = Field(
+        default=True,
+        description=(
+            "Fill the cache before the engine starts: an init container of each worker pod downloads "
+            "what is missing (nothing, once the cache holds the model) with transient hub errors retried. "
+            "false: the cache is filled by you."
+        ),
+    )
+
+
+class TokenSecretRef(Model):
+    name: str = Field(min_length=1, description="Secret name, in the job's namespace.")
+    key: str = Field(
+        default="HF_TOKEN", min_length=1, description="Key whose value is the Hugging Face token."
+    )
+
+
 class ModelSpec(Model):
     name: str = Field(
         min_length=1,
@@ -51,6 +77,20 @@ class ModelSpec(Model):
     scheduler: str | None = Field(
         default=None,
         description="diffusers scheduler class name (e.g. EulerDiscreteScheduler); default: the model's own.",
+    )
+    variant: str | None = Field(
+        default=None,
+        description=(
+            "Weights variant of a Hugging Face model, e.g. fp16: only those files are downloaded "
+            "(an SDXL repo otherwise gives fp32 weights, twice the bytes)."
+        ),
+    )
+    cache: ModelCache | None = Field(
+        default=None, description="A volume that holds the model, fetched once for every worker pod."
+    )
+    token_secret_ref: TokenSecretRef | None = Field(
+        default=None,
+        description="Secret key with a Hugging Face token (HF_TOKEN), for gated or private models.",
     )
 
 
@@ -259,7 +299,21 @@ class Workers(Model):
     shards_per_replica: int = Field(
         default=2, ge=1, description="Claimable shards per worker pod when sizing from the backlog."
     )
-    gpus_per_worker: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu per worker pod.")
+    gpus_per_worker: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="nvidia.com/gpu per worker pod; a pod with more than one runs one engine process per GPU.",
+    )
+    termination_grace_period_seconds: int = Field(
+        default=30,
+        ge=1,
+        le=86_400,
+        description=(
+            "Seconds a worker pod gets after SIGTERM: the running batch stops after its current "
+            "denoising step and the claim is released; give at least one step plus a model-free exit."
+        ),
+    )
     image: str | None = Field(default=None, description="Worker image; default: the operator's.")
     resources: dict[str, Any] | None = Field(
         default=None, description="Worker container resources (requests/limits), as in a Pod spec."

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("imagebatch")
 
 EXIT_USER_ERROR = 2
+EXIT_MODEL_LOAD_ERROR = 3  # as imagebatch.operator.labels: the Job's podFailurePolicy fails the job
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -69,11 +70,30 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise ImageBatchError(f"worker: set {', '.join(missing)} (or NAMESPACE, JOB_NAME, POD_NAME)")
-    from imagebatch.worker.cluster import run_cluster_worker  # torch is imported only by workers
+    # torch is imported only by workers; a pod with several GPUs runs one engine process per GPU.
+    from imagebatch.worker import multigpu
 
-    return run_cluster_worker(
+    if args.rank is not None:
+        return multigpu.run_rank(
+            args.namespace, args.job, args.pod, args.rank, device=args.device, metrics_port=args.metrics_port
+        )
+    return multigpu.run_worker_pod(
         args.namespace, args.job, args.pod, device=args.device, metrics_port=args.metrics_port
     )
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from imagebatch.api import ModelSpec
+    from imagebatch.errors import ModelLoadError
+    from imagebatch.worker.pipeline import fetch_model  # torch is imported only by workers
+
+    spec = ModelSpec(name=args.model, revision=args.revision, variant=args.variant, pipeline=args.pipeline)
+    try:
+        fetch_model(spec)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_MODEL_LOAD_ERROR
+    return 0
 
 
 # -- cluster commands -------------------------------------------------------------------------------
@@ -277,6 +297,9 @@ def build_parser(prog: str = "imagebatch") -> argparse.ArgumentParser:
     wk.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port; 0: none"
     )
+    wk.add_argument(
+        "--rank", type=int, help="internal: one engine process of a multi-GPU pod (set by its supervisor)"
+    )
     wk.set_defaults(func=_cmd_worker)
 
     sb = sub.add_parser("submit", help="cluster: apply a job (again: no change); --wait to follow it")
@@ -325,6 +348,16 @@ def build_parser(prog: str = "imagebatch") -> argparse.ArgumentParser:
     fe.add_argument("--endpoint-url", help="S3 endpoint seen from here, if not spec.output.endpointUrl")
     _cluster_flags(fe)
     fe.set_defaults(func=_cmd_fetch)
+
+    fm = sub.add_parser(
+        "fetch-model",
+        help="fill the Hugging Face cache (HF_HOME) with a model; the fetch step of spec.model.cache",
+    )
+    fm.add_argument("--model", required=True, help="Hugging Face repo id")
+    fm.add_argument("--revision")
+    fm.add_argument("--variant", help="weights variant, e.g. fp16")
+    fm.add_argument("--pipeline", help="diffusers pipeline class (unused by the download; for the record)")
+    fm.set_defaults(func=_cmd_fetch_model)
     return p
 
 

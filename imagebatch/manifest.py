@@ -40,8 +40,13 @@ def manifest_line(
     worker: str,
     batch: BatchInfo | None,
     encode_seconds: float | None = None,
+    truncated: bool = False,
+    labels: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`batch` is None for an item whose image was already stored by an earlier, interrupted run."""
+    """`batch` is None for an item whose image was already stored by an earlier, interrupted run.
+
+    `truncated`: the prompt was longer than the text encoder reads. `labels`: fields of the
+    process that made the image (rank and visible device of a multi-GPU worker pod)."""
     line: dict[str, Any] = {
         "id": item.id,
         "key": key,
@@ -71,6 +76,10 @@ def manifest_line(
         )
         if batch.oom_halvings:
             line["oom_halvings"] = batch.oom_halvings
+    if truncated:
+        line["truncated"] = True
+    if labels:
+        line.update(labels)
     return line
 
 

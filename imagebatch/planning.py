@@ -120,10 +120,19 @@ def fingerprint(spec_fields: dict[str, Any], items: Sequence[Item]) -> str:
     return h.hexdigest()
 
 
+def _model_fields(spec: ImageBatchJobSpec) -> dict[str, Any]:
+    # Where the weights are cached and the token that fetches them do not change an image; a
+    # variant does (fp16 weights), and enters only when set so that older outputs still match.
+    fields = spec.model.model_dump(exclude={"cache", "token_secret_ref", "variant"})
+    if spec.model.variant is not None:
+        fields["variant"] = spec.model.variant
+    return fields
+
+
 def image_fields(spec: ImageBatchJobSpec) -> dict[str, Any]:
     """The spec fields that change finished images (the prompts enter through the items)."""
     return {
-        "model": spec.model.model_dump(),
+        "model": _model_fields(spec),
         "generation": spec.generation.model_dump(),
         "format": spec.output.format,
         "quality": spec.output.quality,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from typing import Any
 
-from imagebatch.api import ImageBatchJobSpec
+from imagebatch.api import BUILTIN_PREFIX, ImageBatchJobSpec
 from imagebatch.operator.labels import (
     EXIT_MODEL_LOAD_ERROR,
     EXIT_TERMINATED,
@@ -35,6 +35,10 @@ TERMINATION_GRACE_SECONDS = 30
 SCRATCH_MOUNTS = {"imagebatch-tmp": "/tmp", "imagebatch-cache": "/home/imagebatch/.cache"}
 API_TOKEN_VOLUME = "imagebatch-api-access"
 API_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+FETCH_CONTAINER = "fetch-model"
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_PATH = "/var/cache/huggingface"  # HF_HOME of workers with spec.model.cache
+GPUS_ENV = "IMAGEBATCH_GPUS"  # read by worker/multigpu.py: one engine process per GPU
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class WorkerSettings:
 
     image: str = DEFAULT_WORKER_IMAGE
     command: tuple[str, ...] = ("python", "-m", "imagebatch.cli", "worker")
+    fetch_command: tuple[str, ...] = ("python", "-m", "imagebatch.cli", "fetch-model")
     metrics_port: int = 0  # 0: workers serve no metrics
     run_as_user: int = 1000
 
@@ -127,9 +132,70 @@ def _env(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
         {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "JOB_NAME", "value": job["metadata"]["name"]},
     ]
+    env.append({"name": GPUS_ENV, "value": str(spec.workers.gpus_per_worker)})
+    env += model_env(spec, read_only=True)
     # The user's env comes last so that it can set e.g. OMP_NUM_THREADS or HF_HOME.
     env += [dict(e) for e in spec.workers.env or []]
     return env
+
+
+# -- the model: Hugging Face token, cache volume, fetch step -------------------------------------
+
+
+def model_env(spec: ImageBatchJobSpec, read_only: bool) -> list[dict[str, Any]]:
+    """HF_TOKEN from the Secret; with a cache volume, HF_HOME on it (and offline for readers)."""
+    env: list[dict[str, Any]] = []
+    ref = spec.model.token_secret_ref
+    if ref is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if spec.model.cache is not None:
+        env.append({"name": "HF_HOME", "value": MODEL_CACHE_PATH})
+        if read_only:
+            # The fetch step (or the user) filled the cache: workers never reach the hub.
+            env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    return env
+
+
+def model_cache_volumes(spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
+    cache = spec.model.cache
+    if cache is None:
+        return []
+    return [{"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}]
+
+
+def model_cache_mount(read_only: bool) -> dict[str, Any]:
+    return {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH, "readOnly": read_only}
+
+
+def needs_fetch(spec: ImageBatchJobSpec) -> bool:
+    """Only a hub model with a cache volume is fetched; built-ins and paths have nothing to fetch."""
+    name = spec.model.name
+    local = name.startswith((BUILTIN_PREFIX, "/", "./", "../", "~"))
+    return spec.model.cache is not None and spec.model.cache.fetch and not local
+
+
+def fetch_container(spec: ImageBatchJobSpec, image: str, s: WorkerSettings) -> dict[str, Any]:
+    """The init container that fills the cache (what is missing only) before the engine starts."""
+    args = ["--model", spec.model.name]
+    if spec.model.revision:
+        args += ["--revision", spec.model.revision]
+    if spec.model.variant:
+        args += ["--variant", spec.model.variant]
+    if spec.model.pipeline:
+        args += ["--pipeline", spec.model.pipeline]
+    return {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "command": list(s.fetch_command),
+        "args": args,
+        # Online whatever the image's defaults say: this step is the one that may reach the hub.
+        "env": model_env(spec, read_only=False)
+        + [{"name": "HF_HUB_OFFLINE", "value": "0"}]
+        + [dict(e) for e in spec.workers.env or []],
+        "volumeMounts": [model_cache_mount(read_only=False)],
+        "securityContext": _container_security(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
 
 
 def _resources(spec: ImageBatchJobSpec) -> dict[str, Any]:
@@ -177,26 +243,48 @@ def harden_worker_pod(pod_spec: dict[str, Any], container: dict[str, Any]) -> No
     mounts.append({"name": API_TOKEN_VOLUME, "mountPath": API_TOKEN_PATH, "readOnly": True})
 
 
-def pod_failure_policy() -> dict[str, Any]:
+def _container_security() -> dict[str, Any]:
     return {
-        "rules": [
-            # A user error (bad prompts, unloadable model) fails the same way on every retry.
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_failure_policy(fetch: bool = False) -> dict[str, Any]:
+    """`fetch`: the pod has the fetch init container (a rule may name only a container it has)."""
+    rules: list[dict[str, Any]] = [
+        # A user error (bad prompts, unloadable model) fails the same way on every retry.
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": CONTAINER,
+                "operator": "In",
+                "values": [EXIT_USER_ERROR, EXIT_MODEL_LOAD_ERROR],
+            },
+        },
+        # SIGTERM from scale-in, suspend or a drain: the claim was released, nothing failed.
+        {
+            "action": "Ignore",
+            "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_TERMINATED]},
+        },
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
+    if fetch:
+        # The fetch step: a model that does not exist (or a refused token) fails on every retry.
+        rules.insert(
+            1,
             {
                 "action": "FailJob",
                 "onExitCodes": {
-                    "containerName": CONTAINER,
+                    "containerName": FETCH_CONTAINER,
                     "operator": "In",
                     "values": [EXIT_USER_ERROR, EXIT_MODEL_LOAD_ERROR],
                 },
             },
-            # SIGTERM from scale-in, suspend or a drain: the claim was released, nothing failed.
-            {
-                "action": "Ignore",
-                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_TERMINATED]},
-            },
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]
-    }
+        )
+    return {"rules": rules}
 
 
 def worker_job(
@@ -219,25 +307,22 @@ def worker_job(
         "args": args,
         "env": _env(job, spec),
         "resources": _resources(spec),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.output.credentials_secret is not None:
         container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret.name}}]
-    if spec.workers.volume_mounts:
-        container["volumeMounts"] = [dict(m) for m in spec.workers.volume_mounts]
+    mounts = [model_cache_mount(read_only=True)] if spec.model.cache is not None else []
+    mounts += [dict(m) for m in spec.workers.volume_mounts or []]
+    if mounts:
+        container["volumeMounts"] = mounts
     if s.metrics_port:
         container["ports"] = [{"name": "metrics", "containerPort": s.metrics_port}]
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(job, spec),
         # podFailurePolicy needs Never; a failed pod is replaced by the Job controller.
         "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": spec.workers.termination_grace_period_seconds,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": s.run_as_user,
@@ -247,8 +332,11 @@ def worker_job(
         },
         "containers": [container],
     }
-    if spec.workers.volumes:
-        pod_spec["volumes"] = [dict(v) for v in spec.workers.volumes]
+    volumes = model_cache_volumes(spec) + [dict(v) for v in spec.workers.volumes or []]
+    if volumes:
+        pod_spec["volumes"] = volumes
+    if needs_fetch(spec):
+        pod_spec["initContainers"] = [fetch_container(spec, container["image"], s)]
     harden_worker_pod(pod_spec, container)
     if spec.workers.node_selector:
         pod_spec["nodeSelector"] = dict(spec.workers.node_selector)
@@ -262,7 +350,7 @@ def worker_job(
         "suspend": bool(spec.suspend or spec.queue_name),
         # Each shard has its own attempt budget; this only stops pods that crash in a loop.
         "backoffLimit": max(6, spec.workers.max_replicas * spec.retries.max_attempts),
-        "podFailurePolicy": pod_failure_policy(),
+        "podFailurePolicy": pod_failure_policy(fetch="initContainers" in pod_spec),
         "template": {"metadata": {"labels": {**labels(name, "worker"), **extra}}, "spec": pod_spec},
     }
     if spec.active_deadline_seconds:

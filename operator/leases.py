@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from imagebatch.api import ImageBatchShardStatus
+from imagebatch.holders import holder_pod
 from imagebatch.operator.timeutil import parse_time
 
 
@@ -34,7 +35,7 @@ def lost_claim_reason(
 ) -> str | None:
     if st.state != "Claimed":
         return None
-    if st.holder not in live_pods:
+    if st.holder is None or holder_pod(st.holder) not in live_pods:
         return "HolderGone"
     renewed = parse_time(st.lease_renew_time)
     if renewed is None or (now - renewed).total_seconds() > lease_seconds:

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from imagebatch.api import ItemCounts, ShardCounts
+from imagebatch.holders import holder_pod
 from imagebatch.operator.leases import shard_status
 from imagebatch.operator.timeutil import parse_time
 
@@ -48,7 +49,7 @@ def tally(shards: Iterable[dict[str, Any]], total_items: int) -> Tally:
         elif st.state == "Claimed":
             done += min(st.items_done, size)
             if st.holder:
-                t.holders.add(st.holder)
+                t.holders.add(holder_pod(st.holder))  # busy pods, not engine processes
         elif st.state == "Failed":
             failed += size
             t.errors.append(f"{shard['metadata']['name']}: {st.error or 'failed'}")

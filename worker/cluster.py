@@ -7,7 +7,8 @@
           holder + attempt: a worker that lost its claim cannot)
     exit 0 when nothing is Pending; the worker that finds every shard Done joins manifest.jsonl.
 
-On SIGTERM (scale-in, suspend, drain) the current batch finishes, the claim is released (back to
+On SIGTERM (scale-in, suspend, drain) the current batch stops after its denoising step (the
+engine checks the stop flag between steps), the claim is released (back to
 Pending; its stored images are skipped by the next holder) and the process exits 143, which the
 Job's podFailurePolicy ignores. A model that cannot be loaded fails one shard with a
 ModelLoadError (the operator fails the job) and exits 3, which fails the Job: no crash loop.
@@ -89,7 +90,10 @@ class Claim:
 class Worker:
     def __init__(self, kube: WorkerKube, pod: str, stop: threading.Event, device: str = "auto") -> None:
         self.kube = kube
+        # The claim holder: the pod's name, or `<pod>/<rank>` for one engine process of a
+        # multi-GPU pod (worker/multigpu.py).
         self.pod = pod
+        self.labels: dict[str, Any] = {}
         self.device = device
         self.stop = stop
         self._items: list[Item] | None = None
@@ -191,6 +195,8 @@ class Worker:
             quality=self.spec.output.quality,
             batch_memory=batch_memory_path(self.spec.engine),
             worker=self.pod,
+            stop=self.stop,
+            labels=self.labels,
         )
         with Engine(loaded, self.storage, opts) as engine:
             while not self.stop.is_set():
@@ -223,6 +229,7 @@ class Worker:
 
     def work(self, engine: Any, claim: Claim) -> int | None:
         """Processes one claimed shard; an exit code when the worker must stop."""
+        from imagebatch.worker.engine import BatchAbandonedError
         from imagebatch.worker.shards import process_shard
 
         log.info("claimed %s (items %d-%d, attempt %d)", claim.name, claim.start, claim.end, claim.attempt)
@@ -256,7 +263,7 @@ class Worker:
         try:
             items = self.items()[claim.start : claim.end]
             process_shard(engine, shard_id(claim.index), items, on_done, self.spec.output.layout)
-        except AbandonError:
+        except (AbandonError, BatchAbandonedError):
             lease.close()
             ok = self.fenced_write(claim, claims.released)
             log.info(
@@ -372,7 +379,12 @@ class LeaseKeeper(threading.Thread):
 
 
 def run_cluster_worker(
-    namespace: str, job: str, pod: str, device: str = "auto", metrics_port: int = 0
+    namespace: str,
+    job: str,
+    pod: str,
+    device: str = "auto",
+    metrics_port: int = 0,
+    labels: dict[str, Any] | None = None,
 ) -> int:
     stop = threading.Event()
 
@@ -391,6 +403,7 @@ def run_cluster_worker(
             log.warning("not serving metrics: cannot listen on port %d: %s", metrics_port, e)
     try:
         worker = Worker(WorkerKube(namespace, job), pod, stop, device)
+        worker.labels = dict(labels or {})
         return worker.run()
     except ValidationError as e:
         log.error("ImageBatchJob %s/%s: invalid spec\n%s", namespace, job, format_validation_error(e, "spec"))

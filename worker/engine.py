@@ -3,7 +3,9 @@
 Per batch: one `torch.Generator` per image (so an image does not depend on its neighbours),
 denoise and decode on the device, turn the result into uint8 there, copy it to the host, and
 hand PNG/WebP/JPEG encoding and the write to a thread pool so the next batch starts at once.
-On CUDA out-of-memory the batch is halved and the work goes on.
+The next batch's prompts are tokenised and text-encoded while this one denoises (worker/textenc.py).
+On CUDA out-of-memory the batch is halved and the work goes on. A stop flag is checked after every
+denoising step, so an abandoned batch ends within one step instead of running to its end.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -31,6 +34,7 @@ from imagebatch.planning import Item
 from imagebatch.storage import ImageSink, Storage, image_key
 from imagebatch.worker import imagemeta
 from imagebatch.worker.pipeline import LoadedPipeline
+from imagebatch.worker.textenc import Prepared, TextPreparer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,16 @@ class EngineOptions:
     worker: str = field(default_factory=socket.gethostname)
     # A JSON file that remembers the automatic batch size found per model, GPU and image shape.
     batch_memory: str | None = None
+    # Set (e.g. by SIGTERM): the running batch stops after its current denoising step.
+    stop: threading.Event | None = None
+    # Encode the next batch's text while this one denoises; False: inside each pipe(...) call.
+    prepare_ahead: bool = True
+    # Extra fields of every manifest line this engine makes (cluster mode: rank, visible device).
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+class BatchAbandonedError(Exception):
+    """The stop flag was set: the batch was dropped after its current denoising step."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class ItemResult:
     key: str
     batch: BatchInfo | None  # None: the image was already stored (skipped)
     encode_seconds: float | None = None
+    truncated: bool = False  # the prompt had more tokens than the text encoder reads
 
 
 def usable_cpus() -> int:
@@ -118,9 +133,14 @@ class Engine:
         self.vae_sliced = False
         self._pool = ThreadPoolExecutor(self.opts.encode_workers, thread_name_prefix="encode")
         params = inspect.signature(loaded.pipe.__call__).parameters
-        self._takes_negative = "negative_prompt" in params
+        self._takes_step_callback = "callback_on_step_end" in params
+        self.text = TextPreparer(loaded.pipe, self.device)
+        # One thread: batch k+1's text is encoded while batch k denoises, never further ahead.
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="text")
+        self.steps_run = 0  # denoising steps, counted by the step callback
 
     def close(self) -> None:
+        self._ahead.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> Engine:
@@ -189,14 +209,40 @@ class Engine:
         log.warning("out of memory at batch size %d: going on with batch size %d", size, new)
 
     # -- one batch on the device ---------------------------------------------------------------
-    def generate_async(self, items: Sequence[Item], pad_to: int | None = None) -> HostImages:
-        """Denoise and decode one batch; the images reach the host asynchronously on CUDA."""
-        first = items[0]
+    @staticmethod
+    def padded(items: Sequence[Item], pad_to: int | None) -> list[Item]:
         batch = list(items)
         if pad_to and len(batch) < pad_to:
             batch += [batch[-1]] * (pad_to - len(batch))
+        return batch
+
+    def prepare(self, items: Sequence[Item], pad_to: int | None = None) -> Prepared:
+        """The batch's text inputs: embeddings (with cached negatives), or the prompt strings."""
+        batch = self.padded(items, pad_to)
+        if self.opts.prepare_ahead:
+            return self.text.prepare(batch)
+        # The old way, for comparison: pipe(...) tokenises and encodes every prompt itself.
+        kwargs: dict[str, Any] = {"prompt": [it.prompt for it in batch]}
+        if self.text.takes_negative:
+            kwargs["negative_prompt"] = [it.negative_prompt for it in batch]
+        return Prepared(kwargs, self.text.truncated(kwargs["prompt"]))
+
+    def _on_step(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        self.steps_run += 1
+        if self.opts.stop is not None and self.opts.stop.is_set():
+            raise BatchAbandonedError(f"stopped after denoising step {step + 1}")
+        return {}
+
+    def generate_async(
+        self, items: Sequence[Item], pad_to: int | None = None, prepared: Prepared | None = None
+    ) -> HostImages:
+        """Denoise and decode one batch; the images reach the host asynchronously on CUDA."""
+        first = items[0]
+        batch = self.padded(items, pad_to)
+        if prepared is None:
+            prepared = self.prepare(items, pad_to)
         kwargs: dict[str, Any] = dict(
-            prompt=[it.prompt for it in batch],
+            prepared.kwargs,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             height=first.height,
@@ -205,8 +251,9 @@ class Engine:
             generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
             output_type="pt",
         )
-        if self._takes_negative:
-            kwargs["negative_prompt"] = [it.negative_prompt for it in batch]
+        if self._takes_step_callback:
+            kwargs["callback_on_step_end"] = self._on_step
+        prepared.wait()
         with torch.inference_mode():
             images: torch.Tensor = self.loaded.pipe(**kwargs).images[: len(items)]
             # uint8 on the device: a quarter of the bytes to copy, and no float work on the host.
@@ -241,56 +288,97 @@ class Engine:
         keys = {it.id: image_key(it.id, fmt) for it in items}
         existing = out.existing(keys.values())
         results: dict[str, ItemResult] = {}
+        stored = [it for it in items if keys[it.id] in existing]
+        # A resumed item's line says whether its prompt was cut, as the first run's did.
+        cut = dict(
+            zip([it.id for it in stored], self.text.truncated([it.prompt for it in stored]), strict=True)
+        )
         for it in items:
             if keys[it.id] in existing:
-                results[it.id] = ItemResult(it, keys[it.id], None)
+                results[it.id] = ItemResult(it, keys[it.id], None, truncated=cut[it.id])
                 if on_done:
                     on_done(results[it.id])
         todo = sorted((it for it in items if keys[it.id] not in existing), key=lambda it: it.params_key())
-        inflight: deque[tuple[Item, BatchInfo, Future[float]]] = deque()
+        inflight: deque[tuple[Item, BatchInfo, Future[float], bool]] = deque()
 
         def drain(block_until: int) -> None:
             while len(inflight) > block_until or (inflight and inflight[0][2].done()):
-                it, info, fut = inflight.popleft()
-                res = ItemResult(it, keys[it.id], info, fut.result())
+                it, info, fut, cut = inflight.popleft()
+                res = ItemResult(it, keys[it.id], info, fut.result(), cut)
                 results[it.id] = res
                 if on_done:
                     on_done(res)
 
         # Items with equal generation parameters share batches; groupby keeps their order.
-        for _, grouped in groupby(todo, key=lambda it: it.params_key()):
-            group = list(grouped)
-            pos = 0
-            while pos < len(group):
-                size = self.batch_size_for(group[pos])
-                chunk = group[pos : pos + size]
-                t0 = time.perf_counter()
-                try:
-                    host = self.generate_async(chunk, pad_to=size if self.pad else None)
-                except Exception as e:
-                    if not is_oom(e) or size == 1:
-                        raise
-                    self._on_oom(chunk[0], len(chunk) if not self.pad else size)
-                    continue  # the same items again, with more memory to spare
-                pos += len(chunk)
-                dt = time.perf_counter() - t0
-                info = BatchInfo(len(chunk), dt, str(self.device), self.oom_halvings)
-                for i, it in enumerate(chunk):
-                    meta = metadata(it) if metadata else None
-                    fut = self._pool.submit(self._encode_write, out, host, i, keys[it.id], meta)
-                    inflight.append((it, info, fut))
-                log.info(
-                    "batch of %d at %dx%d, %d steps: %.3fs (%.2f images/s), %d images waiting to be written",
-                    len(chunk),
-                    chunk[0].width,
-                    chunk[0].height,
-                    chunk[0].steps,
-                    dt,
-                    len(chunk) / dt,
-                    len(inflight),
-                )
-                # Bound the images held in memory: at most two batches wait for the encoders.
-                drain(block_until=2 * size)
+        groups = [list(g) for _, g in groupby(todo, key=lambda it: it.params_key())]
+        ahead: tuple[list[str], Future[Prepared]] | None = None
+
+        def chunk_at(gi: int, pos: int) -> tuple[list[Item], int | None]:
+            size = self.batch_size_for(groups[gi][pos])
+            return groups[gi][pos : pos + size], size if self.pad else None
+
+        def take(chunk: list[Item], pad_to: int | None) -> Prepared:
+            """The chunk's text inputs: from the thread if it guessed this chunk, else made now."""
+            nonlocal ahead
+            t0 = time.perf_counter()
+            ids = [it.id for it in self.padded(chunk, pad_to)]
+            guess, ahead = ahead, None
+            if guess is not None and guess[0] == ids:
+                prepared = guess[1].result()
+            else:  # the first batch, or the batch size changed after an out-of-memory error
+                prepared = self.prepare(chunk, pad_to)
+            self.text.stats.wait_seconds += time.perf_counter() - t0
+            return prepared
+
+        def start_next(gi: int, pos: int) -> None:
+            nonlocal ahead
+            if pos >= len(groups[gi]):
+                gi, pos = gi + 1, 0
+            if gi >= len(groups):
+                return
+            chunk, pad_to = chunk_at(gi, pos)
+            ids = [it.id for it in self.padded(chunk, pad_to)]
+            ahead = (ids, self._ahead.submit(self.prepare, chunk, pad_to))
+
+        gi, pos = 0, 0
+        while gi < len(groups):
+            group = groups[gi]
+            if pos >= len(group):
+                gi, pos = gi + 1, 0
+                continue
+            if self.opts.stop is not None and self.opts.stop.is_set():
+                raise BatchAbandonedError("stopped before the next batch")
+            chunk, pad_to = chunk_at(gi, pos)
+            size = self.batch_size_for(chunk[0])
+            t0 = time.perf_counter()
+            prepared = take(chunk, pad_to)
+            start_next(gi, pos + len(chunk))
+            try:
+                host = self.generate_async(chunk, pad_to=pad_to, prepared=prepared)
+            except Exception as e:
+                if not is_oom(e) or size == 1:
+                    raise
+                self._on_oom(chunk[0], len(chunk) if not self.pad else size)
+                continue  # the same items again, with more memory to spare
+            pos += len(chunk)
+            dt = time.perf_counter() - t0
+            info = BatchInfo(len(chunk), dt, str(self.device), self.oom_halvings)
+            for i, it in enumerate(chunk):
+                meta = metadata(it) if metadata else None
+                fut = self._pool.submit(self._encode_write, out, host, i, keys[it.id], meta)
+                inflight.append((it, info, fut, prepared.truncated[i]))
+            log.info(
+                "batch of %d at %dx%d, %d steps: %.3fs (%.2f images/s), %d images waiting to be written",
+                len(chunk),
+                chunk[0].width,
+                chunk[0].height,
+                chunk[0].steps,
+                dt,
+                len(chunk) / dt,
+                len(inflight),
+            )
+            # Bound the images held in memory: at most two batches wait for the encoders.
+            drain(block_until=2 * size)
         drain(block_until=0)
         return [results[it.id] for it in items]
 

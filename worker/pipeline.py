@@ -1,19 +1,102 @@
-"""Loading a diffusers text-to-image pipeline once per process, with errors that say what to change."""
+"""Loading a diffusers text-to-image pipeline once per process, with errors that say what to change.
+
+Transient hub errors (429 rate limits, 5xx, timeouts, dropped connections) are retried with
+jittered exponential backoff (tenacity); if they outlast the retries they end the process with
+TransientHubError, which the Job retries with a new pod, never with a ModelLoadError (that fails
+the whole job). `fetch_model` fills a Hugging Face cache (the fetch init container of
+spec.model.cache) and makes no hub request when the cache already holds the model.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from imagebatch.api import BUILTIN_PREFIX, ModelSpec
 from imagebatch.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# HTTP statuses worth another try: timeouts, rate limits, server errors.
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+HUB_ATTEMPTS = 8
+HUB_WAIT_FIRST = 2.0  # seconds; the waits grow to HUB_WAIT_MAX, jittered so 64 pods spread out
+HUB_WAIT_MAX = 60.0
+
+
+class TransientHubError(RuntimeError):
+    """The hub kept answering with transient errors: not the model's fault, so not a ModelLoadError."""
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def is_transient(err: BaseException) -> bool:
+    """A rate limit, server error, timeout or dropped connection anywhere in the error's chain.
+
+    diffusers wraps hub errors (an OSError "cannot find the requested files ... from" the
+    HfHubHTTPError), so the chain is searched, not only the outer error."""
+    import httpx
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    chain = list(_chain(err))
+    # Offline (HF_HUB_OFFLINE=1) is a ConnectionError too, but no retry can change it.
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return False
+    for e in chain:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in TRANSIENT_STATUS:
+            return True
+        if isinstance(e, (httpx.TimeoutException, httpx.NetworkError, TimeoutError, ConnectionError)):
+            return True
+    return False
+
+
+def with_hub_retries(what: str, fn: Callable[[], T]) -> T:
+    def before_sleep(state: RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s: transient hub error (%s: %s); attempt %d of %d, retrying in %.1fs",
+            what,
+            type(err).__name__,
+            str(err).splitlines()[0] if err and str(err) else "",
+            state.attempt_number,
+            HUB_ATTEMPTS,
+            state.next_action.sleep if state.next_action else 0.0,
+        )
+
+    retrying = Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(HUB_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=HUB_WAIT_FIRST, max=HUB_WAIT_MAX),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        return retrying(fn)
+    except Exception as e:
+        if is_transient(e):
+            raise TransientHubError(
+                f"{what}: the hub kept failing after {HUB_ATTEMPTS} attempts ({type(e).__name__}); "
+                "the pod exits and the Job starts another. Set spec.model.cache so that one fetch "
+                "step downloads the model for every worker."
+            ) from e
+        raise
 
 
 @dataclass
@@ -67,9 +150,12 @@ def _from_pretrained(spec: ModelSpec, dtype: torch.dtype) -> Any:
                 f"spec.model.name: {spec.name!r} has no model_index.json; point it at a diffusers "
                 "pipeline folder (one saved with save_pretrained, or a snapshot of a Hugging Face repo)"
             )
+    kwargs: dict[str, Any] = {"revision": spec.revision, "torch_dtype": dtype}
+    if spec.variant:
+        kwargs["variant"] = spec.variant
     try:
-        return cls.from_pretrained(name, revision=spec.revision, torch_dtype=dtype)
-    except ModelLoadError:
+        return with_hub_retries(f"loading {spec.name}", lambda: cls.from_pretrained(name, **kwargs))
+    except (ModelLoadError, TransientHubError):
         raise
     except Exception as e:  # diffusers and huggingface_hub raise many types for "not found"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -81,6 +167,7 @@ def _from_pretrained(spec: ModelSpec, dtype: torch.dtype) -> Any:
         raise ModelLoadError(
             f"spec.model.name: cannot load model {spec.name!r}"
             + (f" at revision {spec.revision!r}" if spec.revision else "")
+            + (f" with variant {spec.variant!r}" if spec.variant else "")
             + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
             + hint
             + "a local directory with model_index.json or builtin:tiny also work"
@@ -139,3 +226,36 @@ def load_pipeline(spec: ModelSpec, device: str = "auto") -> LoadedPipeline:
         loaded.load_seconds,
     )
     return loaded
+
+
+def fetch_model(spec: ModelSpec) -> str:
+    """Download what the pipeline needs into the Hugging Face cache (HF_HOME); return its folder.
+
+    A cache that holds the model already is found with no hub request at all, so re-running the
+    fetch step of every pod costs nothing once one of them filled it."""
+    import diffusers
+
+    kwargs: dict[str, Any] = {"revision": spec.revision}
+    if spec.variant:
+        kwargs["variant"] = spec.variant
+    cls: Any = diffusers.DiffusionPipeline
+    try:
+        folder: str = cls.download(spec.name, local_files_only=True, **kwargs)
+        log.info("%s is in the cache already: %s", spec.name, folder)
+        return folder
+    except Exception:
+        pass  # not (fully) cached: download below
+    try:
+        folder = with_hub_retries(f"fetching {spec.name}", lambda: cls.download(spec.name, **kwargs))
+    except TransientHubError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(
+            f"spec.model.name: cannot fetch model {spec.name!r}"
+            + (f" at revision {spec.revision!r}" if spec.revision else "")
+            + (f" with variant {spec.variant!r}" if spec.variant else "")
+            + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            "Check the repo id, revision and variant, and spec.model.tokenSecretRef for gated models"
+        ) from None
+    log.info("fetched %s into %s", spec.name, folder)
+    return folder

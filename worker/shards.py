@@ -52,7 +52,18 @@ def process_shard(
     else:
         results = engine.run(items, on_done, metadata=metadata)
         lines = [
-            manifest_line(r.item, r.key, info, shard, worker, r.batch, r.encode_seconds) for r in results
+            manifest_line(
+                r.item,
+                r.key,
+                info,
+                shard,
+                worker,
+                r.batch,
+                r.encode_seconds,
+                truncated=r.truncated,
+                labels=engine.opts.labels,
+            )
+            for r in results
         ]
     # The part is written last: its presence means every image of the shard is stored.
     write_part(engine.storage, shard, lines)
@@ -84,7 +95,20 @@ def _webdataset_shard(
     )
     results = engine.run(items, on_done, metadata=metadata, sink=sink)
     worker = engine.opts.worker
-    lines = [manifest_line(r.item, tar_key, info, shard, worker, r.batch, r.encode_seconds) for r in results]
+    lines = [
+        manifest_line(
+            r.item,
+            tar_key,
+            info,
+            shard,
+            worker,
+            r.batch,
+            r.encode_seconds,
+            truncated=r.truncated,
+            labels=engine.opts.labels,
+        )
+        for r in results
+    ]
     files: list[tuple[str, bytes]] = []
     for r, line in zip(results, lines, strict=True):
         files.append((f"{r.item.id}.{ext}", sink.files[r.key]))

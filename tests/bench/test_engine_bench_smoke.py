@@ -34,6 +34,8 @@ def test_engine_benchmark_smoke(tmp_path: Path) -> None:
             "--repeats",
             "1",
             "--fast",
+            "--negatives",
+            "2",
             "--out",
             str(out),
         ],
@@ -49,9 +51,15 @@ def test_engine_benchmark_smoke(tmp_path: Path) -> None:
         by_event.setdefault(str(rec["event"]), []).append(rec)
     assert by_event["env"][0]["arch"] == "tiny" and by_event["env"][0]["fast"] is True
     modes = {str(rec["mode"]): rec for rec in by_event["throughput"]}
-    assert set(modes) == {"single_loop", "plain_batched", "engine"}
+    assert set(modes) == {"single_loop", "plain_batched", "engine_inline", "engine"}
     assert all(float(str(m["images_per_s"])) > 0 for m in modes.values())
     ratio = by_event["ratio"][0]
     assert float(str(ratio["engine_vs_plain_batched"])) > 0
     assert float(str(by_event["flops"][0]["flops_per_image"])) > 1e6
     assert len(list((out / "round0" / "images").glob("*.png"))) == 4
+    # Text encoder calls: two per batch inside pipe(...); ahead, one per batch plus one per
+    # distinct negative prompt (4 images in batches of 2, 2 negatives).
+    text = {str(rec["mode"]): rec for rec in by_event["text"]}
+    assert text["plain_batched"]["calls"] == text["engine_inline"]["calls"] == 2 * 2
+    assert text["engine"]["calls"] == 2 + 2
+    assert text["engine"]["rows"] == 4 + 2 and text["engine_inline"]["rows"] == 8

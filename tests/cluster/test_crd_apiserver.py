@@ -109,7 +109,13 @@ def test_good_job_gets_defaults(kubectl: Kubectl, namespace: str) -> None:
     assert proc.returncode == 0, proc.stderr
     spec = json.loads(proc.stdout)["spec"]
     assert spec["generation"]["guidanceScale"] == 7.5 and spec["generation"]["imagesPerPrompt"] == 1
-    assert spec["workers"] == {"minReplicas": 0, "maxReplicas": 4, "shardsPerReplica": 2, "gpusPerWorker": 1}
+    assert spec["workers"] == {
+        "minReplicas": 0,
+        "maxReplicas": 4,
+        "shardsPerReplica": 2,
+        "gpusPerWorker": 1,
+        "terminationGracePeriodSeconds": 30,
+    }
     assert spec["output"]["format"] == "png" and spec["retries"]["maxAttempts"] == 3
     assert spec["prompts"][1] == {"id": "fox", "prompt": "a fox", "seed": 7, "width": 96}
     # The stored spec is one the models accept unchanged.

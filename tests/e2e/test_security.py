@@ -201,7 +201,7 @@ def test_a_job_grants_nothing_its_creator_lacks(
         "create", "configmap", "prompts", "-n", ns, "--from-literal=prompts.txt=a red door\na blue door\n"
     )
 
-    outs = {k: tmp_path / k for k in ("hostpath", "account", "secret", "configmap")}
+    outs = {k: tmp_path / k for k in ("hostpath", "account", "secret", "hftoken", "configmap")}
     manifests = {
         # Mounted at the host folder's own path: the test node runs workers as local processes.
         "hostpath": tiny_job(
@@ -237,6 +237,13 @@ def test_a_job_grants_nothing_its_creator_lacks(
                 ],
             },
         ),
+        "hftoken": tiny_job(
+            "hftoken",
+            str(outs["hftoken"]),
+            prompts=["a bird"],
+            model={"name": "builtin:tiny", "tokenSecretRef": {"name": "registry-token", "key": "token"}},
+            workers={"maxReplicas": 1},
+        ),
         "configmap": tiny_job(
             "configmap",
             str(outs["configmap"]),
@@ -251,6 +258,7 @@ def test_a_job_grants_nothing_its_creator_lacks(
             "create pods, or the verb use on serviceaccounts/deployer",
         ),
         "secret": ("spec.workers.env[REGISTRY_TOKEN].valueFrom.secretKeyRef", "get secrets"),
+        "hftoken": ("spec.model.tokenSecretRef", "get secrets"),
         "configmap": ("spec.promptsFrom.configMapKeyRef", "get configmaps"),
     }
     # alice may create jobs (a plain one passes, dry run) ...
@@ -270,10 +278,11 @@ def test_a_job_grants_nothing_its_creator_lacks(
         proc = team.as_user("bob", doc)
         assert proc.returncode == 0, f"{name} from bob: {proc.stderr}"
     for name in manifests:
-        wait_condition(kubectl, ns, name, "Complete", timeout=300)
+        wait_condition(kubectl, ns, name, "Complete", timeout=900)
     check_output_dir(outs["hostpath"], {"p0000000", "p0000001"})
     check_output_dir(outs["account"], 1)
     check_output_dir(outs["secret"], 1)
+    check_output_dir(outs["hftoken"], 1)
     check_output_dir(outs["configmap"], 2)
     workers = kubectl.json("get", "job", "account-workers", "-n", ns)
     assert workers["spec"]["template"]["spec"]["serviceAccountName"] == "deployer"

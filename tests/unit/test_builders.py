@@ -202,3 +202,60 @@ def test_api_token_is_mounted_into_the_worker_container_only() -> None:
         "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
         "readOnly": True,
     }
+
+
+def test_model_cache_token_and_fetch_step() -> None:
+    s = spec(
+        model={
+            "name": "stabilityai/stable-diffusion-xl-base-1.0",
+            "variant": "fp16",
+            "cache": {"claimName": "hf-cache"},
+            "tokenSecretRef": {"name": "hf"},
+        },
+    )
+    pod = worker_job(JOB, s, 1)["spec"]["template"]["spec"]
+    assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"]
+    worker = pod["containers"][0]
+    env = {e["name"]: e for e in worker["env"]}
+    # Workers read the filled cache only: read-only, offline, HF_HOME on the volume.
+    assert env["HF_HOME"]["value"] == "/var/cache/huggingface"
+    assert env["HF_HUB_OFFLINE"]["value"] == "1"
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}
+    assert {"name": "model-cache", "mountPath": "/var/cache/huggingface", "readOnly": True} in worker[
+        "volumeMounts"
+    ]
+    (fetch,) = pod["initContainers"]
+    assert fetch["name"] == "fetch-model"
+    assert fetch["args"] == ["--model", "stabilityai/stable-diffusion-xl-base-1.0", "--variant", "fp16"]
+    fenv = {e["name"]: e for e in fetch["env"]}
+    assert fenv["HF_HUB_OFFLINE"]["value"] == "0" and fenv["HF_HOME"]["value"] == "/var/cache/huggingface"
+    assert fetch["volumeMounts"] == [
+        {"name": "model-cache", "mountPath": "/var/cache/huggingface", "readOnly": False}
+    ]
+    rules = worker_job(JOB, s, 1)["spec"]["podFailurePolicy"]["rules"]
+    assert any(r["onExitCodes"]["containerName"] == "fetch-model" for r in rules if "onExitCodes" in r)
+
+
+def test_no_fetch_for_builtin_or_unset_cache_and_a_configurable_grace() -> None:
+    plain = worker_job(JOB, spec(), 1)["spec"]["template"]["spec"]
+    assert "initContainers" not in plain
+    assert "model-cache" not in {v["name"] for v in plain["volumes"]}  # only the scratch and token volumes
+    rules = worker_job(JOB, spec(), 1)["spec"]["podFailurePolicy"]["rules"]
+    assert all(r["onExitCodes"]["containerName"] == "worker" for r in rules if "onExitCodes" in r)
+    env = {e["name"] for e in plain["containers"][0]["env"]}
+    assert not env & {"HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN"}
+    assert plain["terminationGracePeriodSeconds"] == 30
+    builtin = spec(model={"name": "builtin:tiny", "cache": {"claimName": "c"}})
+    assert "initContainers" not in worker_job(JOB, builtin, 1)["spec"]["template"]["spec"]
+    manual = spec(model={"name": "org/model", "cache": {"claimName": "c", "fetch": False}})
+    assert "initContainers" not in worker_job(JOB, manual, 1)["spec"]["template"]["spec"]
+    graced = spec(workers={"terminationGracePeriodSeconds": 600})
+    assert worker_job(JOB, graced, 1)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+
+
+def test_gpu_count_reaches_the_worker() -> None:
+    for gpus in (0, 1, 4):
+        c = worker_job(JOB, spec(workers={"gpusPerWorker": gpus}), 1)["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        assert {"name": "IMAGEBATCH_GPUS", "value": str(gpus)} in c["env"]
