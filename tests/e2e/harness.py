@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,10 @@ def for_test_cluster(doc: JSON, out_dir: Path, s3_endpoint: str | None, prompt_d
     if out["uri"].startswith("s3://"):
         assert s3_endpoint is not None
         out["endpointUrl"] = s3_endpoint
+        # The S3 server lives for the whole session: a prefix of this test's own, so two tests
+        # that run the same example never find each other's images (and job.json).
+        bucket, _, key = out["uri"][5:].partition("/")
+        out["uri"] = f"s3://{bucket}/{out_dir.name}-{uuid.uuid4().hex[:8]}/{key}"
     else:
         out["uri"] = local(out["uri"])
     src = spec.get("promptsFrom") or {}
@@ -266,23 +271,28 @@ def condition(job: JSON, type_: str) -> JSON | None:
 
 
 def wait_condition(kubectl: Kubectl, namespace: str, name: str, type_: str, timeout: int) -> None:
-    """`kubectl wait --for=condition=...`, as a user would; on failure, say where the job is."""
-    proc = kubectl(
-        "wait",
-        f"--for=condition={type_}",
-        f"ibj/{name}",
-        "-n",
-        namespace,
-        f"--timeout={timeout}s",
-        check=False,
-        timeout=timeout + 30,
-    )
-    if proc.returncode != 0:
+    """Waits for a condition to be True, as `kubectl wait` does, but gives up at once when the
+    job ends the other way (Failed while waiting for Complete, or the reverse); on failure, says
+    where the job is."""
+    opposite = {"Complete": "Failed", "Failed": "Complete"}.get(type_)
+
+    def settled() -> str | None:
+        job = ibj(kubectl, namespace, name)
+        for t in (type_, opposite):
+            if t and (condition(job, t) or {}).get("status") == "True":
+                return t
+        return None
+
+    try:
+        reached = wait_for(f"ibj/{name} {type_}", settled, timeout, interval=0.5)
+    except AssertionError as e:
+        reached, why = None, str(e)
+    else:
+        why = f"it is {reached}"
+    if reached != type_:
         status = json.dumps(ibj(kubectl, namespace, name).get("status"), indent=1)
         shards = kubectl("get", "ibs", "-n", namespace, check=False).stdout
-        raise AssertionError(
-            f"ibj/{name} not {type_} after {timeout}s: {proc.stderr}\nstatus: {status}\n{shards}"
-        )
+        raise AssertionError(f"ibj/{name} not {type_}: {why}\nstatus: {status}\n{shards}")
 
 
 def worker_pids(pod_processes: list[tuple[int, int]], pod: str) -> list[int]:

@@ -163,7 +163,10 @@ def test_webdataset_job_on_s3_is_fetched_exactly(
     r = cli(kubectl, "submit", str(write(tmp_path / "s3.yaml", docs)), "--wait", "-n", namespace)
     assert r.returncode == 0, r.stdout + r.stderr
     assert kubectl("get", "secret", "imagebatch-s3", "-n", namespace, check=False).returncode == 0
-    prefix = "imagebatch/s3-example"
+    uri = next(d for d in docs if d["kind"] == "ImageBatchJob")["spec"]["output"]["uri"]
+    bucket, _, prefix = uri[5:].partition("/")
+    assert bucket == "my-bucket"
+    prefix = prefix.rstrip("/")
     manifest = s3.get("my-bucket", f"{prefix}/manifest.jsonl")
     lines = manifest_lines(manifest)
     assert len(lines) == 16 and {line["key"] for line in lines} == {f"shards/s{i:05d}.tar" for i in range(4)}
