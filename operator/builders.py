@@ -11,7 +11,7 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 from imagebatch.api import BUILTIN_PREFIX, ImageBatchJobSpec
-from imagebatch.operator.labels import (
+from imagebatch.names import (
     EXIT_MODEL_LOAD_ERROR,
     EXIT_TERMINATED,
     EXIT_USER_ERROR,
@@ -22,7 +22,7 @@ from imagebatch.operator.labels import (
     worker_account_name,
     worker_job_name,
 )
-from imagebatch.operator.shardplan import owner_reference
+from imagebatch.shardplan import owner_reference
 
 GROUP = "imagebatch.dev"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -18,8 +18,8 @@ from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.kubeclient import api_client, replace_status_if_unchanged
-from imagebatch.operator.labels import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
-from imagebatch.operator.timeutil import format_micro, now_utc
+from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
+from imagebatch.timeutil import format_micro, now_utc
 
 log = logging.getLogger(__name__)
 

@@ -19,21 +19,21 @@ from pydantic import ValidationError
 
 from imagebatch.api import Condition, ImageBatchJobSpec, ImageBatchJobStatus
 from imagebatch.errors import ImageBatchError, format_validation_error
-from imagebatch.operator import builders, conditions, leases, metrics, progress, scaling
-from imagebatch.operator.conditions import Outcome
-from imagebatch.operator.kube import NotOwnedError, OperatorKube
-from imagebatch.operator.labels import (
+from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_MANIFEST_LINES,
     ANNOTATION_SHARD_COUNT,
     MODEL_LOAD_ERROR,
     worker_job_name,
 )
-from imagebatch.operator.shardplan import shard_manifests
-from imagebatch.operator.timeutil import format_time, now_utc, parse_time
+from imagebatch.operator import builders, conditions, leases, metrics, progress, scaling
+from imagebatch.operator.conditions import Outcome
+from imagebatch.operator.kube import NotOwnedError, OperatorKube
 from imagebatch.planning import expand_items
 from imagebatch.prompts import load_prompts
+from imagebatch.shardplan import shard_manifests
 from imagebatch.storage import MANIFEST
+from imagebatch.timeutil import format_time, now_utc, parse_time
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]

@@ -29,10 +29,11 @@ from typing import Any
 from prometheus_client import Counter, Histogram, start_http_server
 from pydantic import ValidationError
 
+from imagebatch import shardstate
 from imagebatch.api import ImageBatchJobSpec, ImageBatchShardStatus
 from imagebatch.errors import ImageBatchError, ModelLoadError, format_validation_error
 from imagebatch.manifest import BatchInfo, join_outputs
-from imagebatch.operator.labels import (
+from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_MANIFEST_LINES,
     ANNOTATION_SHARD_COUNT,
@@ -41,12 +42,11 @@ from imagebatch.operator.labels import (
     EXIT_USER_ERROR,
     MODEL_LOAD_ERROR,
 )
-from imagebatch.operator.leases import shard_status
-from imagebatch.operator.shardplan import shard_manifests
-from imagebatch.operator.timeutil import now_utc
 from imagebatch.planning import Item, expand_items, fingerprint, image_fields, shard_id
 from imagebatch.prompts import iter_prompts
+from imagebatch.shardplan import shard_manifests
 from imagebatch.storage import MANIFEST, Storage, storage_options
+from imagebatch.timeutil import now_utc
 from imagebatch.worker import claims
 from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.kube import JSON, WorkerKube
@@ -134,10 +134,10 @@ class Worker:
             shard = self.kube.get_shard(claim.name)
             if shard is None:
                 return False
-            st = shard_status(shard)
-            if not claims.holds(st, self.pod, claim.attempt):
+            st = shardstate.shard_status(shard)
+            if not shardstate.holds(st, self.pod, claim.attempt):
                 return False
-            if self.kube.replace_shard_status(shard, claims.dump(change(st))):
+            if self.kube.replace_shard_status(shard, shardstate.dump(change(st))):
                 return True
         return False
 
@@ -145,8 +145,8 @@ class Worker:
         for shard in claims.claim_order(shards, self.pod):
             if self.stop.is_set():
                 return None
-            st = claims.claimed(shard_status(shard), self.pod, now_utc())
-            if self.kube.replace_shard_status(shard, claims.dump(st)):
+            st = shardstate.claimed(shardstate.shard_status(shard), self.pod, now_utc())
+            if self.kube.replace_shard_status(shard, shardstate.dump(st)):
                 spec = shard["spec"]
                 return Claim(
                     shard["metadata"]["name"],
@@ -265,7 +265,7 @@ class Worker:
             process_shard(engine, shard_id(claim.index), items, on_done, self.spec.output.layout)
         except (AbandonError, BatchAbandonedError):
             lease.close()
-            ok = self.fenced_write(claim, claims.released)
+            ok = self.fenced_write(claim, shardstate.released)
             log.info(
                 "stopping: released %s after %d images (%s)", claim.name, done_items, "ok" if ok else "lost"
             )
@@ -280,20 +280,20 @@ class Worker:
             # A user error (unreadable prompts, bad output location) fails the same way every time.
             lease.close()
             msg = str(e)
-            self.fenced_write(claim, lambda st: claims.failed(st, msg))
+            self.fenced_write(claim, lambda st: shardstate.failed(st, msg))
             log.error("%s: %s", claim.name, e)
             SHARDS.labels("failed").inc()
             return EXIT_USER_ERROR
         except Exception as e:
             lease.close()
             err = f"{type(e).__name__}: {e}"
-            self.fenced_write(claim, lambda st: claims.errored(st, err, self.spec.retries.max_attempts))
+            self.fenced_write(claim, lambda st: shardstate.errored(st, err, self.spec.retries.max_attempts))
             SHARDS.labels("error").inc()
             raise
         lease.close()
         seconds = time.perf_counter() - t0
         n = claim.end - claim.start
-        if self.fenced_write(claim, lambda st: claims.done(st, now_utc(), n, seconds)):
+        if self.fenced_write(claim, lambda st: shardstate.done(st, now_utc(), n, seconds)):
             log.info("%s done: %d images in %.1fs", claim.name, n, seconds)
             SHARDS.labels("done").inc()
             self.failpoints.hit("shard-done", pod=self.pod, shard=claim.name, items_done=n, stop=self.stop)
@@ -306,7 +306,7 @@ class Worker:
         """Reports an error that no retry can fix on a shard, so the operator can fail the job."""
         claim = self.try_claim(shards) or self.try_claim(self.kube.list_shards())
         if claim is not None:
-            self.fenced_write(claim, lambda st: claims.failed(st, error))
+            self.fenced_write(claim, lambda st: shardstate.failed(st, error))
 
     def join_if_all_done(self) -> None:
         """The worker that finds every shard Done joins the manifest parts into manifest.jsonl.
@@ -321,7 +321,7 @@ class Worker:
         ann = first["metadata"].get("annotations") or {}
         if ANNOTATION_MANIFEST_LINES in ann or ann.get(ANNOTATION_SHARD_COUNT) != str(len(shards)):
             return
-        if any(shard_status(s).state != "Done" for s in shards):
+        if any(shardstate.shard_status(s).state != "Done" for s in shards):
             return
         ordered = sorted(int(s["spec"]["index"]) for s in shards)
         name = str(self.job["metadata"]["name"])
@@ -366,7 +366,7 @@ class LeaseKeeper(threading.Thread):
         """Renews the lease with the current progress, now (from any thread)."""
         with self._write_lock:
             done = self.progress()
-            ok = self.worker.fenced_write(self.claim, lambda st: claims.renewed(st, now_utc(), done))
+            ok = self.worker.fenced_write(self.claim, lambda st: shardstate.renewed(st, now_utc(), done))
             if ok:
                 self._reported, self._renewed = done, time.monotonic()
             elif not self._closed.is_set():

@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from imagebatch.api import GROUP, VERSION
 from imagebatch.errors import PromptFileError
 from imagebatch.kubeclient import api_client, replace_status_if_unchanged
-from imagebatch.operator.labels import JOB_PLURAL, LABEL_JOB, SHARD_PLURAL
+from imagebatch.names import JOB_PLURAL, LABEL_JOB, SHARD_PLURAL
 
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from imagebatch.api import ImageBatchJobSpec
+from imagebatch.names import ANNOTATION_ITEM_COUNT, ANNOTATION_SHARD_COUNT, LABEL_JOB
 from imagebatch.operator.builders import WorkerSettings, worker_job, worker_rbac
-from imagebatch.operator.labels import ANNOTATION_ITEM_COUNT, ANNOTATION_SHARD_COUNT, LABEL_JOB
-from imagebatch.operator.shardplan import shard_manifests
+from imagebatch.shardplan import shard_manifests
 
 JOB: dict[str, Any] = {
     "apiVersion": "imagebatch.dev/v1alpha1",

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from imagebatch.names import ANNOTATION_MANIFEST_LINES
 from imagebatch.operator.kube import NotOwnedError
-from imagebatch.operator.labels import ANNOTATION_MANIFEST_LINES
 from imagebatch.operator.reconcile import Reconciler
-from imagebatch.operator.shardplan import shard_manifests
+from imagebatch.shardplan import shard_manifests
 
 JSON = dict[str, Any]
 

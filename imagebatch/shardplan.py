@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from imagebatch.api import SHARD_KIND, ImageBatchShardSpec, ImageBatchShardStatus
-from imagebatch.operator.labels import (
+from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_SHARD_COUNT,
     API_VERSION,

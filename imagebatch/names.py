@@ -1,6 +1,7 @@
-"""Names, labels and annotations shared by the operator and the worker: the cluster-side contract.
+"""Names, labels, annotations and exit codes shared by the operator and the worker: the cluster-side
+contract.
 
-Kept free of kopf and torch so that both sides import it.
+Kept free of kopf and torch so that both sides import it (and neither imports the other).
 """
 
 from __future__ import annotations
