@@ -99,6 +99,9 @@ class Worker:
         self._items: list[Item] | None = None
         job = kube.get_job()
         self.job = job
+        # Read once: the shards this worker counts and claims are this incarnation's, even if the
+        # job is deleted and re-created under the same name while the worker runs.
+        self.uid = str(job["metadata"]["uid"])
         self.spec = ImageBatchJobSpec.model_validate(job["spec"])
         self.storage = Storage.for_output(self.spec.output)
         self.failpoints = Failpoints.from_env()
@@ -123,7 +126,7 @@ class Worker:
         manifests = shard_manifests(self.job, len(items), self.spec.batching.shard_size)
         made = sum(self.kube.create_shard(m) for m in manifests)
         log.info("planned %d images in %d shards (%d created here)", len(items), len(manifests), made)
-        return self.kube.list_shards()
+        return self.kube.list_shards(self.uid)
 
     # -- fenced writes -------------------------------------------------------------------------
     def fenced_write(
@@ -159,7 +162,7 @@ class Worker:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
-        shards = self.plan_if_needed(self.kube.list_shards())
+        shards = self.plan_if_needed(self.kube.list_shards(self.uid))
         from imagebatch.worker.engine import Engine, EngineOptions
         from imagebatch.worker.local import check_job_record
         from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
@@ -201,12 +204,12 @@ class Worker:
         with Engine(loaded, self.storage, opts) as engine:
             while not self.stop.is_set():
                 t0 = time.perf_counter()
-                shards = self.kube.list_shards()
+                shards = self.kube.list_shards(self.uid)
                 claim = self.try_claim(shards)
                 if claim is None:
                     if self.stop.is_set():
                         break
-                    now = self.kube.list_shards()
+                    now = self.kube.list_shards(self.uid)
                     if claims.claim_order(now, self.pod):
                         # Lost every race: list again, after a pause that keeps racers apart.
                         time.sleep(random.uniform(0.05, 0.5))
@@ -304,7 +307,7 @@ class Worker:
 
     def fail_one(self, error: str, shards: list[JSON]) -> None:
         """Reports an error that no retry can fix on a shard, so the operator can fail the job."""
-        claim = self.try_claim(shards) or self.try_claim(self.kube.list_shards())
+        claim = self.try_claim(shards) or self.try_claim(self.kube.list_shards(self.uid))
         if claim is not None:
             self.fenced_write(claim, lambda st: shardstate.failed(st, error))
 
@@ -314,7 +317,7 @@ class Worker:
         Several may do it at once: they write the same bytes. Shard 0 records the line count,
         which tells the operator the job is complete.
         """
-        shards = self.kube.list_shards()
+        shards = self.kube.list_shards(self.uid)
         if not shards:
             return
         first = min(shards, key=lambda s: int(s["spec"]["index"]))

@@ -139,8 +139,9 @@ class Supervisor:
         from imagebatch.worker.kube import WorkerKube
 
         kube = WorkerKube(self.namespace, self.job)
+        uid = str(kube.get_job()["metadata"]["uid"])
         n = 0
-        for shard in kube.list_shards():
+        for shard in kube.list_shards(uid):
             st = shardstate.shard_status(shard)
             if st.state == "Claimed" and st.holder == holder:
                 why = f"worker {holder} crashed (attempt {st.attempt})"

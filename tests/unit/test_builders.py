@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from imagebatch.api import ImageBatchJobSpec
-from imagebatch.names import ANNOTATION_ITEM_COUNT, ANNOTATION_SHARD_COUNT, LABEL_JOB
+from imagebatch.names import ANNOTATION_ITEM_COUNT, ANNOTATION_SHARD_COUNT, LABEL_JOB, LABEL_JOB_UID
 from imagebatch.operator.builders import WorkerSettings, worker_job, worker_rbac
 from imagebatch.shardplan import shard_manifests
 
@@ -144,7 +144,7 @@ def test_own_service_account_means_no_rbac() -> None:
 
 def test_shard_manifests_cover_every_item_once() -> None:
     shards = shard_manifests(JOB, 1001, 250)
-    assert [s["metadata"]["name"] for s in shards] == [f"cats-s{i:05d}" for i in range(5)]
+    assert [s["metadata"]["name"] for s in shards] == [f"cats-u1-s{i:05d}" for i in range(5)]
     assert [(s["spec"]["start"], s["spec"]["end"]) for s in shards] == [
         (0, 250),
         (250, 500),
@@ -160,6 +160,7 @@ def test_shard_manifests_cover_every_item_once() -> None:
             "end": s["spec"]["end"],
         }
         assert s["metadata"]["labels"][LABEL_JOB] == "cats"
+        assert s["metadata"]["labels"][LABEL_JOB_UID] == "u-1"
         assert s["metadata"]["annotations"][ANNOTATION_SHARD_COUNT] == "5"
         assert s["metadata"]["annotations"][ANNOTATION_ITEM_COUNT] == "1001"
         assert s["metadata"]["namespace"] == "team-a"

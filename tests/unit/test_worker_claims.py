@@ -36,7 +36,8 @@ class FakeShardApi:
             "spec": {"model": {"name": "builtin:tiny"}, "prompts": ["a"], "output": {"uri": "/tmp/never"}},
         }
 
-    def list_shards(self) -> list[JSON]:
+    def list_shards(self, uid: str = "u") -> list[JSON]:
+        assert uid == "u", "the worker lists the shards of its own job's UID"
         return [copy.deepcopy(s) for s in self.shards.values()]
 
     def get_shard(self, name: str) -> JSON | None:
