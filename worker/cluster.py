@@ -17,6 +17,7 @@ ModelLoadError (the operator fails the job) and exits 3, which fails the Job: no
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -78,6 +79,11 @@ class LostClaimError(Exception):
     """The lease could not be renewed because the claim is no longer ours."""
 
 
+class EarlierIncarnationError(Exception):
+    """This pod was made for an earlier ImageBatchJob of the same name, since deleted and
+    re-created: the job it reads now is not its own, and neither are that job's shards."""
+
+
 @dataclass
 class Claim:
     name: str
@@ -88,7 +94,14 @@ class Claim:
 
 
 class Worker:
-    def __init__(self, kube: WorkerKube, pod: str, stop: threading.Event, device: str = "auto") -> None:
+    def __init__(
+        self,
+        kube: WorkerKube,
+        pod: str,
+        stop: threading.Event,
+        device: str = "auto",
+        expected_uid: str | None = None,
+    ) -> None:
         self.kube = kube
         # The claim holder: the pod's name, or `<pod>/<rank>` for one engine process of a
         # multi-GPU pod (worker/multigpu.py).
@@ -98,6 +111,12 @@ class Worker:
         self.stop = stop
         self._items: list[Item] | None = None
         job = kube.get_job()
+        if expected_uid is not None and job["metadata"]["uid"] != expected_uid:
+            raise EarlierIncarnationError(
+                f"ImageBatchJob {job['metadata'].get('namespace')}/{job['metadata']['name']} was re-created "
+                f"(uid {job['metadata']['uid']}); this pod "
+                f"belongs to the earlier one (uid {expected_uid}), whose worker Job is being deleted"
+            )
         self.job = job
         # Read once: the shards this worker counts and claims are this incarnation's, even if the
         # job is deleted and re-created under the same name while the worker runs.
@@ -405,9 +424,13 @@ def run_cluster_worker(
             # share ports) must not stop the worker.
             log.warning("not serving metrics: cannot listen on port %d: %s", metrics_port, e)
     try:
-        worker = Worker(WorkerKube(namespace, job), pod, stop, device)
+        # JOB_UID: set by the operator on the pods of the worker Job (operator/builders.py).
+        worker = Worker(WorkerKube(namespace, job), pod, stop, device, os.environ.get("JOB_UID") or None)
         worker.labels = dict(labels or {})
         return worker.run()
+    except EarlierIncarnationError as e:
+        log.warning("%s: nothing to do here", e)
+        return 0
     except ValidationError as e:
         log.error("ImageBatchJob %s/%s: invalid spec\n%s", namespace, job, format_validation_error(e, "spec"))
         return EXIT_USER_ERROR

@@ -62,6 +62,7 @@ def test_worker_env_downward_api_and_credentials() -> None:
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["JOB_NAME"]["value"] == "cats"
+    assert env["JOB_UID"]["value"] == "u-1"  # the incarnation the pods work for
     assert env["OMP_NUM_THREADS"]["value"] == "1"
     assert c["envFrom"] == [{"secretRef": {"name": "creds"}}]
     assert "$(POD_NAME)" in c["args"] and "cats" in c["args"]

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
 from test_reconcile import FakeKube, cond, job, passes
+from test_worker_claims import FakeShardApi
 
 from imagebatch.errors import ImageBatchError
 from imagebatch.names import ANNOTATION_MANIFEST_LINES, LABEL_JOB, LABEL_JOB_UID, shard_name
 from imagebatch.operator.kube import NotOwnedError, OperatorKube
 from imagebatch.shardplan import of_incarnation, shard_manifests, shard_selector
+from imagebatch.worker.cluster import EarlierIncarnationError, Worker
 from imagebatch.worker.kube import WorkerKube
 
 JSON = dict[str, Any]
@@ -223,3 +226,16 @@ def test_a_409_on_create_is_ours_or_refused(side: str, existing: str, vanish: bo
     else:
         assert create(copy.deepcopy(obj)) is outcome
         assert api.created == ([obj["metadata"]["name"]] if outcome else [])
+
+
+@pytest.mark.parametrize(("expected", "works"), [(None, True), ("u", True), ("an-earlier-uid", False)])
+def test_a_pod_of_an_earlier_incarnation_does_not_work_for_the_new_one(
+    expected: str | None, works: bool
+) -> None:
+    """The job read by name is the re-created one (uid "u"); a pod made for the earlier one stops."""
+    api = FakeShardApi(2)
+    if works:
+        assert Worker(api, "pod", threading.Event(), expected_uid=expected).uid == "u"  # type: ignore[arg-type]
+    else:
+        with pytest.raises(EarlierIncarnationError, match="re-created"):
+            Worker(api, "pod", threading.Event(), expected_uid=expected)  # type: ignore[arg-type]
