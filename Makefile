@@ -44,10 +44,11 @@ demo: install
 test: install cluster-bins lint typecheck
 	$(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS)
 
-## lint: ruff check and ruff format --check
+## lint: ruff check, ruff format --check, and the import contracts (lint-imports: hack/importlint.sh)
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	bash hack/importlint.sh
 
 ## typecheck: mypy --strict over imagebatch and the test harness (hack/typecheck.sh)
 typecheck: install
@@ -89,7 +90,7 @@ cluster-up: install cluster-bins
 cluster-down: install
 	$(PY) -m imagebatch_testing.cluster down
 
-## pre-commit: the pre-commit hooks on every file (ruff, ruff-format, mypy, CRD staleness)
+## pre-commit: the pre-commit hooks on every file (ruff, ruff-format, mypy, import contracts, CRD staleness)
 pre-commit: install
 	$(VENV)/bin/pre-commit run --all-files
 

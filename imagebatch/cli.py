@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from imagebatch.errors import ImageBatchError
 
+# The Job's podFailurePolicy fails the job on these exit codes, in local mode too.
+from imagebatch.names import EXIT_MODEL_LOAD_ERROR, EXIT_USER_ERROR
+
 if TYPE_CHECKING:
     from imagebatch.client import Client, Progress
 
 log = logging.getLogger("imagebatch")
-
-EXIT_USER_ERROR = 2
-EXIT_MODEL_LOAD_ERROR = 3  # as imagebatch.operator.labels: the Job's podFailurePolicy fails the job
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -28,7 +28,7 @@ from imagebatch.api import GROUP, KIND, VERSION, ImageBatchJob
 from imagebatch.contact_sheet import PAGES
 from imagebatch.errors import ImageBatchError
 from imagebatch.jobfile import load_job, parse_job
-from imagebatch.operator.labels import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB
+from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB
 from imagebatch.storage import HF_METADATA, INDEX_HTML, MANIFEST, MANIFEST_PARQUET, Storage
 
 FIELD_MANAGER = "imagebatch-cli"

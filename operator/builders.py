@@ -11,7 +11,7 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 from imagebatch.api import BUILTIN_PREFIX, ImageBatchJobSpec
-from imagebatch.operator.labels import (
+from imagebatch.names import (
     EXIT_MODEL_LOAD_ERROR,
     EXIT_TERMINATED,
     EXIT_USER_ERROR,
@@ -22,7 +22,7 @@ from imagebatch.operator.labels import (
     worker_account_name,
     worker_job_name,
 )
-from imagebatch.operator.shardplan import owner_reference
+from imagebatch.shardplan import owner_reference
 
 GROUP = "imagebatch.dev"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -131,6 +131,9 @@ def _env(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "JOB_NAME", "value": job["metadata"]["name"]},
+        # The incarnation the pod works for: a pod of an earlier job of the same name that starts
+        # after the job was re-created must not work for the new one (worker/cluster.py).
+        {"name": "JOB_UID", "value": job["metadata"]["uid"]},
     ]
     env.append({"name": GPUS_ENV, "value": str(spec.workers.gpus_per_worker)})
     env += model_env(spec, read_only=True)

@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from imagebatch.api import GROUP, VERSION
-from imagebatch.operator.labels import JOB_PLURAL
+from imagebatch.names import JOB_PLURAL
 from imagebatch.operator.reconcile import Reconciler
 from imagebatch.operator.resync import Resync
 

@@ -18,8 +18,9 @@ from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.kubeclient import api_client, replace_status_if_unchanged
-from imagebatch.operator.labels import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
-from imagebatch.operator.timeutil import format_micro, now_utc
+from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
+from imagebatch.shardplan import of_incarnation, ownership, shard_selector
+from imagebatch.timeutil import format_micro, now_utc
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,26 @@ class NotOwnedError(Exception):
         )
 
 
-def _owned_by(obj: JSON, uid: str) -> bool:
-    return any(r.get("uid") == uid for r in obj.get("metadata", {}).get("ownerReferences") or [])
+class EarlierIncarnationError(Exception):
+    """An object the operator would make for a job still belongs to an earlier ImageBatchJob of the
+    same name (deleted and re-created): the garbage collector is deleting it. Wait for it; neither
+    adopt it (it was made for another spec) nor fail the job."""
+
+    def __init__(self, kind: str, namespace: str, name: str, job: str) -> None:
+        self.kind, self.namespace, self.name, self.job = kind, namespace, name, job
+        super().__init__(
+            f"waiting for the garbage collector to delete {kind} {namespace}/{name}, which belongs to an "
+            f"earlier ImageBatchJob {job} (deleted and re-created under the same name)"
+        )
+
+
+def check_owned(obj: JSON, kind: str, ns: str, job: str, uid: str) -> None:
+    """Raises unless `obj` is the job's own child (see shardplan.ownership)."""
+    whose = ownership(obj, job, uid)
+    if whose == "earlier":
+        raise EarlierIncarnationError(kind, ns, obj["metadata"]["name"], job)
+    if whose == "foreign":
+        raise NotOwnedError(kind, ns, obj["metadata"]["name"], job)
 
 
 class OperatorKube:
@@ -95,12 +114,36 @@ class OperatorKube:
                 raise
 
     # -- ImageBatchShard -------------------------------------------------------------------------
-    def list_shards(self, ns: str, job: str) -> list[JSON]:
+    def list_shards(self, ns: str, job: str, uid: str) -> list[JSON]:
+        """The shards of the job with this UID only (not those of an earlier job of that name)."""
         resp = self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, ns, SHARD_PLURAL, label_selector=f"{LABEL_JOB}={job}", _preload_content=False
+            GROUP, VERSION, ns, SHARD_PLURAL, label_selector=shard_selector(job, uid), _preload_content=False
         )
         items: list[JSON] = _json(resp).get("items", [])
-        return items
+        return [s for s in items if of_incarnation(s, uid)]
+
+    def create_shard(self, obj: JSON) -> bool:
+        """Creates a planned shard; False if this job's shard of that name exists already (planned
+        by a worker or an earlier pass). Raises NotOwnedError if the name is taken by a shard that
+        is not this job's: adopting it would count someone else's work as this job's."""
+        if self.create(obj):
+            return True
+        meta = obj["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        uid = meta["ownerReferences"][0]["uid"]
+        try:
+            existing = _json(
+                self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, ns, SHARD_PLURAL, name, _preload_content=False
+                )
+            )
+        except ApiException as e:
+            if _status(e) == 404:
+                return self.create(obj)  # deleted in between: ours to make after all
+            raise
+        if not of_incarnation(existing, uid):
+            raise NotOwnedError("ImageBatchShard", ns, name, meta["ownerReferences"][0]["name"])
+        return False
 
     def create(self, obj: JSON) -> bool:
         """Creates any object this operator owns; False if it exists already."""
@@ -131,7 +174,8 @@ class OperatorKube:
     def ensure_owned(self, obj: JSON) -> None:
         """Creates a job's ServiceAccount, Role or RoleBinding, or checks that the existing one is
         the job's own (owner reference to the job's UID) and brings a Role's rules up to date (a
-        ConfigMap source may have changed). Raises NotOwnedError for anyone else's object."""
+        ConfigMap source may have changed). Raises NotOwnedError for anyone else's object, and
+        EarlierIncarnationError for one of an earlier job of the same name."""
         if self.create(obj):
             return
         meta = obj["metadata"]
@@ -143,8 +187,7 @@ class OperatorKube:
         }[kind]
         existing = _json(read(name, ns, _preload_content=False))
         owner = meta["ownerReferences"][0]
-        if not _owned_by(existing, owner["uid"]):
-            raise NotOwnedError(kind, ns, name, owner["name"])
+        check_owned(existing, kind, ns, owner["name"], owner["uid"])
         if kind == "Role" and existing.get("rules") != obj["rules"]:
             self.rbac.patch_namespaced_role(name, ns, {"rules": obj["rules"]}, _content_type=MERGE_PATCH)
 

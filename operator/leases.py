@@ -3,7 +3,8 @@
 A claim goes back to Pending when its lease was not renewed for `leaseSeconds` or its holder pod
 no longer runs; the attempt count is kept (the next claim raises it). A shard whose failed attempt
 was its last (`attempt >= maxAttempts`) becomes Failed with the last error instead, so a shard that
-kills its worker every time does not burn GPUs forever.
+kills its worker every time does not burn GPUs forever. The transition itself is the shared state
+machine's (`shardstate.lost`), the same one a worker uses for its own errors.
 """
 
 from __future__ import annotations
@@ -13,21 +14,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from imagebatch import shardstate
 from imagebatch.api import ImageBatchShardStatus
 from imagebatch.holders import holder_pod
-from imagebatch.operator.timeutil import parse_time
-
-
-def shard_status(shard: dict[str, Any]) -> ImageBatchShardStatus:
-    """The shard's status; a shard just created has none yet and is Pending."""
-    return ImageBatchShardStatus.model_validate(shard.get("status") or {})
+from imagebatch.timeutil import parse_time
 
 
 @dataclass(frozen=True)
 class Transition:
     shard: dict[str, Any]  # as listed: its resourceVersion fences the write
     status: ImageBatchShardStatus
-    reason: str  # LeaseExpired or HolderGone
+    reason: str  # shardstate.LEASE_EXPIRED or shardstate.HOLDER_GONE
 
 
 def lost_claim_reason(
@@ -36,10 +33,10 @@ def lost_claim_reason(
     if st.state != "Claimed":
         return None
     if st.holder is None or holder_pod(st.holder) not in live_pods:
-        return "HolderGone"
+        return shardstate.HOLDER_GONE
     renewed = parse_time(st.lease_renew_time)
     if renewed is None or (now - renewed).total_seconds() > lease_seconds:
-        return "LeaseExpired"
+        return shardstate.LEASE_EXPIRED
     return None
 
 
@@ -57,24 +54,8 @@ def review(
     """
     out: list[Transition] = []
     for shard in shards:
-        st = shard_status(shard)
+        st = shardstate.shard_status(shard)
         why = lost_claim_reason(st, live_pods, now, lease_seconds)
-        if why is None:
-            continue
-        detail = (
-            f"worker {st.holder} stopped renewing its lease (attempt {st.attempt})"
-            if why == "LeaseExpired"
-            else f"worker pod {st.holder} is gone (attempt {st.attempt})"
-        )
-        error = f"{detail}; last error: {st.error}" if st.error else detail
-        new = st.model_copy(
-            update={
-                "state": "Failed" if st.attempt >= max_attempts else "Pending",
-                "holder": None,
-                "lease_renew_time": None,
-                "items_done": 0,
-                "error": error,
-            }
-        )
-        out.append(Transition(shard, new, why))
+        if why is not None:
+            out.append(Transition(shard, shardstate.lost(st, why, max_attempts), why))
     return out

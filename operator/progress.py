@@ -13,8 +13,8 @@ from typing import Any
 
 from imagebatch.api import ItemCounts, ShardCounts
 from imagebatch.holders import holder_pod
-from imagebatch.operator.leases import shard_status
-from imagebatch.operator.timeutil import parse_time
+from imagebatch.shardstate import shard_status
+from imagebatch.timeutil import parse_time
 
 RATE_WINDOW_SECONDS = 120.0
 

@@ -19,21 +19,21 @@ from pydantic import ValidationError
 
 from imagebatch.api import Condition, ImageBatchJobSpec, ImageBatchJobStatus
 from imagebatch.errors import ImageBatchError, format_validation_error
-from imagebatch.operator import builders, conditions, leases, metrics, progress, scaling
-from imagebatch.operator.conditions import Outcome
-from imagebatch.operator.kube import NotOwnedError, OperatorKube
-from imagebatch.operator.labels import (
+from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_MANIFEST_LINES,
     ANNOTATION_SHARD_COUNT,
     MODEL_LOAD_ERROR,
     worker_job_name,
 )
-from imagebatch.operator.shardplan import shard_manifests
-from imagebatch.operator.timeutil import format_time, now_utc, parse_time
+from imagebatch.operator import builders, conditions, leases, metrics, progress, scaling
+from imagebatch.operator.conditions import Outcome
+from imagebatch.operator.kube import EarlierIncarnationError, NotOwnedError, OperatorKube, check_owned
 from imagebatch.planning import expand_items
 from imagebatch.prompts import load_prompts
+from imagebatch.shardplan import shard_manifests
 from imagebatch.storage import MANIFEST
+from imagebatch.timeutil import format_time, now_utc, parse_time
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
@@ -173,7 +173,8 @@ class Reconciler:
             self._write_status(job, prev, prev.model_copy(), outcome, now)
             return
 
-        shards = self.kube.list_shards(ns, name)
+        uid = meta["uid"]
+        shards = self.kube.list_shards(ns, name, uid)
         planning_error: str | None = None
         # Inline and ConfigMap prompts are planned here; a prompt file by the first worker.
         operator_plans = spec.prompts_from is None or spec.prompts_from.config_map_key_ref is not None
@@ -184,6 +185,11 @@ class Reconciler:
                 planning_error = str(e)
             except ImageBatchError as e:
                 outcome = Outcome(failed_reason="InvalidPrompts", message=str(e))
+                self._write_status(job, prev, prev.model_copy(), outcome, now)
+                return
+            except NotOwnedError as e:
+                # A shard name of this job is taken by a shard that is not this job's.
+                outcome = Outcome(failed_reason="ShardNotOwned", message=str(e))
                 self._write_status(job, prev, prev.model_copy(), outcome, now)
                 return
 
@@ -208,7 +214,7 @@ class Reconciler:
                     job, "Warning", tr.reason, f"shard {tr.shard['metadata']['name']}: {tr.status.error}"
                 )
         if requeued:
-            shards = self.kube.list_shards(ns, name)
+            shards = self.kube.list_shards(ns, name, uid)
 
         shard_count = _annotation(shards, ANNOTATION_SHARD_COUNT)
         planned = bool(shards) and shard_count == len(shards)
@@ -221,6 +227,13 @@ class Reconciler:
         all_done = planned and t.shards.done == t.shards.total
         wj_name = worker_job_name(name)
         wj = self.kube.get_worker_job(ns, wj_name)
+        not_ours: EarlierIncarnationError | NotOwnedError | None = None
+        if wj is not None:
+            try:
+                check_owned(wj, "Job", ns, name, uid)
+            except (EarlierIncarnationError, NotOwnedError) as e:
+                # Neither its conditions nor its size are this job's.
+                not_ours, wj = e, None
         started = parse_time(prev.start_time) or now
 
         outcome = self._outcome(spec, t, planned, all_done, joined, wj, started, now, planning_error)
@@ -249,11 +262,19 @@ class Reconciler:
         )
         desired = decision.replicas
         try:
+            if not_ours is not None:
+                raise not_ours
             self._apply_worker_job(job, spec, wj, desired, current, outcome, mem, decision.scaled_down)
+        except EarlierIncarnationError as e:
+            # The job was deleted and re-created while the garbage collector deletes the old one's
+            # worker Job or RBAC: run no workers until it is gone (a later pass creates them).
+            if not outcome.finished and not outcome.suspended:
+                outcome = Outcome(progress_reason="WaitingForEarlierIncarnation", message=str(e))
         except NotOwnedError as e:
-            # Someone else's ServiceAccount, Role or RoleBinding has the name of this job's: fail
-            # the job rather than run its workers with (or grant) what that object holds.
-            outcome = Outcome(failed_reason="WorkerRBACNotOwned", message=str(e))
+            # Someone else's worker Job, ServiceAccount, Role or RoleBinding has the name of this
+            # job's: fail the job rather than run its workers with (or grant) what that object holds.
+            reason = "WorkerJobNotOwned" if e.kind == "Job" else "WorkerRBACNotOwned"
+            outcome = Outcome(failed_reason=reason, message=str(e))
             desired = 0
 
         # -- status --------------------------------------------------------------------------------
@@ -300,11 +321,11 @@ class Reconciler:
         items = expand_items(load_prompts(spec, config_map_reader=read_config_map), spec.generation)
         manifests = shard_manifests(job, len(items), spec.batching.shard_size)
         for m in manifests:
-            self.kube.create(m)
+            self.kube.create_shard(m)
         self.kube.post_event(
             job, "Normal", "CreatedShards", f"planned {len(items)} images in {len(manifests)} shards"
         )
-        return self.kube.list_shards(meta["namespace"], meta["name"])
+        return self.kube.list_shards(meta["namespace"], meta["name"], meta["uid"])
 
     def _outcome(
         self,

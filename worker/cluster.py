@@ -17,6 +17,7 @@ ModelLoadError (the operator fails the job) and exits 3, which fails the Job: no
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -29,10 +30,11 @@ from typing import Any
 from prometheus_client import Counter, Histogram, start_http_server
 from pydantic import ValidationError
 
+from imagebatch import shardstate
 from imagebatch.api import ImageBatchJobSpec, ImageBatchShardStatus
 from imagebatch.errors import ImageBatchError, ModelLoadError, format_validation_error
 from imagebatch.manifest import BatchInfo, join_outputs
-from imagebatch.operator.labels import (
+from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_MANIFEST_LINES,
     ANNOTATION_SHARD_COUNT,
@@ -41,12 +43,11 @@ from imagebatch.operator.labels import (
     EXIT_USER_ERROR,
     MODEL_LOAD_ERROR,
 )
-from imagebatch.operator.leases import shard_status
-from imagebatch.operator.shardplan import shard_manifests
-from imagebatch.operator.timeutil import now_utc
 from imagebatch.planning import Item, expand_items, fingerprint, image_fields, shard_id
 from imagebatch.prompts import iter_prompts
+from imagebatch.shardplan import shard_manifests
 from imagebatch.storage import MANIFEST, Storage, storage_options
+from imagebatch.timeutil import now_utc
 from imagebatch.worker import claims
 from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.kube import JSON, WorkerKube
@@ -78,6 +79,11 @@ class LostClaimError(Exception):
     """The lease could not be renewed because the claim is no longer ours."""
 
 
+class EarlierIncarnationError(Exception):
+    """This pod was made for an earlier ImageBatchJob of the same name, since deleted and
+    re-created: the job it reads now is not its own, and neither are that job's shards."""
+
+
 @dataclass
 class Claim:
     name: str
@@ -88,7 +94,14 @@ class Claim:
 
 
 class Worker:
-    def __init__(self, kube: WorkerKube, pod: str, stop: threading.Event, device: str = "auto") -> None:
+    def __init__(
+        self,
+        kube: WorkerKube,
+        pod: str,
+        stop: threading.Event,
+        device: str = "auto",
+        expected_uid: str | None = None,
+    ) -> None:
         self.kube = kube
         # The claim holder: the pod's name, or `<pod>/<rank>` for one engine process of a
         # multi-GPU pod (worker/multigpu.py).
@@ -98,7 +111,16 @@ class Worker:
         self.stop = stop
         self._items: list[Item] | None = None
         job = kube.get_job()
+        if expected_uid is not None and job["metadata"]["uid"] != expected_uid:
+            raise EarlierIncarnationError(
+                f"ImageBatchJob {job['metadata'].get('namespace')}/{job['metadata']['name']} was re-created "
+                f"(uid {job['metadata']['uid']}); this pod "
+                f"belongs to the earlier one (uid {expected_uid}), whose worker Job is being deleted"
+            )
         self.job = job
+        # Read once: the shards this worker counts and claims are this incarnation's, even if the
+        # job is deleted and re-created under the same name while the worker runs.
+        self.uid = str(job["metadata"]["uid"])
         self.spec = ImageBatchJobSpec.model_validate(job["spec"])
         self.storage = Storage.for_output(self.spec.output)
         self.failpoints = Failpoints.from_env()
@@ -123,7 +145,7 @@ class Worker:
         manifests = shard_manifests(self.job, len(items), self.spec.batching.shard_size)
         made = sum(self.kube.create_shard(m) for m in manifests)
         log.info("planned %d images in %d shards (%d created here)", len(items), len(manifests), made)
-        return self.kube.list_shards()
+        return self.kube.list_shards(self.uid)
 
     # -- fenced writes -------------------------------------------------------------------------
     def fenced_write(
@@ -134,10 +156,10 @@ class Worker:
             shard = self.kube.get_shard(claim.name)
             if shard is None:
                 return False
-            st = shard_status(shard)
-            if not claims.holds(st, self.pod, claim.attempt):
+            st = shardstate.shard_status(shard)
+            if not shardstate.holds(st, self.pod, claim.attempt):
                 return False
-            if self.kube.replace_shard_status(shard, claims.dump(change(st))):
+            if self.kube.replace_shard_status(shard, shardstate.dump(change(st))):
                 return True
         return False
 
@@ -145,8 +167,8 @@ class Worker:
         for shard in claims.claim_order(shards, self.pod):
             if self.stop.is_set():
                 return None
-            st = claims.claimed(shard_status(shard), self.pod, now_utc())
-            if self.kube.replace_shard_status(shard, claims.dump(st)):
+            st = shardstate.claimed(shardstate.shard_status(shard), self.pod, now_utc())
+            if self.kube.replace_shard_status(shard, shardstate.dump(st)):
                 spec = shard["spec"]
                 return Claim(
                     shard["metadata"]["name"],
@@ -159,7 +181,7 @@ class Worker:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
-        shards = self.plan_if_needed(self.kube.list_shards())
+        shards = self.plan_if_needed(self.kube.list_shards(self.uid))
         from imagebatch.worker.engine import Engine, EngineOptions
         from imagebatch.worker.local import check_job_record
         from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
@@ -201,12 +223,12 @@ class Worker:
         with Engine(loaded, self.storage, opts) as engine:
             while not self.stop.is_set():
                 t0 = time.perf_counter()
-                shards = self.kube.list_shards()
+                shards = self.kube.list_shards(self.uid)
                 claim = self.try_claim(shards)
                 if claim is None:
                     if self.stop.is_set():
                         break
-                    now = self.kube.list_shards()
+                    now = self.kube.list_shards(self.uid)
                     if claims.claim_order(now, self.pod):
                         # Lost every race: list again, after a pause that keeps racers apart.
                         time.sleep(random.uniform(0.05, 0.5))
@@ -265,7 +287,7 @@ class Worker:
             process_shard(engine, shard_id(claim.index), items, on_done, self.spec.output.layout)
         except (AbandonError, BatchAbandonedError):
             lease.close()
-            ok = self.fenced_write(claim, claims.released)
+            ok = self.fenced_write(claim, shardstate.released)
             log.info(
                 "stopping: released %s after %d images (%s)", claim.name, done_items, "ok" if ok else "lost"
             )
@@ -280,20 +302,20 @@ class Worker:
             # A user error (unreadable prompts, bad output location) fails the same way every time.
             lease.close()
             msg = str(e)
-            self.fenced_write(claim, lambda st: claims.failed(st, msg))
+            self.fenced_write(claim, lambda st: shardstate.failed(st, msg))
             log.error("%s: %s", claim.name, e)
             SHARDS.labels("failed").inc()
             return EXIT_USER_ERROR
         except Exception as e:
             lease.close()
             err = f"{type(e).__name__}: {e}"
-            self.fenced_write(claim, lambda st: claims.errored(st, err, self.spec.retries.max_attempts))
+            self.fenced_write(claim, lambda st: shardstate.errored(st, err, self.spec.retries.max_attempts))
             SHARDS.labels("error").inc()
             raise
         lease.close()
         seconds = time.perf_counter() - t0
         n = claim.end - claim.start
-        if self.fenced_write(claim, lambda st: claims.done(st, now_utc(), n, seconds)):
+        if self.fenced_write(claim, lambda st: shardstate.done(st, now_utc(), n, seconds)):
             log.info("%s done: %d images in %.1fs", claim.name, n, seconds)
             SHARDS.labels("done").inc()
             self.failpoints.hit("shard-done", pod=self.pod, shard=claim.name, items_done=n, stop=self.stop)
@@ -304,9 +326,9 @@ class Worker:
 
     def fail_one(self, error: str, shards: list[JSON]) -> None:
         """Reports an error that no retry can fix on a shard, so the operator can fail the job."""
-        claim = self.try_claim(shards) or self.try_claim(self.kube.list_shards())
+        claim = self.try_claim(shards) or self.try_claim(self.kube.list_shards(self.uid))
         if claim is not None:
-            self.fenced_write(claim, lambda st: claims.failed(st, error))
+            self.fenced_write(claim, lambda st: shardstate.failed(st, error))
 
     def join_if_all_done(self) -> None:
         """The worker that finds every shard Done joins the manifest parts into manifest.jsonl.
@@ -314,14 +336,14 @@ class Worker:
         Several may do it at once: they write the same bytes. Shard 0 records the line count,
         which tells the operator the job is complete.
         """
-        shards = self.kube.list_shards()
+        shards = self.kube.list_shards(self.uid)
         if not shards:
             return
         first = min(shards, key=lambda s: int(s["spec"]["index"]))
         ann = first["metadata"].get("annotations") or {}
         if ANNOTATION_MANIFEST_LINES in ann or ann.get(ANNOTATION_SHARD_COUNT) != str(len(shards)):
             return
-        if any(shard_status(s).state != "Done" for s in shards):
+        if any(shardstate.shard_status(s).state != "Done" for s in shards):
             return
         ordered = sorted(int(s["spec"]["index"]) for s in shards)
         name = str(self.job["metadata"]["name"])
@@ -366,7 +388,7 @@ class LeaseKeeper(threading.Thread):
         """Renews the lease with the current progress, now (from any thread)."""
         with self._write_lock:
             done = self.progress()
-            ok = self.worker.fenced_write(self.claim, lambda st: claims.renewed(st, now_utc(), done))
+            ok = self.worker.fenced_write(self.claim, lambda st: shardstate.renewed(st, now_utc(), done))
             if ok:
                 self._reported, self._renewed = done, time.monotonic()
             elif not self._closed.is_set():
@@ -402,9 +424,13 @@ def run_cluster_worker(
             # share ports) must not stop the worker.
             log.warning("not serving metrics: cannot listen on port %d: %s", metrics_port, e)
     try:
-        worker = Worker(WorkerKube(namespace, job), pod, stop, device)
+        # JOB_UID: set by the operator on the pods of the worker Job (operator/builders.py).
+        worker = Worker(WorkerKube(namespace, job), pod, stop, device, os.environ.get("JOB_UID") or None)
         worker.labels = dict(labels or {})
         return worker.run()
+    except EarlierIncarnationError as e:
+        log.warning("%s: nothing to do here", e)
+        return 0
     except ValidationError as e:
         log.error("ImageBatchJob %s/%s: invalid spec\n%s", namespace, job, format_validation_error(e, "spec"))
         return EXIT_USER_ERROR

@@ -13,9 +13,10 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
-from imagebatch.errors import PromptFileError
+from imagebatch.errors import ImageBatchError, PromptFileError
 from imagebatch.kubeclient import api_client, replace_status_if_unchanged
-from imagebatch.operator.labels import JOB_PLURAL, LABEL_JOB, SHARD_PLURAL
+from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
+from imagebatch.shardplan import of_incarnation, shard_selector
 
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -52,17 +53,19 @@ class WorkerKube:
             raise PromptFileError(f"spec.promptsFrom.configMapKeyRef: ConfigMap {name} has no key {key!r}")
         return str(value)
 
-    def list_shards(self) -> list[JSON]:
+    def list_shards(self, uid: str) -> list[JSON]:
+        """The shards of the job with this UID (the worker's own job object's): never those of an
+        earlier job of the same name that are still being deleted."""
         resp = self.custom.list_namespaced_custom_object(
             GROUP,
             VERSION,
             self.ns,
             SHARD_PLURAL,
-            label_selector=f"{LABEL_JOB}={self.job}",
+            label_selector=shard_selector(self.job, uid),
             _preload_content=False,
         )
         items: list[JSON] = json.loads(resp.data).get("items", [])
-        return items
+        return [s for s in items if of_incarnation(s, uid)]
 
     def get_shard(self, name: str) -> JSON | None:
         try:
@@ -77,14 +80,25 @@ class WorkerKube:
         return data
 
     def create_shard(self, obj: JSON) -> bool:
-        """False when it exists already (another worker planned it first)."""
+        """False when this job's shard exists already (another worker planned it first). A shard
+        of that name that is not this job's is never taken for it: that is an error."""
         try:
             self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, SHARD_PLURAL, obj)
             return True
         except ApiException as e:
-            if e.status == 409:
-                return False
-            raise
+            if e.status != 409:
+                raise
+        name = obj["metadata"]["name"]
+        existing = self.get_shard(name)
+        if existing is None:
+            return self.create_shard(obj)  # deleted in between: ours to make after all
+        uid = obj["metadata"]["ownerReferences"][0]["uid"]
+        if not of_incarnation(existing, uid):
+            raise ImageBatchError(
+                f"ImageBatchShard {self.ns}/{name} exists and is not a shard of ImageBatchJob {self.job} "
+                f"(uid {uid}); the worker does not adopt it: delete that ImageBatchShard"
+            )
+        return False
 
     def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
         """Writes a shard's status if it has not changed since it was read; False on a conflict."""

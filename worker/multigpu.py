@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from imagebatch.holders import rank_holder
-from imagebatch.operator.labels import EXIT_MODEL_LOAD_ERROR, EXIT_TERMINATED, EXIT_USER_ERROR
+from imagebatch.names import EXIT_MODEL_LOAD_ERROR, EXIT_TERMINATED, EXIT_USER_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +135,17 @@ class Supervisor:
 
     def release_claims(self, holder: str) -> int:
         """Back to Pending, as the operator does for a gone pod: the holder is dead, no one else writes as it."""
-        from imagebatch.operator.leases import shard_status
-        from imagebatch.worker import claims
+        from imagebatch import shardstate
         from imagebatch.worker.kube import WorkerKube
 
         kube = WorkerKube(self.namespace, self.job)
+        uid = str(kube.get_job()["metadata"]["uid"])
         n = 0
-        for shard in kube.list_shards():
-            st = shard_status(shard)
+        for shard in kube.list_shards(uid):
+            st = shardstate.shard_status(shard)
             if st.state == "Claimed" and st.holder == holder:
                 why = f"worker {holder} crashed (attempt {st.attempt})"
-                n += kube.replace_shard_status(shard, claims.dump(claims.released(st, why)))
+                n += kube.replace_shard_status(shard, shardstate.dump(shardstate.released(st, why)))
         return n
 
     def run(self) -> int:

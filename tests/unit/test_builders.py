@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from imagebatch.api import ImageBatchJobSpec
+from imagebatch.names import ANNOTATION_ITEM_COUNT, ANNOTATION_SHARD_COUNT, LABEL_JOB, LABEL_JOB_UID
 from imagebatch.operator.builders import WorkerSettings, worker_job, worker_rbac
-from imagebatch.operator.labels import ANNOTATION_ITEM_COUNT, ANNOTATION_SHARD_COUNT, LABEL_JOB
-from imagebatch.operator.shardplan import shard_manifests
+from imagebatch.shardplan import shard_manifests
 
 JOB: dict[str, Any] = {
     "apiVersion": "imagebatch.dev/v1alpha1",
@@ -62,6 +62,7 @@ def test_worker_env_downward_api_and_credentials() -> None:
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["JOB_NAME"]["value"] == "cats"
+    assert env["JOB_UID"]["value"] == "u-1"  # the incarnation the pods work for
     assert env["OMP_NUM_THREADS"]["value"] == "1"
     assert c["envFrom"] == [{"secretRef": {"name": "creds"}}]
     assert "$(POD_NAME)" in c["args"] and "cats" in c["args"]
@@ -144,7 +145,7 @@ def test_own_service_account_means_no_rbac() -> None:
 
 def test_shard_manifests_cover_every_item_once() -> None:
     shards = shard_manifests(JOB, 1001, 250)
-    assert [s["metadata"]["name"] for s in shards] == [f"cats-s{i:05d}" for i in range(5)]
+    assert [s["metadata"]["name"] for s in shards] == [f"cats-u1-s{i:05d}" for i in range(5)]
     assert [(s["spec"]["start"], s["spec"]["end"]) for s in shards] == [
         (0, 250),
         (250, 500),
@@ -160,6 +161,7 @@ def test_shard_manifests_cover_every_item_once() -> None:
             "end": s["spec"]["end"],
         }
         assert s["metadata"]["labels"][LABEL_JOB] == "cats"
+        assert s["metadata"]["labels"][LABEL_JOB_UID] == "u-1"
         assert s["metadata"]["annotations"][ANNOTATION_SHARD_COUNT] == "5"
         assert s["metadata"]["annotations"][ANNOTATION_ITEM_COUNT] == "1001"
         assert s["metadata"]["namespace"] == "team-a"

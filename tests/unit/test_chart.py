@@ -409,7 +409,7 @@ def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str
     """(group, resource) -> verbs, read from the Kubernetes client calls in operator/kube.py."""
     import ast
 
-    from imagebatch.operator.labels import JOB_PLURAL, SHARD_PLURAL
+    from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
 
     plurals = {"JOB_PLURAL": JOB_PLURAL, "SHARD_PLURAL": SHARD_PLURAL}
     tree = ast.parse(path.read_text())

@@ -1,13 +1,14 @@
-"""Operator-side lease review and worker-side claim transitions (fencing)."""
+"""Operator-side lease review and the shared shard state machine (imagebatch/shardstate.py: fencing)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from imagebatch import shardstate
 from imagebatch.api import ImageBatchShardStatus
 from imagebatch.operator.leases import review
-from imagebatch.operator.timeutil import format_micro
+from imagebatch.timeutil import format_micro
 from imagebatch.worker import claims
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -67,24 +68,24 @@ def test_pending_done_and_failed_shards_are_not_touched() -> None:
 
 
 def test_claim_raises_the_attempt_and_fences_by_holder_and_attempt() -> None:
-    st = claims.claimed(ImageBatchShardStatus(attempt=1, error="old"), "pod-9", NOW)
+    st = shardstate.claimed(ImageBatchShardStatus(attempt=1, error="old"), "pod-9", NOW)
     assert st.state == "Claimed" and st.attempt == 2 and st.holder == "pod-9"
-    assert claims.holds(st, "pod-9", 2)
-    assert not claims.holds(st, "pod-9", 1)  # a zombie of the earlier attempt
-    assert not claims.holds(st, "pod-8", 2)
-    assert not claims.holds(claims.released(st), "pod-9", 2)
+    assert shardstate.holds(st, "pod-9", 2)
+    assert not shardstate.holds(st, "pod-9", 1)  # a zombie of the earlier attempt
+    assert not shardstate.holds(st, "pod-8", 2)
+    assert not shardstate.holds(shardstate.released(st), "pod-9", 2)
 
 
 def test_done_release_error_and_fail() -> None:
-    st = claims.claimed(ImageBatchShardStatus(), "w", NOW)
-    done = claims.done(st, NOW, 10, 1.23456)
+    st = shardstate.claimed(ImageBatchShardStatus(), "w", NOW)
+    done = shardstate.done(st, NOW, 10, 1.23456)
     assert done.state == "Done" and done.items_done == 10 and done.seconds == 1.235 and done.error is None
-    assert claims.released(st).state == "Pending" and claims.released(st).attempt == 1
-    assert claims.errored(st, "boom", max_attempts=3).state == "Pending"
+    assert shardstate.released(st).state == "Pending" and shardstate.released(st).attempt == 1
+    assert shardstate.errored(st, "boom", max_attempts=3).state == "Pending"
     last = st.model_copy(update={"attempt": 3})
-    assert claims.errored(last, "boom", max_attempts=3).state == "Failed"
-    assert claims.failed(st, "ModelLoadError: x").error == "ModelLoadError: x"
-    assert "holder" not in claims.dump(claims.released(st))
+    assert shardstate.errored(last, "boom", max_attempts=3).state == "Failed"
+    assert shardstate.failed(st, "ModelLoadError: x").error == "ModelLoadError: x"
+    assert "holder" not in shardstate.dump(shardstate.released(st))
 
 
 def test_claim_order_spreads_workers_over_pending_shards() -> None:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from imagebatch.holders import holder_pod, rank_holder
-from imagebatch.operator.labels import EXIT_MODEL_LOAD_ERROR, EXIT_TERMINATED
+from imagebatch.names import EXIT_MODEL_LOAD_ERROR, EXIT_TERMINATED
 from imagebatch.operator.leases import review
-from imagebatch.operator.timeutil import format_micro
+from imagebatch.timeutil import format_micro
 from imagebatch.worker import multigpu
 from imagebatch.worker.multigpu import Supervisor, child_env, pod_exit_code, visible_devices
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imagebatch.operator.progress import eta, format_duration, images_per_second, progress_text, tally
-from imagebatch.operator.timeutil import format_micro
+from imagebatch.timeutil import format_micro
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from imagebatch.operator.kube import NotOwnedError
-from imagebatch.operator.labels import ANNOTATION_MANIFEST_LINES
+from imagebatch.names import ANNOTATION_MANIFEST_LINES, LABEL_JOB, LABEL_JOB_UID
+from imagebatch.operator.kube import NotOwnedError, check_owned
 from imagebatch.operator.reconcile import Reconciler
-from imagebatch.operator.shardplan import shard_manifests
+from imagebatch.shardplan import of_incarnation, shard_manifests
 
 JSON = dict[str, Any]
 
@@ -47,12 +47,25 @@ class FakeKube:
         if existing is None:
             self.create(obj)
             return
-        uid = obj["metadata"]["ownerReferences"][0]["uid"]
-        if not any(r["uid"] == uid for r in existing["metadata"].get("ownerReferences") or []):
-            raise NotOwnedError(obj["kind"], "ns", obj["metadata"]["name"], "j")
+        owner = obj["metadata"]["ownerReferences"][0]
+        check_owned(existing, obj["kind"], "ns", owner["name"], owner["uid"])
 
-    def list_shards(self, ns: str, job: str) -> list[JSON]:
-        return [copy.deepcopy(s) for s in self.shards.values()]
+    def create_shard(self, obj: JSON) -> bool:
+        existing = self.shards.get(obj["metadata"]["name"])
+        if existing is not None and not of_incarnation(
+            existing, obj["metadata"]["ownerReferences"][0]["uid"]
+        ):
+            raise NotOwnedError("ImageBatchShard", "ns", obj["metadata"]["name"], "j")
+        return self.create(obj)
+
+    def list_shards(self, ns: str, job: str, uid: str) -> list[JSON]:
+        # As the API server's label selection: the shards of every incarnation are stored here.
+        return [
+            copy.deepcopy(s)
+            for s in self.shards.values()
+            if s["metadata"]["labels"].get(LABEL_JOB) == job
+            and s["metadata"]["labels"].get(LABEL_JOB_UID) == uid
+        ]
 
     def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
         self.shards[shard["metadata"]["name"]]["status"] = status
@@ -139,7 +152,7 @@ def test_all_done_and_joined_is_complete_with_zero_workers() -> None:
     assert cond(status, "Reconciling")["reason"] == "Joining"
     # Damped scale-down (at most 2 a step), but at least one worker to join the manifest.
     assert kube.job is not None and kube.job["spec"]["parallelism"] == 2
-    kube.shards["j-s00000"]["metadata"]["annotations"][ANNOTATION_MANIFEST_LINES] = "10"
+    kube.shards["j-u-s00000"]["metadata"]["annotations"][ANNOTATION_MANIFEST_LINES] = "10"
     status = passes(kube, body)
     assert cond(status, "Complete")["status"] == "True" and cond(status, "Ready")["status"] == "True"
     assert status["manifest"] == "/out/manifest.jsonl" and status["progress"] == "10/10"
@@ -158,7 +171,7 @@ def test_a_failed_shard_fails_the_job_and_stops_the_workers(error: str, reason: 
     kube = FakeKube()
     body = job()
     passes(kube, body)
-    kube.shards["j-s00003"]["status"] = {"state": "Failed", "attempt": 3, "error": error}
+    kube.shards["j-u-s00003"]["status"] = {"state": "Failed", "attempt": 3, "error": error}
     status = passes(kube, body)
     failed = cond(status, "Failed")
     assert failed["status"] == "True" and failed["reason"] == reason and in_message in failed["message"]
@@ -170,15 +183,15 @@ def test_claim_of_a_gone_pod_is_requeued() -> None:
     kube = FakeKube()
     body = job()
     passes(kube, body)
-    kube.shards["j-s00001"]["status"] = {
+    kube.shards["j-u-s00001"]["status"] = {
         "state": "Claimed",
         "attempt": 1,
         "holder": "dead-pod",
         "leaseRenewTime": "2099-01-01T00:00:00Z",
     }
     status = passes(kube, body)
-    assert kube.shards["j-s00001"]["status"]["state"] == "Pending"
-    assert kube.shards["j-s00001"]["status"]["attempt"] == 1
+    assert kube.shards["j-u-s00001"]["status"]["state"] == "Pending"
+    assert kube.shards["j-u-s00001"]["status"]["attempt"] == 1
     assert status["shards"]["pending"] == 5
     assert any(r == "HolderGone" for r, _ in kube.events)
 

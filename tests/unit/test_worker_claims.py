@@ -7,7 +7,8 @@ import threading
 import time
 from typing import Any
 
-from imagebatch.operator.timeutil import now_utc
+from imagebatch import shardstate
+from imagebatch.timeutil import now_utc
 from imagebatch.worker import claims
 from imagebatch.worker.cluster import Claim, LeaseKeeper, Worker
 
@@ -35,7 +36,8 @@ class FakeShardApi:
             "spec": {"model": {"name": "builtin:tiny"}, "prompts": ["a"], "output": {"uri": "/tmp/never"}},
         }
 
-    def list_shards(self) -> list[JSON]:
+    def list_shards(self, uid: str = "u") -> list[JSON]:
+        assert uid == "u", "the worker lists the shards of its own job's UID"
         return [copy.deepcopy(s) for s in self.shards.values()]
 
     def get_shard(self, name: str) -> JSON | None:
@@ -90,12 +92,12 @@ def test_a_zombie_cannot_complete_a_reclaimed_shard() -> None:
     api.shards[claim_a.name]["status"].update(state="Pending", holder=None)
     claim_b = b.try_claim(api.list_shards())
     assert claim_b is not None and claim_b.attempt == 2
-    assert not a.fenced_write(claim_a, lambda st: claims.done(st, now_utc(), 10, 1.0))
+    assert not a.fenced_write(claim_a, lambda st: shardstate.done(st, now_utc(), 10, 1.0))
     assert api.shards[claim_a.name]["status"]["state"] == "Claimed"
     assert api.shards[claim_a.name]["status"]["holder"] == "pod-b"
     # Same pod, old attempt: also refused.
-    assert not b.fenced_write(Claim(claim_b.name, 0, 0, 10, 1), claims.released)
-    assert b.fenced_write(claim_b, lambda st: claims.done(st, now_utc(), 10, 1.0))
+    assert not b.fenced_write(Claim(claim_b.name, 0, 0, 10, 1), shardstate.released)
+    assert b.fenced_write(claim_b, lambda st: shardstate.done(st, now_utc(), 10, 1.0))
     assert api.shards[claim_b.name]["status"]["state"] == "Done"
 
 
@@ -105,7 +107,7 @@ def test_a_fenced_write_retries_a_conflict_with_another_writer() -> None:
     claim = a.try_claim(api.list_shards())
     assert claim is not None
     api.before_write.append(claim.name)  # e.g. the lease thread wrote in between
-    assert a.fenced_write(claim, lambda st: claims.done(st, now_utc(), 10, 1.0))
+    assert a.fenced_write(claim, lambda st: shardstate.done(st, now_utc(), 10, 1.0))
     assert api.shards[claim.name]["status"]["state"] == "Done"
 
 

@@ -59,8 +59,9 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchjobs/status"]
   verbs: ["patch"]
-# ImageBatchShards: the operator plans them (create) and counts them (list); get and patch:
-# workers (claims read a shard; the joining worker annotates shard 0). They go with their job
+# ImageBatchShards: the operator plans them (create), counts them (list) and reads the one whose
+# name is taken (get: is it this job's?); get and patch: workers too (claims read a shard; the
+# joining worker annotates shard 0). They go with their job
 # through owner references (garbage collection), so no delete.
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchshards"]

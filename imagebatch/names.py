@@ -1,6 +1,7 @@
-"""Names, labels and annotations shared by the operator and the worker: the cluster-side contract.
+"""Names, labels, annotations and exit codes shared by the operator and the worker: the cluster-side
+contract.
 
-Kept free of kopf and torch so that both sides import it.
+Kept free of kopf and torch so that both sides import it (and neither imports the other).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ SHARD_PLURAL = "imagebatchshards"
 # Every child object carries the job's name, so one label selector finds them all.
 LABEL_JOB = f"{GROUP}/job"
 LABEL_COMPONENT = f"{GROUP}/component"
+# Shards also carry their job's UID, and everyone selects them by it: a job deleted and re-created
+# under the same name must never count, claim or adopt the shards of the old incarnation, which
+# the garbage collector may still be deleting (thousands of them, in the background).
+LABEL_JOB_UID = f"{GROUP}/job-uid"
 # Shards carry the plan's size: the operator knows the plan is complete when it sees all of them,
 # even when a worker (not the operator) planned a prompt file the operator cannot read.
 ANNOTATION_SHARD_COUNT = f"{GROUP}/shard-count"
@@ -31,8 +36,16 @@ EXIT_TERMINATED = 143  # stopped by SIGTERM (scale-in, suspend, drain): not a fa
 API_VERSION = f"{GROUP}/{VERSION}"
 
 
-def shard_name(job: str, index: int) -> str:
-    return f"{job}-s{index:05d}"
+def shard_name(job: str, uid: str, index: int) -> str:
+    """`<job>-<8 hex digits of the job's UID>-s00000`.
+
+    The UID part keeps the names of two incarnations of a job apart, so a re-created job plans at
+    once instead of meeting a 409 on every shard of the old one until the garbage collector is
+    done with it (or for ever, if something holds a finalizer on one). Kueue names a job's
+    Workload the same way (owner name + a hash with its UID). Within one incarnation the names are
+    deterministic, so the operator and workers that plan at the same time create each shard once.
+    """
+    return f"{job}-{uid.replace('-', '')[:8]}-s{index:05d}"
 
 
 def worker_job_name(job: str) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from imagebatch.api import SHARD_KIND, ImageBatchShardSpec, ImageBatchShardStatus
-from imagebatch.operator.labels import (
+from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_SHARD_COUNT,
     API_VERSION,
     LABEL_COMPONENT,
     LABEL_JOB,
+    LABEL_JOB_UID,
     shard_name,
 )
 from imagebatch.planning import plan_shards
@@ -38,6 +39,18 @@ def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def ownership(obj: dict[str, Any], job_name: str, uid: str) -> str:
+    """Whose child `obj` is: "ours" (an owner reference to the job's UID), "earlier" (owned by an
+    ImageBatchJob of the same name and another UID: an earlier incarnation, gone since the name is
+    now this job's, so the garbage collector is deleting it), or "foreign" (anyone else's)."""
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    if any(r.get("uid") == uid for r in owners):
+        return "ours"
+    if any(r.get("kind") == "ImageBatchJob" and r.get("name") == job_name for r in owners):
+        return "earlier"
+    return "foreign"
+
+
 def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[dict[str, Any]]:
     """One ImageBatchShard per `shard_size` items, owned by the job, with the plan's size annotated."""
     meta = job["metadata"]
@@ -50,9 +63,9 @@ def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[
                 "apiVersion": API_VERSION,
                 "kind": SHARD_KIND,
                 "metadata": {
-                    "name": shard_name(meta["name"], r.index),
+                    "name": shard_name(meta["name"], meta["uid"], r.index),
                     "namespace": meta["namespace"],
-                    "labels": {LABEL_JOB: meta["name"], LABEL_COMPONENT: "shard"},
+                    "labels": {LABEL_JOB: meta["name"], LABEL_JOB_UID: meta["uid"], LABEL_COMPONENT: "shard"},
                     "annotations": {
                         ANNOTATION_SHARD_COUNT: str(len(ranges)),
                         ANNOTATION_ITEM_COUNT: str(n_items),
@@ -63,6 +76,21 @@ def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[
             }
         )
     return out
+
+
+def shard_selector(job_name: str, uid: str) -> str:
+    """The label selector of one incarnation's shards: the name alone would also match the shards
+    of an earlier job of that name that are still being deleted."""
+    return f"{LABEL_JOB}={job_name},{LABEL_JOB_UID}={uid}"
+
+
+def of_incarnation(shard: dict[str, Any], uid: str) -> bool:
+    """True for a shard of the job with this UID: labelled with it and owned by it. A shard that
+    has the label but not the owner reference (made by hand, or by someone else) is not adopted."""
+    meta = shard.get("metadata") or {}
+    return (meta.get("labels") or {}).get(LABEL_JOB_UID) == uid and any(
+        r.get("uid") == uid and r.get("kind") == "ImageBatchJob" for r in meta.get("ownerReferences") or []
+    )
 
 
 def initial_status() -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""The shard state machine, shared by the operator and the worker: one place for every transition.
+
+    Pending --claimed--> Claimed --done--> Done
+                         Claimed --renewed--> Claimed (lease and progress)
+                         Claimed --released--> Pending (SIGTERM, a crashed sibling process)
+                         Claimed --errored / lost--> Pending, or Failed on the last attempt
+                         Claimed --failed--> Failed (a user error: no retry can fix it)
+
+Pure: each function takes a status and returns the next one; who writes it (the worker, fenced by
+holder + attempt and resourceVersion, or the operator for a lost claim) is the caller's business.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from imagebatch.api import ImageBatchShardStatus
+from imagebatch.timeutil import format_micro
+
+JSON = dict[str, Any]
+
+
+def shard_status(shard: JSON) -> ImageBatchShardStatus:
+    """The shard's status; a shard just created has none yet and is Pending."""
+    return ImageBatchShardStatus.model_validate(shard.get("status") or {})
+
+
+def claimed(st: ImageBatchShardStatus, holder: str, now: datetime) -> ImageBatchShardStatus:
+    return st.model_copy(
+        update={
+            "state": "Claimed",
+            "attempt": st.attempt + 1,
+            "holder": holder,
+            "lease_renew_time": format_micro(now),
+            "items_done": 0,
+            "seconds": None,
+        }
+    )
+
+
+def holds(st: ImageBatchShardStatus, holder: str, attempt: int) -> bool:
+    """The fence: `holder` may write only a claim of its own attempt (not a zombie's)."""
+    return st.state == "Claimed" and st.holder == holder and st.attempt == attempt
+
+
+def renewed(st: ImageBatchShardStatus, now: datetime, items_done: int) -> ImageBatchShardStatus:
+    return st.model_copy(update={"lease_renew_time": format_micro(now), "items_done": items_done})
+
+
+def done(st: ImageBatchShardStatus, now: datetime, items: int, seconds: float) -> ImageBatchShardStatus:
+    # leaseRenewTime of a Done shard is its completion time: the operator's throughput uses it.
+    return st.model_copy(
+        update={
+            "state": "Done",
+            "lease_renew_time": format_micro(now),
+            "items_done": items,
+            "seconds": round(seconds, 3),
+            "error": None,
+        }
+    )
+
+
+def released(st: ImageBatchShardStatus, error: str | None = None) -> ImageBatchShardStatus:
+    """Back to Pending, attempt kept (the next claim raises it)."""
+    return st.model_copy(
+        update={
+            "state": "Pending",
+            "holder": None,
+            "lease_renew_time": None,
+            "items_done": 0,
+            "error": error if error is not None else st.error,
+        }
+    )
+
+
+def errored(st: ImageBatchShardStatus, error: str, max_attempts: int) -> ImageBatchShardStatus:
+    """After a failed attempt: Pending for another try, or Failed when that was the last one."""
+    if st.attempt >= max_attempts:
+        return failed(st, error)
+    return released(st, error)
+
+
+def failed(st: ImageBatchShardStatus, error: str) -> ImageBatchShardStatus:
+    return st.model_copy(
+        update={"state": "Failed", "holder": None, "lease_renew_time": None, "items_done": 0, "error": error}
+    )
+
+
+# Why the operator takes a claim back from its holder (operator/leases.py decides which applies).
+LEASE_EXPIRED = "LeaseExpired"
+HOLDER_GONE = "HolderGone"
+
+
+def lost(st: ImageBatchShardStatus, reason: str, max_attempts: int) -> ImageBatchShardStatus:
+    """A claim whose holder stopped renewing or is gone: a failed attempt like any other error,
+    with the holder's own last error kept in the message."""
+    detail = (
+        f"worker {st.holder} stopped renewing its lease (attempt {st.attempt})"
+        if reason == LEASE_EXPIRED
+        else f"worker pod {st.holder} is gone (attempt {st.attempt})"
+    )
+    return errored(st, f"{detail}; last error: {st.error}" if st.error else detail, max_attempts)
+
+
+def dump(st: ImageBatchShardStatus) -> JSON:
+    return st.model_dump(by_alias=True, exclude_none=True)
