@@ -14,6 +14,9 @@ from imagebatch_testing.s3 import S3Server, s3_server
 __all__ = ["kube_cluster", "s3"]
 
 REPO = Path(__file__).resolve().parent.parent
+# No test may reach a model hub. Set before anything imports huggingface_hub, which reads it once
+# at import: session fixtures (the tiny pipeline) import it before any function-scoped fixture.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
