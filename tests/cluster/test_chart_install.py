@@ -357,9 +357,9 @@ def test_admission_and_network_policies_are_installed(release: Release) -> None:
     ]
     ours = {p["metadata"]["name"]: p for p in policies if p["metadata"]["name"].startswith(release.name)}
     assert set(ours) == {f"{release.name}-imagebatch-job-creator", f"{release.name}-imagebatch-worker-fence"}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while any("typeChecking" not in (p.get("status") or {}) for p in ours.values()):
-        assert time.monotonic() < deadline, "the API server did not type-check the policies in 60 s"
+        assert time.monotonic() < deadline, "the API server did not type-check the policies in 300 s"
         time.sleep(1)
         policies = json.loads(
             release.run("kubectl", "get", "validatingadmissionpolicies", "-o", "json").stdout
@@ -397,9 +397,9 @@ def test_built_in_edit_and_view_roles_cover_imagebatchjobs(release: Release) -> 
         return proc.stdout.strip() == "yes"
 
     # The controller manager aggregates the rules into edit/view shortly after the install.
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while not (can("carol", "create", "imagebatchjobs.imagebatch.dev") and can("dave", "list", "ibj")):
-        assert time.monotonic() < deadline, "edit/view do not cover imagebatchjobs after 60 s"
+        assert time.monotonic() < deadline, "edit/view do not cover imagebatchjobs after 300 s"
         time.sleep(1)
     assert can("carol", "delete", "imagebatchjobs.imagebatch.dev")
     assert can("carol", "list", "imagebatchshards.imagebatch.dev")
