@@ -130,7 +130,7 @@ def test_submit_wait_resubmit_and_fetch_from_a_volume(
         capture_output=True,
         text=True,
         env={**os.environ, "KUBECONFIG": str(kubectl.kubeconfig), "PATH": f"{BIN}:{os.environ['PATH']}"},
-        timeout=120,
+        timeout=600,
     )
     assert plugin.returncode == 0, plugin.stderr
     assert "volume-example   Complete   12/12" in plugin.stdout
@@ -222,7 +222,7 @@ def test_status_logs_suspend_resume_delete(
 
     s = cli(kubectl, "suspend", "steps", "-n", namespace)
     assert s.returncode == 0 and "steps suspended" in s.stdout, s.stderr
-    wait_condition(kubectl, namespace, "steps", "Suspended", timeout=180)
+    wait_condition(kubectl, namespace, "steps", "Suspended", timeout=600)
     assert ibj(kubectl, namespace, "steps")["spec"]["suspend"] is True
     assert "Suspended" in cli(kubectl, "status", "steps", "-n", namespace).stdout
 
@@ -236,7 +236,7 @@ def test_status_logs_suspend_resume_delete(
     wait_for(
         "the job to be gone",
         lambda: kubectl("get", "ibj", "steps", "-n", namespace, check=False).returncode != 0,
-        timeout=120,
+        timeout=600,
     )
     missing = cli(kubectl, "status", "steps", "-n", namespace)
     assert missing.returncode == 2 and "no ImageBatchJob 'steps'" in missing.stderr

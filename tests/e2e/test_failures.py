@@ -127,7 +127,7 @@ def test_unloadable_model_fails_without_crash_loop(
         workers={"maxReplicas": 2, "shardsPerReplica": 1},
     )
     kubectl.apply([job], namespace)
-    wait_condition(kubectl, namespace, "no-model", "Failed", timeout=180)
+    wait_condition(kubectl, namespace, "no-model", "Failed", timeout=600)
     failed = condition(ibj(kubectl, namespace, "no-model"), "Failed")
     assert failed is not None and failed["reason"] == "ModelLoadError", failed
     assert "does-not-exist" in failed["message"]
@@ -203,7 +203,7 @@ def test_missing_prompt_file_fails_planning(
 ) -> None:
     job = tiny_job("no-file", str(tmp_path / "out"), promptsFrom={"uri": str(tmp_path / "missing.txt")})
     kubectl.apply([job], namespace)
-    wait_condition(kubectl, namespace, "no-file", "Failed", timeout=120)
+    wait_condition(kubectl, namespace, "no-file", "Failed", timeout=600)
     failed = condition(ibj(kubectl, namespace, "no-file"), "Failed")
     assert failed is not None and failed["reason"] == "PlanningFailed", failed
     assert "no-file-workers" in failed["message"]

@@ -143,7 +143,7 @@ def team(kube_cluster: TestCluster, kubectl: Kubectl) -> Iterator[Team]:
     wait_for(
         "the job-creator policy to act",
         lambda: "spec.workers.image" in t.as_user("alice", probe, "--dry-run=server").stderr,
-        timeout=120,
+        timeout=600,
     )
     yield t
     kubectl("delete", "-f", "-", "--ignore-not-found", input=yaml.safe_dump_all(policies), check=False)
@@ -327,12 +327,12 @@ def test_a_workers_token_cannot_touch_another_jobs_shards(
     b_shards = wait_for(
         "job B's shards",
         lambda: client.get(shards_path, labelSelector="imagebatch.dev/job=fence-b")["items"],
-        timeout=120,
+        timeout=600,
     )
     wait_for(
         "job A's worker ServiceAccount",
         lambda: client.get_or_none(f"/api/v1/namespaces/{ns}/serviceaccounts/fence-a-worker"),
-        timeout=120,
+        timeout=600,
     )
     worker_a = client.with_token(token_of(client, ns, "fence-a-worker"))
     b0 = next(s for s in b_shards if s["spec"]["index"] == 0)
@@ -371,7 +371,7 @@ def test_a_workers_token_cannot_touch_another_jobs_shards(
     a_shards = wait_for(
         "job A's shards, planned by its worker",
         lambda: client.get(shards_path, labelSelector="imagebatch.dev/job=fence-a")["items"],
-        timeout=180,
+        timeout=600,
     )
     a_path = f"{shards_path}/{a_shards[0]['metadata']['name']}"
     worker_a.patch(a_path, {"metadata": {"annotations": {"example.com/fence-probe": "ok"}}})
@@ -435,7 +435,7 @@ def test_a_foreign_role_named_like_the_workers_is_never_adopted(
     kubectl.apply([role("squat-worker", ns, [rule("", "pods", "get")])], ns)
     before = kubectl.json("get", "role", "squat-worker", "-n", ns)
     kubectl.apply([tiny_job("squat", str(tmp_path / "out"), prompts=["a"])], ns)
-    wait_condition(kubectl, ns, "squat", "Failed", timeout=120)
+    wait_condition(kubectl, ns, "squat", "Failed", timeout=600)
     failed = condition(ibj(kubectl, ns, "squat"), "Failed")
     assert failed is not None and failed["reason"] == "WorkerRBACNotOwned", failed
     assert f"Role {ns}/squat-worker exists and is not owned by ImageBatchJob squat" in failed["message"]
