@@ -335,6 +335,34 @@ def test_a_workers_token_cannot_touch_another_jobs_shards(
         timeout=600,
     )
     worker_a = client.with_token(token_of(client, ns, "fence-a-worker"))
+
+    def rbac_allows(verb: str, subresource: str = "") -> bool:
+        """Whether A's worker Role already reaches the authorizer (the operator makes it just
+        after the ServiceAccount, and RBAC is served from a cache)."""
+        review = worker_a.create(
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SelfSubjectAccessReview",
+                "spec": {
+                    "resourceAttributes": {
+                        "namespace": ns,
+                        "verb": verb,
+                        "group": "imagebatch.dev",
+                        "resource": "imagebatchshards",
+                        "subresource": subresource,
+                    }
+                },
+            },
+        )
+        return bool(review["status"].get("allowed"))
+
+    # The refusals below must come from the fence, so first RBAC must allow what they try.
+    wait_for(
+        "job A's worker Role in force",
+        lambda: rbac_allows("update", "status") and rbac_allows("patch") and rbac_allows("create"),
+        timeout=600,
+    )
     b0 = next(s for s in b_shards if s["spec"]["index"] == 0)
     b0_path = f"{shards_path}/{b0['metadata']['name']}"
     fence = "may write only its own shards"
