@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from harness import (
+    Failpoints,
     Kubectl,
     Operator,
     condition,
@@ -194,13 +195,16 @@ def test_webdataset_job_on_s3_is_fetched_exactly(
 def test_status_logs_suspend_resume_delete(
     kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
 ) -> None:
+    # The worker holds after its first shard until it is stopped: the job is still running when
+    # it is suspended, however fast the machine.
+    fail = Failpoints(tmp_path / "failpoints")
     job = tiny_job(
         "steps",
         str(tmp_path / "out"),
         prompts=[f"a photo of object number {i}" for i in range(400)],
         generation={"steps": 20},
         batching={"batchSize": 8, "shardSize": 50},
-        workers={"maxReplicas": 1},
+        workers={"maxReplicas": 1, "env": fail.env("shard-done@1=hold")},
     )
     r = cli(kubectl, "submit", str(write(tmp_path / "job.yaml", [job])), "-n", namespace)
     assert r.returncode == 0 and "steps configured" in r.stdout, r.stderr
@@ -208,7 +212,8 @@ def test_status_logs_suspend_resume_delete(
     def some_done() -> bool:
         return bool((ibj(kubectl, namespace, "steps").get("status") or {}).get("items", {}).get("done"))
 
-    wait_for("the first images", some_done, timeout=300)
+    fail.wait("shard-done")
+    wait_for("the first images", some_done, timeout=600)
     # One prefixed line (or more) for exactly the job's worker pods. The test cluster's node agent
     # serves no kubelet log endpoint, so here the API's answer is relayed per pod, on stderr.
     pods = {p["metadata"]["name"] for p in kubectl.json("get", "pods", "-n", namespace)["items"]}
@@ -226,6 +231,7 @@ def test_status_logs_suspend_resume_delete(
     assert ibj(kubectl, namespace, "steps")["spec"]["suspend"] is True
     assert "Suspended" in cli(kubectl, "status", "steps", "-n", namespace).stdout
 
+    fail.release()  # the resumed job's workers run through
     assert cli(kubectl, "resume", "steps", "-n", namespace).returncode == 0
     w = cli(kubectl, "wait", "steps", "-n", namespace)
     assert w.returncode == 0, w.stderr
