@@ -51,23 +51,25 @@ def process_shard(
         lines = _webdataset_shard(engine, shard, items, on_done, info, metadata)
     else:
         results = engine.run(items, on_done, metadata=metadata)
-        lines = [
-            manifest_line(
-                r.item,
-                r.key,
-                info,
-                shard,
-                worker,
-                r.batch,
-                r.encode_seconds,
-                truncated=r.truncated,
-                labels=engine.opts.labels,
-            )
-            for r in results
-        ]
+        lines = [result_line(engine, r, r.key, info, shard) for r in results]
     # The part is written last: its presence means every image of the shard is stored.
     write_part(engine.storage, shard, lines)
     return lines
+
+
+def result_line(engine: Engine, r: ItemResult, key: str, info: ModelInfo, shard: str) -> dict[str, Any]:
+    """The manifest line of one made (or already stored) image, stored under `key`."""
+    return manifest_line(
+        r.item,
+        key,
+        info,
+        shard,
+        engine.opts.worker,
+        r.batch,
+        r.encode_seconds,
+        truncated=r.truncated,
+        labels=engine.opts.labels,
+    )
 
 
 def _webdataset_shard(
@@ -94,21 +96,7 @@ def _webdataset_shard(
         {image_key(n.removesuffix(f".{ext}"), fmt): b for n, b in stored.items() if n.endswith(f".{ext}")}
     )
     results = engine.run(items, on_done, metadata=metadata, sink=sink)
-    worker = engine.opts.worker
-    lines = [
-        manifest_line(
-            r.item,
-            tar_key,
-            info,
-            shard,
-            worker,
-            r.batch,
-            r.encode_seconds,
-            truncated=r.truncated,
-            labels=engine.opts.labels,
-        )
-        for r in results
-    ]
+    lines = [result_line(engine, r, tar_key, info, shard) for r in results]
     files: list[tuple[str, bytes]] = []
     for r, line in zip(results, lines, strict=True):
         files.append((f"{r.item.id}.{ext}", sink.files[r.key]))
