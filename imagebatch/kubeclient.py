@@ -21,13 +21,19 @@ class TimeoutApiClient(kubernetes.client.ApiClient):  # type: ignore[misc]
         return super().request(*args, **kwargs)
 
 
-def api_client() -> kubernetes.client.ApiClient:
-    """In-cluster credentials when there are any, the kubeconfig ($KUBECONFIG) otherwise."""
+def api_client(retries: bool | None = None) -> kubernetes.client.ApiClient:
+    """In-cluster credentials when there are any, the kubeconfig ($KUBECONFIG) otherwise.
+
+    `retries=False` turns off urllib3's own retries, for a caller that retries itself."""
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return TimeoutApiClient()
+    if retries is None:
+        return TimeoutApiClient()
+    conf = kubernetes.client.Configuration.get_default_copy()
+    conf.retries = retries
+    return TimeoutApiClient(conf)
 
 
 def replace_status_if_unchanged(

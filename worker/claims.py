@@ -23,10 +23,15 @@ def claim_order(shards: Sequence[JSON], pod: str) -> list[JSON]:
     pending = sorted(
         (s for s in shards if shard_status(s).state == "Pending"), key=lambda s: int(s["spec"]["index"])
     )
+    return rotated(pending, pod)
+
+
+def rotated(pending: Sequence[JSON], pod: str) -> list[JSON]:
+    """Pending shards in index order, rotated to start at the pod's own place."""
     if not pending:
         return []
     k = zlib.crc32(pod.encode()) % len(pending)
-    return pending[k:] + pending[:k]
+    return [*pending[k:], *pending[:k]]
 
 
 def claimed_by_others(shards: Sequence[JSON], pod: str) -> bool:

@@ -1,11 +1,14 @@
 """Cluster mode: a worker pod claims shards of one ImageBatchJob until none is left.
 
+    list the job's shards once and keep them by a watch (worker/shardcache.py)
     load the pipeline once
-    loop: list shards → claim a Pending one (a status write fenced by resourceVersion; a conflict
-          means another worker won, so try the next) → renew the lease in a thread while
+    loop: claim a Pending one from the cache (a status write fenced by resourceVersion; a
+          conflict means another worker won, so try the next) → renew the lease in a thread while
           `process_shard` makes the images and the manifest part → mark it Done (fenced by
           holder + attempt: a worker that lost its claim cannot)
-    exit 0 when nothing is Pending; the worker that finds every shard Done joins manifest.jsonl.
+    wait on the watch while others hold claims (one of them may come back);
+    exit 0 when nothing is Pending or Claimed by others; the worker that finds every shard Done
+    joins manifest.jsonl.
 
 On SIGTERM (scale-in, suspend, drain) the current batch stops after its denoising step (the
 engine checks the stop flag between steps), the claim is released (back to
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -51,6 +53,7 @@ from imagebatch.timeutil import now_utc
 from imagebatch.worker import claims
 from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.kube import JSON, WorkerKube
+from imagebatch.worker.shardcache import ShardCache
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,11 @@ CLAIM_SECONDS = Histogram("imagebatch_worker_claim_seconds", "Seconds to find an
 SHARDS = Counter("imagebatch_worker_shards_total", "Shards finished by this worker", ["result"])
 
 
-# How often a worker with nothing to claim looks again while other workers still hold claims.
-WAIT_SECONDS = 2.0
+# A worker with nothing to claim sleeps until its watch brings a change; it looks again after
+# this long without one anyway (no API call: the cache is only read again).
+IDLE_CHECK_SECONDS = 30.0
+# After losing every race on a view the watch has not caught up with: the longest wait for it.
+RACE_WAIT_SECONDS = 1.0
 # Progress reaches the shard's status at most this often, and at least once per lease period.
 # Independent of the lease length, so a shard that takes a few seconds still shows its progress.
 PROGRESS_SECONDS = 1.0
@@ -110,6 +116,9 @@ class Worker:
         self.device = device
         self.stop = stop
         self._items: list[Item] | None = None
+        # The watch-fed view of this job's shards that claims pick from (set by run()).
+        self.cache: ShardCache | None = None
+        self.last_list: list[JSON] = []  # the fresh list that confirmed nothing is left
         job = kube.get_job()
         if expected_uid is not None and job["metadata"]["uid"] != expected_uid:
             raise EarlierIncarnationError(
@@ -159,16 +168,28 @@ class Worker:
             st = shardstate.shard_status(shard)
             if not shardstate.holds(st, self.pod, claim.attempt):
                 return False
-            if self.kube.replace_shard_status(shard, shardstate.dump(change(st))):
+            written = self.kube.replace_shard_status(shard, shardstate.dump(change(st)))
+            if written:
+                self._observe(written)
                 return True
         return False
 
+    def _observe(self, written: JSON | bool) -> None:
+        if self.cache is not None and isinstance(written, dict):
+            self.cache.observe(written)
+
     def try_claim(self, shards: list[JSON]) -> Claim | None:
-        for shard in claims.claim_order(shards, self.pod):
+        """Claims the first Pending shard of `shards` it can, in this pod's claim order."""
+        return self.claim_first(claims.claim_order(shards, self.pod))
+
+    def claim_first(self, ordered: list[JSON]) -> Claim | None:
+        for shard in ordered:
             if self.stop.is_set():
                 return None
             st = shardstate.claimed(shardstate.shard_status(shard), self.pod, now_utc())
-            if self.kube.replace_shard_status(shard, shardstate.dump(st)):
+            written = self.kube.replace_shard_status(shard, shardstate.dump(st))
+            if written:
+                self._observe(written)
                 spec = shard["spec"]
                 return Claim(
                     shard["metadata"]["name"],
@@ -180,8 +201,67 @@ class Worker:
         return None
 
     # -- the loop ------------------------------------------------------------------------------
+    def start_cache(self) -> ShardCache:
+        self.cache = ShardCache(self.kube, self.uid).start()
+        self.cache.wait_synced()
+        return self.cache
+
+    def next_claim(self) -> Claim | None:
+        """The next shard this worker holds, claimed from the cache; it waits on the watch while
+        other workers hold claims. None on SIGTERM, or once no shard can come back to it (then
+        `last_list` is a fresh list that shows it)."""
+        cache = self.cache
+        assert cache is not None, "start_cache() first"
+        while not self.stop.is_set():
+            cache.check()
+            seen = cache.version
+            t0 = time.perf_counter()
+            claim = self.claim_first(claims.rotated(cache.pending(), self.pod))
+            if claim is not None:
+                CLAIM_SECONDS.observe(time.perf_counter() - t0)
+                return claim
+            if self.stop.is_set():
+                break
+            if cache.pending():
+                # Lost every race on a view the watch has not caught up with: it brings the winners.
+                self._wait_change(seen, RACE_WAIT_SECONDS)
+                continue
+            if cache.claimed_by_others(self.pod):
+                # Stay while others work: if one of them dies or hangs, the operator requeues its
+                # shard and a waiting worker takes it at once. (A work-queue Job creates no new
+                # pods after one exited 0, so leaving early could strand a requeued shard behind a
+                # hung pod.)
+                self._wait_change(seen, IDLE_CHECK_SECONDS)
+                continue
+            # Leaving is for good: decided on a fresh list (once per worker), not on the cache.
+            listed = self.kube.list_shards(self.uid)
+            if claims.claim_order(listed, self.pod) or claims.claimed_by_others(listed, self.pod):
+                self._wait_change(cache.version, RACE_WAIT_SECONDS)
+                continue
+            self.last_list = listed
+            return None
+        return None
+
+    def _wait_change(self, seen: int, timeout: float) -> None:
+        """Sleeps until the watch brings a change, SIGTERM, or `timeout`."""
+        assert self.cache is not None
+        deadline = time.monotonic() + timeout
+        # Slices: a signal handler cannot wake a Condition, so the stop flag is looked at often.
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if self.cache.wait(seen, min(0.5, deadline - time.monotonic())) != seen:
+                return
+            if self.cache.error is not None:
+                return
+
     def run(self) -> int:
-        shards = self.plan_if_needed(self.kube.list_shards(self.uid))
+        try:
+            return self._run()
+        finally:
+            if self.cache is not None:
+                self.cache.close()
+
+    def _run(self) -> int:
+        shards = self.plan_if_needed(self.start_cache().shards())
         from imagebatch.worker.engine import Engine, EngineOptions
         from imagebatch.worker.local import check_job_record
         from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
@@ -221,33 +301,15 @@ class Worker:
             labels=self.labels,
         )
         with Engine(loaded, self.storage, opts) as engine:
-            while not self.stop.is_set():
-                t0 = time.perf_counter()
-                shards = self.kube.list_shards(self.uid)
-                claim = self.try_claim(shards)
-                if claim is None:
-                    if self.stop.is_set():
-                        break
-                    now = self.kube.list_shards(self.uid)
-                    if claims.claim_order(now, self.pod):
-                        # Lost every race: list again, after a pause that keeps racers apart.
-                        time.sleep(random.uniform(0.05, 0.5))
-                        continue
-                    if claims.claimed_by_others(now, self.pod):
-                        # Stay while others work: if one of them dies or hangs, the operator
-                        # requeues its shard and a waiting worker takes it at once. (A work-queue
-                        # Job creates no new pods after one exited 0, so leaving early could
-                        # strand a requeued shard behind a hung pod.)
-                        self.stop.wait(WAIT_SECONDS)
-                        continue
-                    self.join_if_all_done()
-                    log.info("nothing left to claim; exiting")
-                    return 0
-                CLAIM_SECONDS.observe(time.perf_counter() - t0)
+            while (claim := self.next_claim()) is not None:
                 rc = self.work(engine, claim)
                 if rc is not None:
                     return rc
-        return EXIT_TERMINATED
+        if self.stop.is_set():
+            return EXIT_TERMINATED
+        self.join_if_all_done(self.last_list)
+        log.info("nothing left to claim; exiting")
+        return 0
 
     def work(self, engine: Any, claim: Claim) -> int | None:
         """Processes one claimed shard; an exit code when the worker must stop."""
@@ -330,13 +392,14 @@ class Worker:
         if claim is not None:
             self.fenced_write(claim, lambda st: shardstate.failed(st, error))
 
-    def join_if_all_done(self) -> None:
+    def join_if_all_done(self, shards: list[JSON] | None = None) -> None:
         """The worker that finds every shard Done joins the manifest parts into manifest.jsonl.
 
         Several may do it at once: they write the same bytes. Shard 0 records the line count,
-        which tells the operator the job is complete.
+        which tells the operator the job is complete. `shards`: a list fresh enough to decide on.
         """
-        shards = self.kube.list_shards(self.uid)
+        if shards is None:
+            shards = self.kube.list_shards(self.uid)
         if not shards:
             return
         first = min(shards, key=lambda s: int(s["spec"]["index"]))

@@ -2,90 +2,268 @@
 
 Everything goes through the pod's ServiceAccount (least privilege: see operator/builders.py).
 Status writes carry the resourceVersion they were read at, so two writers never both win.
+
+Every call retries what an API server under load or restarting answers (429 and 5xx, honouring
+Retry-After; timeouts and dropped connections) with jittered exponential backoff (tenacity), for
+up to API_RETRY_SECONDS: an outage of the control plane must neither crash a worker (its shard
+would be redone) nor fail a job. Other answers (403, 404 of a ConfigMap, 422) are the user's to
+fix and are raised at once.
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
-from typing import Any
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.errors import ImageBatchError, PromptFileError
-from imagebatch.kubeclient import api_client, replace_status_if_unchanged
+from imagebatch.kubeclient import api_client
 from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
 from imagebatch.shardplan import of_incarnation, shard_selector
 
+log = logging.getLogger(__name__)
+
 JSON = dict[str, Any]
+T = TypeVar("T")
 MERGE_PATCH = "application/merge-patch+json"
+
+# Answers worth another try: a request timeout, a rate limit (the API server's max-in-flight or
+# API priority and fairness), server errors and an unreachable or restarting server.
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# How long one call keeps trying. Longer than any restart of a control plane; a worker whose API
+# stays away longer exits with the error (the Job retries the pod).
+API_RETRY_SECONDS = 900.0
+WAIT_FIRST = 0.5
+WAIT_MAX = 30.0
+RETRY_AFTER_MAX = 60.0
+# A watch is a long read: the server ends it after WATCH_SECONDS (jittered, so 64 workers do not
+# come back at once) and sends bookmarks meanwhile; a read silent for WATCH_READ_SECONDS means a
+# dead connection (or a stopped server): the cache relists.
+WATCH_SECONDS = 240
+WATCH_READ_SECONDS = 90.0
+
+
+def is_transient(err: BaseException) -> bool:
+    """An error of the API's availability, not of the request: another try may work."""
+    if isinstance(err, ApiException):
+        if err.status == 0:
+            # The client's own failure before any answer (kubernetes wraps urllib3's SSLError, a
+            # handshake that timed out against a stopped server, as status 0). A certificate the
+            # client refuses does not heal by itself.
+            return "CERTIFICATE_VERIFY_FAILED" not in str(err.reason)
+        return err.status in TRANSIENT_STATUS
+    return isinstance(err, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+def retry_after(err: BaseException | None) -> float | None:
+    """The server's Retry-After of a 429/503, in seconds (a number or an HTTP date), if any."""
+    headers = getattr(err, "headers", None)
+    value = headers.get("Retry-After") if headers else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class WaitRetryAfter:
+    """tenacity's wait: the server's Retry-After when it sent one (capped), else jittered
+    exponential backoff."""
+
+    def __init__(self, first: float = WAIT_FIRST, most: float = WAIT_MAX) -> None:
+        self.backoff = wait_random_exponential(multiplier=first, max=most)
+
+    def __call__(self, state: RetryCallState) -> float:
+        err = state.outcome.exception() if state.outcome is not None else None
+        told = retry_after(err)
+        if told is not None:
+            # A little jitter, so the workers told the same second do not come back as one.
+            return min(told, RETRY_AFTER_MAX) + random.uniform(0, 0.25)
+        return float(self.backoff(state))
+
+
+def _log_retry(state: RetryCallState) -> None:
+    err = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    fn = getattr(state.fn, "__name__", "API call")
+    log.warning("%s: %s; trying again in %.1fs (attempt %d)", fn, _describe(err), wait, state.attempt_number)
+
+
+def _describe(err: BaseException | None) -> str:
+    if isinstance(err, ApiException):
+        return f"{err.status} {err.reason}"
+    return f"{type(err).__name__}: {err}"
+
+
+def retrying(seconds: float = API_RETRY_SECONDS, sleep: Callable[[float], None] = time.sleep) -> Retrying:
+    return Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=WaitRetryAfter(),
+        stop=stop_after_delay(seconds),
+        before_sleep=_log_retry,
+        sleep=sleep,
+        reraise=True,
+    )
 
 
 def _client() -> kubernetes.client.ApiClient:
-    return api_client()
+    # No retries inside urllib3: they are invisible here, and a write retried there after a lost
+    # answer would look like a lost race (see replace_shard_status).
+    return api_client(retries=False)
 
 
 class WorkerKube:
+    # Class defaults: tests build one with __new__ and set only what they use.
+    retry_seconds = API_RETRY_SECONDS
+    # Bytes of API responses read (bodies, watch streams included): the claim benchmark's measure.
+    bytes_read = 0
+
     def __init__(self, namespace: str, job: str, api: kubernetes.client.ApiClient | None = None) -> None:
         self.ns = namespace
         self.job = job
         self.api = api or _client()
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
+        self.bytes_read = 0
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        # Each call is a named inner function: its __name__ names it in the retry warnings.
+        return retrying(self.retry_seconds)(fn)
+
+    def _json(self, fn: Callable[[], Any]) -> Any:
+        resp = self._call(fn)
+        self.bytes_read += len(resp.data)
+        return json.loads(resp.data)
 
     def get_job(self) -> JSON:
-        resp = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.ns, JOB_PLURAL, self.job, _preload_content=False
-        )
-        data: JSON = json.loads(resp.data)
+        def get_job() -> Any:
+            return self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.ns, JOB_PLURAL, self.job, _preload_content=False
+            )
+
+        data: JSON = self._json(get_job)
         return data
 
     def read_config_map(self, name: str, key: str) -> str:
+        def read_config_map() -> Any:
+            return self.core.read_namespaced_config_map(name, self.ns, _preload_content=False)
+
         try:
-            resp = self.core.read_namespaced_config_map(name, self.ns, _preload_content=False)
+            data = self._json(read_config_map)
         except ApiException as e:
+            if is_transient(e):
+                raise  # it outlasted the retries: the API, not the user's ConfigMap
             raise PromptFileError(
                 f"spec.promptsFrom.configMapKeyRef: cannot read ConfigMap {name}: {e.status} {e.reason}"
             ) from None
-        value = (json.loads(resp.data).get("data") or {}).get(key)
+        value = (data.get("data") or {}).get(key)
         if value is None:
             raise PromptFileError(f"spec.promptsFrom.configMapKeyRef: ConfigMap {name} has no key {key!r}")
         return str(value)
 
+    def list_shards_at(self, uid: str) -> tuple[list[JSON], str]:
+        """The shards of the job with this UID (the worker's own job object's), never those of an
+        earlier job of the same name that are still being deleted; and the list's
+        resourceVersion, where a watch of them starts."""
+
+        def list_shards() -> Any:
+            return self.custom.list_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.ns,
+                SHARD_PLURAL,
+                label_selector=shard_selector(self.job, uid),
+                _preload_content=False,
+            )
+
+        data = self._json(list_shards)
+        items: list[JSON] = data.get("items", [])
+        return [s for s in items if of_incarnation(s, uid)], str(data["metadata"]["resourceVersion"])
+
     def list_shards(self, uid: str) -> list[JSON]:
-        """The shards of the job with this UID (the worker's own job object's): never those of an
-        earlier job of the same name that are still being deleted."""
-        resp = self.custom.list_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            self.ns,
-            SHARD_PLURAL,
-            label_selector=shard_selector(self.job, uid),
-            _preload_content=False,
-        )
-        items: list[JSON] = json.loads(resp.data).get("items", [])
-        return [s for s in items if of_incarnation(s, uid)]
+        return self.list_shards_at(uid)[0]
+
+    def watch_shards(self, uid: str, resource_version: str) -> Iterator[JSON]:
+        """The watch events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) of the job's shards after
+        `resource_version`, until the server ends the watch. Opening it is retried; an error while
+        reading it is raised (the cache relists)."""
+
+        def watch_shards() -> Any:
+            return self.custom.list_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.ns,
+                SHARD_PLURAL,
+                label_selector=shard_selector(self.job, uid),
+                watch=True,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=random.randint(WATCH_SECONDS // 2, WATCH_SECONDS),
+                _preload_content=False,
+                _request_timeout=(5.0, WATCH_READ_SECONDS),
+            )
+
+        resp = self._call(watch_shards)
+        try:
+            buf = b""
+            for chunk in resp.stream(64 * 1024, decode_content=True):
+                self.bytes_read += len(chunk)
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+            if buf.strip():
+                yield json.loads(buf)
+        finally:
+            resp.release_conn()
 
     def get_shard(self, name: str) -> JSON | None:
-        try:
-            resp = self.custom.get_namespaced_custom_object(
+        def get_shard() -> Any:
+            return self.custom.get_namespaced_custom_object(
                 GROUP, VERSION, self.ns, SHARD_PLURAL, name, _preload_content=False
             )
+
+        try:
+            data: JSON = self._json(get_shard)
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
-        data: JSON = json.loads(resp.data)
         return data
 
     def create_shard(self, obj: JSON) -> bool:
         """False when this job's shard exists already (another worker planned it first). A shard
         of that name that is not this job's is never taken for it: that is an error."""
+
+        def create_shard() -> Any:
+            return self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, self.ns, SHARD_PLURAL, obj, _preload_content=False
+            )
+
         try:
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, SHARD_PLURAL, obj)
+            self._call(create_shard)
             return True
         except ApiException as e:
+            # A 409 may also be our own create whose answer was lost, retried: the check below
+            # finds the shard ours either way.
             if e.status != 409:
                 raise
         name = obj["metadata"]["name"]
@@ -100,17 +278,60 @@ class WorkerKube:
             )
         return False
 
-    def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
-        """Writes a shard's status if it has not changed since it was read; False on a conflict."""
-        return replace_status_if_unchanged(self.custom, SHARD_PLURAL, shard, status)
+    def replace_shard_status(self, shard: JSON, status: JSON) -> JSON | None:
+        """Writes a shard's status if it has not changed since it was read (the resourceVersion
+        it carries): the shard as written, or None on a conflict or when the shard is gone.
+
+        A write whose answer was lost (a timeout) and that is then refused as a conflict may be
+        our own write, applied: the shard is read back, and if it holds exactly this status the
+        write counts as ours."""
+        meta = shard["metadata"]
+        body = {
+            "apiVersion": shard["apiVersion"],
+            "kind": shard["kind"],
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta.get("namespace", self.ns),
+                "resourceVersion": meta["resourceVersion"],
+            },
+            "spec": shard["spec"],
+            "status": status,
+        }
+        unanswered = False
+
+        def replace_shard_status() -> Any:
+            nonlocal unanswered
+            try:
+                return self.custom.replace_namespaced_custom_object_status(
+                    GROUP, VERSION, self.ns, SHARD_PLURAL, meta["name"], body, _preload_content=False
+                )
+            except Exception as e:
+                unanswered = unanswered or not isinstance(e, ApiException) or e.status in (0, 408, 504)
+                raise
+
+        try:
+            written: JSON = self._json(replace_shard_status)
+            return written
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
+            if e.status == 409 and unanswered:
+                current = self.get_shard(meta["name"])
+                if current is not None and current.get("status") == status:
+                    return current
+            return None
 
     def annotate_shard(self, name: str, annotations: dict[str, str]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            self.ns,
-            SHARD_PLURAL,
-            name,
-            {"metadata": {"annotations": annotations}},
-            _content_type=MERGE_PATCH,
-        )
+        def annotate_shard() -> Any:
+            return self.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.ns,
+                SHARD_PLURAL,
+                name,
+                {"metadata": {"annotations": annotations}},
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+            )
+
+        self._json(annotate_shard)

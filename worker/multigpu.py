@@ -145,7 +145,10 @@ class Supervisor:
             st = shardstate.shard_status(shard)
             if st.state == "Claimed" and st.holder == holder:
                 why = f"worker {holder} crashed (attempt {st.attempt})"
-                n += kube.replace_shard_status(shard, shardstate.dump(shardstate.released(st, why)))
+                n += (
+                    kube.replace_shard_status(shard, shardstate.dump(shardstate.released(st, why)))
+                    is not None
+                )
         return n
 
     def run(self) -> int:

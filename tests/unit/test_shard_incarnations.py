@@ -151,10 +151,12 @@ class FakeCustomObjects:
 
     def list_namespaced_custom_object(self, *args: Any, label_selector: str, **kw: Any) -> Any:
         self.selectors.append(label_selector)
-        return SimpleNamespace(data=json.dumps({"items": list(self.shards.values())}))
+        return SimpleNamespace(
+            data=json.dumps({"metadata": {"resourceVersion": "7"}, "items": list(self.shards.values())})
+        )
 
     def create_namespaced_custom_object(
-        self, group: str, version: str, ns: str, plural: str, obj: JSON
+        self, group: str, version: str, ns: str, plural: str, obj: JSON, **kw: Any
     ) -> None:
         name = obj["metadata"]["name"]
         if name in self.shards:

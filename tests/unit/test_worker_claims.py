@@ -43,17 +43,17 @@ class FakeShardApi:
     def get_shard(self, name: str) -> JSON | None:
         return copy.deepcopy(self.shards.get(name))
 
-    def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
+    def replace_shard_status(self, shard: JSON, status: JSON) -> JSON | None:
         name = shard["metadata"]["name"]
         current = self.shards[name]
         if name in self.before_write:
             self.before_write.remove(name)
             self._bump(current)  # someone else wrote first
         if shard["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"]:
-            return False
+            return None
         current["status"] = copy.deepcopy(status)
         self._bump(current)
-        return True
+        return copy.deepcopy(current)
 
     @staticmethod
     def _bump(obj: JSON) -> None:
