@@ -16,6 +16,7 @@ import email.utils
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -24,7 +25,15 @@ from typing import Any, TypeVar
 import kubernetes
 import urllib3
 from kubernetes.client.exceptions import ApiException
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    stop_when_event_set,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.errors import ImageBatchError, PromptFileError
@@ -112,11 +121,17 @@ def _describe(err: BaseException | None) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def retrying(seconds: float = API_RETRY_SECONDS, sleep: Callable[[float], None] = time.sleep) -> Retrying:
+def retrying(seconds: float = API_RETRY_SECONDS, until: threading.Event | None = None) -> Retrying:
+    """Retries transient errors for up to `seconds`, or until `until` is set (its owner closed)."""
+    stop: stop_base = stop_after_delay(seconds)
+    sleep: Callable[[float], Any] = time.sleep
+    if until is not None:
+        stop = stop | stop_when_event_set(until)
+        sleep = until.wait
     return Retrying(
         retry=retry_if_exception(is_transient),
         wait=WaitRetryAfter(),
-        stop=stop_after_delay(seconds),
+        stop=stop,
         before_sleep=_log_retry,
         sleep=sleep,
         reraise=True,
@@ -143,12 +158,12 @@ class WorkerKube:
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.bytes_read = 0
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T], until: threading.Event | None = None) -> T:
         # Each call is a named inner function: its __name__ names it in the retry warnings.
-        return retrying(self.retry_seconds)(fn)
+        return retrying(self.retry_seconds, until)(fn)
 
-    def _json(self, fn: Callable[[], Any]) -> Any:
-        resp = self._call(fn)
+    def _json(self, fn: Callable[[], Any], until: threading.Event | None = None) -> Any:
+        resp = self._call(fn, until)
         self.bytes_read += len(resp.data)
         return json.loads(resp.data)
 
@@ -178,10 +193,10 @@ class WorkerKube:
             raise PromptFileError(f"spec.promptsFrom.configMapKeyRef: ConfigMap {name} has no key {key!r}")
         return str(value)
 
-    def list_shards_at(self, uid: str) -> tuple[list[JSON], str]:
+    def list_shards_at(self, uid: str, until: threading.Event | None = None) -> tuple[list[JSON], str]:
         """The shards of the job with this UID (the worker's own job object's), never those of an
         earlier job of the same name that are still being deleted; and the list's
-        resourceVersion, where a watch of them starts."""
+        resourceVersion, where a watch of them starts. Retries end early once `until` is set."""
 
         def list_shards() -> Any:
             return self.custom.list_namespaced_custom_object(
@@ -193,14 +208,16 @@ class WorkerKube:
                 _preload_content=False,
             )
 
-        data = self._json(list_shards)
+        data = self._json(list_shards, until)
         items: list[JSON] = data.get("items", [])
         return [s for s in items if of_incarnation(s, uid)], str(data["metadata"]["resourceVersion"])
 
     def list_shards(self, uid: str) -> list[JSON]:
         return self.list_shards_at(uid)[0]
 
-    def watch_shards(self, uid: str, resource_version: str) -> Iterator[JSON]:
+    def watch_shards(
+        self, uid: str, resource_version: str, until: threading.Event | None = None
+    ) -> Iterator[JSON]:
         """The watch events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) of the job's shards after
         `resource_version`, until the server ends the watch. Opening it is retried; an error while
         reading it is raised (the cache relists)."""
@@ -220,7 +237,7 @@ class WorkerKube:
                 _request_timeout=(5.0, WATCH_READ_SECONDS),
             )
 
-        resp = self._call(watch_shards)
+        resp = self._call(watch_shards, until)
         try:
             buf = b""
             for chunk in resp.stream(64 * 1024, decode_content=True):

@@ -41,9 +41,11 @@ class ShardSource(Protocol):
     ns: str
     job: str
 
-    def list_shards_at(self, uid: str) -> tuple[list[JSON], str]: ...
+    def list_shards_at(self, uid: str, until: threading.Event | None = None) -> tuple[list[JSON], str]: ...
 
-    def watch_shards(self, uid: str, resource_version: str) -> Iterator[JSON]: ...
+    def watch_shards(
+        self, uid: str, resource_version: str, until: threading.Event | None = None
+    ) -> Iterator[JSON]: ...
 
 
 @dataclass(frozen=True)
@@ -272,11 +274,11 @@ class ShardCache:
         """One watch, listing first if needed; returns when the server ends the watch."""
         try:
             if self._rv is None:
-                shards, listed_at = self.kube.list_shards_at(self.uid)
+                shards, listed_at = self.kube.list_shards_at(self.uid, self._closed)
                 self.replace(shards, listed_at)
             since = self._rv
             assert since is not None
-            for event in self.kube.watch_shards(self.uid, since):
+            for event in self.kube.watch_shards(self.uid, since, self._closed):
                 if self._closed.is_set():
                     return
                 self.apply(event)
