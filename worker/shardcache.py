@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
-from tenacity import Retrying, retry_if_exception, stop_never
+from tenacity import Retrying, retry_if_exception, stop_when_event_set
 
 from imagebatch.errors import ImageBatchError
 from imagebatch.shardplan import of_incarnation
@@ -243,12 +243,12 @@ class ShardCache:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        # Lives as long as the worker: transient trouble (an API outage) is waited out with
-        # backoff, however long; only a refusal ends it, for the claim loop to report.
+        # Lives as long as the worker (until close()): transient trouble (an API outage) is waited
+        # out with backoff, however long; only a refusal ends it, for the claim loop to report.
         retry = Retrying(
             retry=retry_if_exception(_retryable),
             wait=WaitRetryAfter(),
-            stop=stop_never,
+            stop=stop_when_event_set(self._closed),
             sleep=self._pause,
             before_sleep=lambda s: log.warning(
                 "shard watch: %s; listing again (attempt %d)",

@@ -209,3 +209,21 @@ def test_an_outage_is_waited_out() -> None:
     finally:
         source.closed.set()
         cache.close()
+
+
+def test_a_closed_cache_stops_retrying() -> None:
+    class Down(ScriptedSource):
+        def list_shards_at(self, uid: str, until: threading.Event | None = None) -> tuple[list[JSON], str]:
+            self.listed += 1
+            raise ApiException(status=503, reason="Service Unavailable")
+
+    source = Down([], [])
+    cache = ShardCache(source, UID).start()
+    assert cache._thread is not None
+    while source.listed < 2:
+        cache.wait(cache.version, 0.05)
+    cache.close()
+    cache._thread.join(60)
+    assert not cache._thread.is_alive()
+    listed = source.listed
+    assert cache.wait(cache.version, 0.2) == cache.version and source.listed == listed
