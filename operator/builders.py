@@ -87,13 +87,14 @@ def worker_rbac(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, 
             "verbs": ["get"],
             "resourceNames": [job["metadata"]["name"]],
         },
-        # Claims (get, list) and the manifest-lines annotation on shard 0 (patch); create because
-        # the first worker plans a prompt file's shards. The API server's worker-fence policy (the
-        # chart) keeps all of it to this job's shards, which RBAC cannot express.
+        # Claims (get; list and watch: the worker's shard cache) and the manifest-lines annotation
+        # on shard 0 (patch); create because the first worker plans a prompt file's shards. The
+        # API server's worker-fence policy (the chart) keeps all of it to this job's shards, which
+        # RBAC cannot express.
         {
             "apiGroups": [GROUP],
             "resources": [SHARD_PLURAL],
-            "verbs": ["get", "list", "create", "patch"],
+            "verbs": ["get", "list", "watch", "create", "patch"],
         },
         # Claim, renew, complete: a conditional replace of the status.
         {"apiGroups": [GROUP], "resources": [f"{SHARD_PLURAL}/status"], "verbs": ["update"]},

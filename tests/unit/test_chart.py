@@ -27,7 +27,7 @@ JSON = dict[str, Any]
 NAMESPACED_PERMISSIONS = {
     ("imagebatch.dev", "imagebatchjobs"): {"get", "list", "watch", "patch", "delete"},
     ("imagebatch.dev", "imagebatchjobs/status"): {"patch"},
-    ("imagebatch.dev", "imagebatchshards"): {"get", "list", "create", "patch"},
+    ("imagebatch.dev", "imagebatchshards"): {"get", "list", "watch", "create", "patch"},
     ("imagebatch.dev", "imagebatchshards/status"): {"update"},
     ("batch", "jobs"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list"},

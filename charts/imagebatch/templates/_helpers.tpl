@@ -63,9 +63,10 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 # name is taken (get: is it this job's?); get and patch: workers too (claims read a shard; the
 # joining worker annotates shard 0). They go with their job
 # through owner references (garbage collection), so no delete.
+# watch: granted to workers, whose claims pick from a watch-fed cache (worker/shardcache.py).
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchshards"]
-  verbs: ["get", "list", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # ImageBatchShard status: the operator requeues or fails shards, workers claim, renew and complete
 # them, all by a conditional replace (update with the resourceVersion read).
 - apiGroups: ["imagebatch.dev"]
