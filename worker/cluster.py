@@ -216,13 +216,13 @@ class Worker:
             cache.check()
             seen = cache.version
             t0 = time.perf_counter()
-            claim = self.claim_first(claims.rotated(cache.pending(), self.pod))
+            claim = self.claim_first(claims.ranked(cache.pending(), self.pod))
             if claim is not None:
                 CLAIM_SECONDS.observe(time.perf_counter() - t0)
                 return claim
             if self.stop.is_set():
                 break
-            if cache.pending():
+            if cache.pending_count():
                 # Lost every race on a view the watch has not caught up with: it brings the winners.
                 self._wait_change(seen, RACE_WAIT_SECONDS)
                 continue

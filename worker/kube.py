@@ -240,7 +240,8 @@ class WorkerKube:
         resp = self._call(watch_shards, until)
         try:
             buf = b""
-            for chunk in resp.stream(64 * 1024, decode_content=True):
+            # amt=None: each chunk as it comes (a size would wait for that many bytes of events).
+            for chunk in resp.stream(None, decode_content=True):
                 self.bytes_read += len(chunk)
                 buf += chunk
                 *lines, buf = buf.split(b"\n")

@@ -185,6 +185,10 @@ class ShardCache:
             entries = sorted(self._pending.values(), key=lambda e: e.index)
         return [e.shard for e in entries]
 
+    def pending_count(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
     def claimed_by_others(self, holder: str) -> bool:
         with self._cond:
             return any(h != holder for h in self._claimed.values())

@@ -143,3 +143,15 @@ def test_a_lease_keeper_flags_a_claim_that_is_no_longer_ours() -> None:
     lease.report_now()
     assert lease.lost.is_set()
     assert api.shards[claim.name]["status"]["holder"] == "pod-b"
+
+
+def test_each_pod_has_its_own_order_and_keeps_it_as_shards_are_taken() -> None:
+    shards = FakeShardApi(400).list_shards()
+    firsts = {claims.claim_order(shards, f"pod-{i}")[0]["metadata"]["name"] for i in range(64)}
+    assert len(firsts) > 50, "64 pods should mostly want different shards first"
+    order = [s["metadata"]["name"] for s in claims.claim_order(shards, "pod-a")]
+    taken = set(order[1:200:3])
+    rest = [s for s in shards if s["metadata"]["name"] not in taken]
+    assert [s["metadata"]["name"] for s in claims.claim_order(rest, "pod-a")] == [
+        n for n in order if n not in taken
+    ]
