@@ -72,6 +72,9 @@ SHARDS = Counter("imagebatch_worker_shards_total", "Shards finished by this work
 IDLE_CHECK_SECONDS = 30.0
 # After losing every race on a view the watch has not caught up with: the longest wait for it.
 RACE_WAIT_SECONDS = 1.0
+# Writes a claim tries before it looks at the cache again: a lost race means the view is behind,
+# and at the tail of a job the shards left are wanted by many workers at once.
+CLAIM_TRIES = 3
 # Progress reaches the shard's status at most this often, and at least once per lease period.
 # Independent of the lease length, so a shard that takes a few seconds still shows its progress.
 PROGRESS_SECONDS = 1.0
@@ -182,22 +185,27 @@ class Worker:
         """Claims the first Pending shard of `shards` it can, in this pod's claim order."""
         return self.claim_first(claims.claim_order(shards, self.pod))
 
-    def claim_first(self, ordered: list[JSON]) -> Claim | None:
-        for shard in ordered:
+    def claim_first(self, ordered: list[JSON], tries: int | None = None) -> Claim | None:
+        """Claims the first shard of `ordered` whose write wins, trying at most `tries`."""
+        for shard in ordered[:tries]:
             if self.stop.is_set():
                 return None
             st = shardstate.claimed(shardstate.shard_status(shard), self.pod, now_utc())
             written = self.kube.replace_shard_status(shard, shardstate.dump(st))
-            if written:
-                self._observe(written)
-                spec = shard["spec"]
-                return Claim(
-                    shard["metadata"]["name"],
-                    int(spec["index"]),
-                    int(spec["start"]),
-                    int(spec["end"]),
-                    st.attempt,
-                )
+            if not written:
+                # Someone else wrote it since this version: the watch brings who.
+                if self.cache is not None:
+                    self.cache.lost_race(shard)
+                continue
+            self._observe(written)
+            spec = shard["spec"]
+            return Claim(
+                shard["metadata"]["name"],
+                int(spec["index"]),
+                int(spec["start"]),
+                int(spec["end"]),
+                st.attempt,
+            )
         return None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ class Worker:
             cache.check()
             seen = cache.version
             t0 = time.perf_counter()
-            claim = self.claim_first(claims.ranked(cache.pending(), self.pod))
+            claim = self.claim_first(claims.ranked(cache.pending(), self.pod), CLAIM_TRIES)
             if claim is not None:
                 CLAIM_SECONDS.observe(time.perf_counter() - t0)
                 return claim

@@ -143,6 +143,15 @@ class ShardCache:
                 self._changed()
             self._rv = _rv(obj) or self._rv
 
+    def lost_race(self, shard: JSON) -> None:
+        """A write from this version of the shard was refused (409): someone else wrote it since.
+        Not Pending to this cache until the watch brings the newer version, so the claim loop
+        does not try it again meanwhile."""
+        with self._cond:
+            e = self._entries.get(shard["metadata"]["name"])
+            if e is not None and _rv(e.shard) == _rv(shard):
+                self._pending.pop(shard["metadata"]["name"], None)
+
     def observe(self, shard: JSON) -> None:
         """A shard as the API answered a write: known now, before its watch event comes."""
         with self._cond:

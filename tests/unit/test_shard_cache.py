@@ -227,3 +227,14 @@ def test_a_closed_cache_stops_retrying() -> None:
     assert not cache._thread.is_alive()
     listed = source.listed
     assert cache.wait(cache.version, 0.2) == cache.version and source.listed == listed
+
+
+def test_a_lost_race_hides_the_shard_until_its_newer_version_comes() -> None:
+    cache = ShardCache(None, UID)  # type: ignore[arg-type]
+    cache.replace([shard(0, 5), shard(1, 6)], "6")
+    cache.lost_race(shard(0, 4))  # a refused write from an older copy than the cache's: no news
+    assert names(cache.pending()) == [0, 1]
+    cache.lost_race(shard(0, 5))
+    assert names(cache.pending()) == [1], "tried and lost: not tried again from the same version"
+    cache.apply(ev("MODIFIED", shard(0, 9)))  # released by whoever won it: Pending again
+    assert names(cache.pending()) == [0, 1]
