@@ -244,7 +244,7 @@ class Worker:
             # Leaving is for good: decided on a fresh list (once per worker), not on the cache.
             listed = self.kube.list_shards(self.uid)
             if claims.claim_order(listed, self.pod) or claims.claimed_by_others(listed, self.pod):
-                self._wait_change(cache.version, RACE_WAIT_SECONDS)
+                cache.merge(listed)  # the watch is behind: what the list knows is newer
                 continue
             self.last_list = listed
             return None

@@ -9,7 +9,8 @@ sleeps until the watch brings a change instead of listing every few seconds.
     watch from it (with bookmarks): ADDED / MODIFIED put the shard, DELETED drops it,
         BOOKMARK moves the resourceVersion, ERROR (410 Gone: it is too old) relists
     the server ends the watch (timeoutSeconds): watch again from the last resourceVersion
-    a dropped connection, a timeout, a 5xx: relist, after a backoff (tenacity)
+    a dropped connection, a read timeout, a 5xx: the same, after a backoff (tenacity); a
+        version too old by then is answered 410: relist
 
 Every change bumps `version` and wakes the waiters (a threading.Condition). The cache is only a
 hint: every write is fenced by the API server, so a stale entry costs one refused write.
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 from tenacity import Retrying, retry_if_exception, stop_when_event_set
 
@@ -61,6 +63,9 @@ class Entry:
     def of(cls, shard: JSON) -> Entry:
         st = shard_status(shard)
         return cls(shard, int(shard["spec"]["index"]), st.state, st.holder)
+
+
+CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
 class RelistError(Exception):
@@ -151,6 +156,12 @@ class ShardCache:
             e = self._entries.get(shard["metadata"]["name"])
             if e is not None and _rv(e.shard) == _rv(shard):
                 self._pending.pop(shard["metadata"]["name"], None)
+
+    def merge(self, shards: list[JSON]) -> None:
+        """A fresh list that disagrees with the cache: each shard put if newer than the cache's."""
+        with self._cond:
+            for s in shards:
+                self._put(s)
 
     def observe(self, shard: JSON) -> None:
         """A shard as the API answered a write: known now, before its watch event comes."""
@@ -296,11 +307,13 @@ class ShardCache:
                     return
                 self.apply(event)
         except ApiException as e:
-            if e.status == 410 or is_transient(e):
-                self._rv = None
+            if e.status == 410:
+                self._rv = None  # too old to resume from
             raise
-        except RelistError:
+        except (RelistError, *CONNECTION_ERRORS):
+            # A dropped connection or a silent one (a stopped server): resume from the last
+            # version seen, as client-go's reflector does; the server says 410 if it is too old.
             raise
         except Exception:
-            self._rv = None  # the stream broke off: what came since is unknown
+            self._rv = None  # something unreadable in the stream: only a list is sure
             raise

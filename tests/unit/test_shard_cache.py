@@ -156,7 +156,7 @@ class ScriptedSource:
             yield item
 
 
-def test_the_watch_thread_resumes_relists_on_gone_and_on_a_dropped_connection() -> None:
+def test_the_watch_thread_resumes_relists_on_gone_and_on_garbage() -> None:
     import urllib3
 
     source = ScriptedSource(
@@ -167,15 +167,21 @@ def test_the_watch_thread_resumes_relists_on_gone_and_on_a_dropped_connection() 
         ],
         watches=[
             [ev("MODIFIED", shard(0, 11, "Claimed", "b")), bookmark(15)],  # the server ends it
-            [ev("DELETED", shard(0, 16)), GONE],  # resumed at 15; then too old
-            [urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")],  # after relist
+            [ev("DELETED", shard(0, 16)), GONE],  # resumed at 15; then too old: relist
+            [
+                ev("MODIFIED", shard(1, 33, "Claimed", "b")),
+                urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead"),
+            ],
+            [urllib3.exceptions.ReadTimeoutError(None, "/", "Read timed out")],  # type: ignore[arg-type]
+            ["not an event"],  # unreadable: only a list is sure
         ],
     )
     cache = ShardCache(source, UID).start()
     try:
         cache.wait_synced(120)
         assert source.idle.wait(120), "the watch thread did not get through its script"
-        assert source.watched_from == ["10", "15", "30", "41"]
+        # Dropped and silent connections resume where they were (33); 410 and garbage relist.
+        assert source.watched_from == ["10", "15", "30", "33", "33", "41"]
         assert source.listed == 3
         assert cache.error is None
         assert [s["status"]["state"] for s in cache.shards()] == ["Done"]
