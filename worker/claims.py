@@ -9,7 +9,6 @@ its claim to an expired lease cannot mark the shard Done or Pending.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -28,11 +27,11 @@ def ranked(pending: Sequence[JSON], pod: str) -> list[JSON]:
     """Shards ranked by a hash of the pod and the shard's name (rendezvous hashing): every pod
     has its own order, independent of the others' and unchanged as shards are taken, so two
     workers rarely want the same shard at once, even with a view a few events old."""
-    return sorted(pending, key=lambda s: _rank(pod, s["metadata"]["name"]))
+    return sorted(pending, key=lambda s: rank(pod, s["metadata"]["name"]))
 
 
-@functools.lru_cache(maxsize=65536)
-def _rank(pod: str, name: str) -> bytes:
+def rank(pod: str, name: str) -> bytes:
+    """Where `pod` ranks the shard `name`: lower first."""
     # A real hash: crc32 is linear, so pods whose names differ in one character (pod-3, pod-7)
     # ranked shards almost alike and raced for the same ones.
     return hashlib.blake2b(f"{pod}/{name}".encode(), digest_size=8).digest()

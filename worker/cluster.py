@@ -210,7 +210,7 @@ class Worker:
 
     # -- the loop ------------------------------------------------------------------------------
     def start_cache(self) -> ShardCache:
-        self.cache = ShardCache(self.kube, self.uid).start()
+        self.cache = ShardCache(self.kube, self.uid, self.pod).start()
         self.cache.wait_synced()
         return self.cache
 
@@ -224,7 +224,7 @@ class Worker:
             cache.check()
             seen = cache.version
             t0 = time.perf_counter()
-            claim = self.claim_first(claims.ranked(cache.pending(), self.pod), CLAIM_TRIES)
+            claim = self.claim_first(cache.candidates(CLAIM_TRIES))
             if claim is not None:
                 CLAIM_SECONDS.observe(time.perf_counter() - t0)
                 return claim

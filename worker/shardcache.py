@@ -18,6 +18,7 @@ hint: every write is fenced by the API server, so a stale entry costs one refuse
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ from tenacity import Retrying, retry_if_exception, stop_when_event_set
 
 from imagebatch.errors import ImageBatchError
 from imagebatch.shardplan import of_incarnation
-from imagebatch.shardstate import shard_status
+from imagebatch.worker import claims
 from imagebatch.worker.kube import WaitRetryAfter, is_transient
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ class Entry:
 
     @classmethod
     def of(cls, shard: JSON) -> Entry:
-        st = shard_status(shard)
-        return cls(shard, int(shard["spec"]["index"]), st.state, st.holder)
+        # The two fields straight from the JSON (a shard just created has no status: Pending):
+        # every worker reads every shard write, and a claim validates the status it writes anyway.
+        st = shard.get("status") or {}
+        return cls(shard, int(shard["spec"]["index"]), str(st.get("state") or "Pending"), st.get("holder"))
 
 
 CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
@@ -97,13 +100,18 @@ def _retryable(err: BaseException) -> bool:
 
 
 class ShardCache:
-    def __init__(self, kube: ShardSource, uid: str) -> None:
+    def __init__(self, kube: ShardSource, uid: str, pod: str = "") -> None:
         self.kube = kube
         self.uid = uid
+        self.pod = pod  # whose claim order (claims.rank) candidates() follows
         self._cond = threading.Condition()
         self._entries: dict[str, Entry] = {}
         self._pending: dict[str, Entry] = {}
         self._claimed: dict[str, str | None] = {}  # name -> holder
+        # Pending shards by the pod's rank, so a claim finds its best few in O(log n). Entries
+        # that stopped being Pending are dropped lazily, when they come up.
+        self._ranked: list[tuple[bytes, str]] = []
+        self._queued: set[str] = set()
         self._rv: str | None = None  # where the next watch starts; None: list first
         self.version = 0  # bumped on every change; waiters compare it
         self.synced = False
@@ -120,6 +128,8 @@ class ShardCache:
             self._entries.clear()
             self._pending.clear()
             self._claimed.clear()
+            self._ranked.clear()
+            self._queued.clear()
             for s in shards:
                 if of_incarnation(s, self.uid):
                     self._set(Entry.of(s))
@@ -186,6 +196,9 @@ class ShardCache:
         self._entries[name] = e
         if e.state == "Pending":
             self._pending[name] = e
+            if name not in self._queued:
+                heapq.heappush(self._ranked, (claims.rank(self.pod, name), name))
+                self._queued.add(name)
         elif e.state == "Claimed":
             self._claimed[name] = e.holder
 
@@ -204,6 +217,20 @@ class ShardCache:
         with self._cond:
             entries = sorted(self._pending.values(), key=lambda e: e.index)
         return [e.shard for e in entries]
+
+    def candidates(self, k: int) -> list[JSON]:
+        """The `k` Pending shards this pod ranks first (claims.ranked's order), in O(k log n)."""
+        with self._cond:
+            best: list[tuple[bytes, str]] = []
+            while self._ranked and len(best) < k:
+                item = heapq.heappop(self._ranked)
+                if item[1] in self._pending:
+                    best.append(item)
+                else:
+                    self._queued.discard(item[1])
+            for item in best:
+                heapq.heappush(self._ranked, item)
+            return [self._pending[name].shard for _, name in best]
 
     def pending_count(self) -> int:
         with self._cond:

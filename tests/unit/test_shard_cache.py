@@ -244,3 +244,26 @@ def test_a_lost_race_hides_the_shard_until_its_newer_version_comes() -> None:
     assert names(cache.pending()) == [1], "tried and lost: not tried again from the same version"
     cache.apply(ev("MODIFIED", shard(0, 9)))  # released by whoever won it: Pending again
     assert names(cache.pending()) == [0, 1]
+
+
+def test_candidates_follow_the_pods_claim_order_through_every_change() -> None:
+    from imagebatch.worker import claims
+
+    cache = ShardCache(None, UID, pod="pod-a")  # type: ignore[arg-type]
+    cache.replace([shard(i, i + 1) for i in range(50)], "60")
+
+    def expected(k: int) -> list[str]:
+        return [s["metadata"]["name"] for s in claims.ranked(cache.pending(), "pod-a")[:k]]
+
+    def got(k: int) -> list[str]:
+        return [s["metadata"]["name"] for s in cache.candidates(k)]
+
+    assert got(3) == expected(3) and got(50) == expected(50) and got(80) == expected(50)
+    first = cache.candidates(1)[0]
+    i = int(first["spec"]["index"])
+    cache.apply(ev("MODIFIED", shard(i, 70, "Claimed", "pod-b")))
+    assert got(3) == expected(3) and first["metadata"]["name"] not in got(50)
+    cache.lost_race(cache.candidates(1)[0])
+    assert got(5) == expected(5)
+    cache.apply(ev("MODIFIED", shard(i, 71)))  # requeued: back in its place
+    assert got(1) == [first["metadata"]["name"]] and got(10) == expected(10)
