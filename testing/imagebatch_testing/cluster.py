@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from imagebatch_testing.processes import (
     ProcessRecord,
     free_port,
     http_ok,
+    paused,
     process_alive,
     process_start_time,
     spawn,
@@ -336,18 +336,9 @@ class LocalCluster:
         if self.dir.exists():
             self._save_state()
 
-    @contextlib.contextmanager
-    def paused(self, name: str) -> Iterator[ProcessRecord]:
-        """One of the cluster's processes stopped (SIGSTOP: a frozen API server, say) while the
-        block runs, and resumed (SIGCONT) when it ends, whatever happens in it."""
-        record = next((p for p in self.state.processes if p.name == name), None)
-        if record is None or not process_alive(record.pid, record.start_time):
-            raise ClusterError(f"no running {name} in {self.dir}")
-        os.kill(record.pid, signal.SIGSTOP)
-        try:
-            yield record
-        finally:
-            os.kill(record.pid, signal.SIGCONT)
+    def paused(self, name: str) -> contextlib.AbstractContextManager[ProcessRecord]:
+        """One of the cluster's processes frozen (SIGSTOP) while a block runs, then resumed."""
+        return paused(next(p for p in self.state.processes if p.name == name))
 
     def listening_ports(self) -> list[int]:
         """The recorded ports that something still listens on."""

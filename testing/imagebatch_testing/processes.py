@@ -14,7 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,19 @@ def stop_process_group(pid: int, start_time: int, grace: float = 10.0) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and process_alive(pid, start_time):
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def paused(record: ProcessRecord) -> Iterator[ProcessRecord]:
+    """The process stopped (SIGSTOP: a frozen API server, say) while the block runs, and resumed
+    (SIGCONT) when it ends, whatever happens in it."""
+    if not process_alive(record.pid, record.start_time):
+        raise ClusterError(f"{record.name} (pid {record.pid}) is not running")
+    os.kill(record.pid, signal.SIGSTOP)
+    try:
+        yield record
+    finally:
+        os.kill(record.pid, signal.SIGCONT)
 
 
 def tail(path: Path, lines: int = 40) -> str:
