@@ -155,3 +155,42 @@ def test_each_pod_has_its_own_order_and_keeps_it_as_shards_are_taken() -> None:
     assert [s["metadata"]["name"] for s in claims.claim_order(rest, "pod-a")] == [
         n for n in order if n not in taken
     ]
+
+
+def test_an_idle_worker_waits_on_its_cache_and_lists_once_to_leave() -> None:
+    """Nothing Pending, a claim held by another worker: the worker sleeps on the cache (no LIST);
+    when the watch brings that shard Done it lists once, to be sure, and leaves."""
+    from imagebatch.names import LABEL_JOB_UID
+    from imagebatch.worker.shardcache import ShardCache
+
+    api = FakeShardApi(1)
+    lists = [0]
+    listed = api.list_shards
+    api.list_shards = lambda uid="u": (lists.__setitem__(0, lists[0] + 1), listed(uid))[1]  # type: ignore[method-assign]
+    shard = api.shards["j-s00000"]
+    shard["metadata"]["labels"] = {LABEL_JOB_UID: "u"}
+    shard["metadata"]["ownerReferences"] = [{"kind": "ImageBatchJob", "uid": "u"}]
+    shard["status"] = {"state": "Claimed", "holder": "pod-b", "attempt": 1}
+
+    waiting = threading.Event()
+
+    class Cache(ShardCache):
+        def wait(self, since: int, timeout: float) -> int:
+            waiting.set()
+            return super().wait(since, timeout)
+
+    w = worker(api, "pod-a")
+    w.cache = Cache(None, "u", "pod-a")  # type: ignore[arg-type]  # fed by hand below
+    w.cache.replace(api.list_shards(), "1")
+    lists[0] = 0
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(w.next_claim()))
+    t.start()
+    assert waiting.wait(60)
+    assert lists[0] == 0, "an idle worker must not list"
+    shard["status"] = {"state": "Done", "holder": "pod-b", "attempt": 1}
+    FakeShardApi._bump(shard)
+    w.cache.apply({"type": "MODIFIED", "object": copy.deepcopy(shard)})
+    t.join(60)
+    assert result == [None] and lists[0] == 1
+    assert [s["status"]["state"] for s in w.last_list] == ["Done"]
