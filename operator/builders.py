@@ -356,8 +356,8 @@ def worker_job(
         "podFailurePolicy": pod_failure_policy(fetch="initContainers" in pod_spec),
         "template": {"metadata": {"labels": {**labels(name, "worker"), **extra}}, "spec": pod_spec},
     }
-    if spec.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    # No activeDeadlineSeconds here: the operator keeps the job's deadline itself, on a clock
+    # that stops while Kueue queues the Job or the job is suspended.
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

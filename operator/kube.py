@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "imagebatch-operator"
+KUEUE_GROUP, KUEUE_VERSION, LOCAL_QUEUE_PLURAL = "kueue.x-k8s.io", "v1beta2", "localqueues"
 JSON = dict[str, Any]
 
 
@@ -220,6 +221,20 @@ class OperatorKube:
         )
         items: list[JSON] = _json(resp).get("items", [])
         return items
+
+    # -- Kueue ------------------------------------------------------------------------------------
+    def local_queue_exists(self, ns: str, name: str) -> bool | None:
+        """Whether Kueue's LocalQueue exists; None when that cannot be told (Kueue is not
+        installed, or the operator may not read LocalQueues): then nothing is claimed about it."""
+        try:
+            self.custom.get_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, ns, LOCAL_QUEUE_PLURAL, name, _preload_content=False
+            )
+            return True
+        except ApiException as e:
+            body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
+            # An object's 404 names it; an API server without Kueue answers a bare 404 page.
+            return False if _status(e) == 404 and "localqueues.kueue.x-k8s.io" in body else None
 
     # -- prompt sources and events ---------------------------------------------------------------
     def read_config_map_key(self, ns: str, name: str, key: str) -> str | None:

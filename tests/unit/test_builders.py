@@ -80,7 +80,8 @@ def test_gpus_queue_deadline_and_suspend() -> None:
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["suspend"] is True  # Kueue admits it by unsuspending
-    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    # The operator keeps the deadline (paused while queued or suspended), not the Job controller.
+    assert "activeDeadlineSeconds" not in job["spec"]
     no_gpu = worker_job(JOB, spec(workers={"gpusPerWorker": 0}), 1)
     assert "limits" not in no_gpu["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert worker_job(JOB, spec(suspend=True), 0)["spec"]["suspend"] is True

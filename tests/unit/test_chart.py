@@ -36,6 +36,7 @@ NAMESPACED_PERMISSIONS = {
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
     ("", "configmaps"): {"get"},
     ("", "events"): {"create"},
+    ("kueue.x-k8s.io", "localqueues"): {"get"},
 }
 CLUSTER_SCOPED = {
     "ClusterRole",
@@ -411,7 +412,12 @@ def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str
 
     from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
 
-    plurals = {"JOB_PLURAL": JOB_PLURAL, "SHARD_PLURAL": SHARD_PLURAL}
+    plurals = {"JOB_PLURAL": JOB_PLURAL, "SHARD_PLURAL": SHARD_PLURAL, "LOCAL_QUEUE_PLURAL": "localqueues"}
+    groups = {
+        "JOB_PLURAL": "imagebatch.dev",
+        "SHARD_PLURAL": "imagebatch.dev",
+        "LOCAL_QUEUE_PLURAL": "kueue.x-k8s.io",
+    }
     tree = ast.parse(path.read_text())
     used: dict[tuple[str, str], set[str]] = {}
 
@@ -419,6 +425,10 @@ def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str
         names = [a.id for a in call.args if isinstance(a, ast.Name) and a.id in plurals]
         assert len(names) == 1, f"line {call.lineno}: which resource? {ast.unparse(call)}"
         return plurals[names[0]]
+
+    def group_of(call: ast.Call) -> str:
+        (name,) = [a.id for a in call.args if isinstance(a, ast.Name) and a.id in plurals]
+        return groups[name]
 
     calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
     for node in ast.walk(tree):
@@ -435,7 +445,7 @@ def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str
             call = calls.get(id(node))
             assert call is not None, f"line {node.lineno}: custom-object method not called directly"
             resource = plural_of(call) + ("/status" if rest.endswith("_status") else "")
-            key = ("imagebatch.dev", resource)
+            key = (group_of(call), resource)
         else:
             key = API_RESOURCES[rest]
         used.setdefault(key, set()).add(verb)

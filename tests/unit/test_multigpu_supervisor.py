@@ -15,7 +15,7 @@ import pytest
 
 from imagebatch.holders import holder_pod, rank_holder
 from imagebatch.names import EXIT_MODEL_LOAD_ERROR, EXIT_TERMINATED
-from imagebatch.operator.leases import review
+from imagebatch.operator.leases import ClaimClock, review
 from imagebatch.timeutil import format_micro
 from imagebatch.worker import multigpu
 from imagebatch.worker.multigpu import Supervisor, child_env, pod_exit_code, visible_devices
@@ -51,8 +51,11 @@ def test_rank_holders_belong_to_their_pod() -> None:
     assert rank_holder("w-abc", 1) == "w-abc/1"
     assert holder_pod("w-abc/1") == holder_pod("w-abc") == "w-abc"
     # The operator leaves a live pod's rank claims alone, and requeues them when the pod is gone.
-    assert review([claimed("a", "w-abc/1", age=5)], {"w-abc"}, NOW, 30, 3) == []
-    (t,) = review([claimed("a", "w-abc/1", age=5)], {"w-other"}, NOW, 30, 3)
+    shards = [claimed("a", "w-abc/1", age=5)]
+    clock = ClaimClock()
+    clock.observe(shards, 0.0, gap=15)
+    assert review(shards, {"w-abc"}, clock, 0.0, 30, 100, 3) == []
+    (t,) = review(shards, {"w-other"}, clock, 0.0, 30, 100, 3)
     assert t.reason == "HolderGone"
 
 

@@ -105,6 +105,10 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Kueue (spec.queueName): the operator says when the LocalQueue a job names does not exist.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["localqueues"]
+  verbs: ["get"]
 {{- end }}
 
 {{/* Cluster-scoped permissions kopf needs in every mode. */}}
