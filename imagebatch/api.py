@@ -355,6 +355,25 @@ class Workers(Model):
         return self
 
 
+# Every shard is an object in etcd, listed and watched by the operator and the workers: a job of a
+# million shards (shardSize 1) would swamp the API server. 20,000 shards of the default 256 items
+# hold five million images.
+MAX_SHARDS_PER_JOB = 20_000
+
+
+def too_many_shards(n_items: int, shard_size: int) -> str | None:
+    """The error for a plan of more shards than a job may have, naming what to change."""
+    n = -(-n_items // shard_size)
+    if n <= MAX_SHARDS_PER_JOB:
+        return None
+    least = -(-n_items // MAX_SHARDS_PER_JOB)
+    return (
+        f"spec.batching.shardSize: {n_items} images in shards of {shard_size} make {n} "
+        f"ImageBatchShards, more than the {MAX_SHARDS_PER_JOB} a job may have; set "
+        f"spec.batching.shardSize to {least} or more (or split the job)"
+    )
+
+
 PromptEntry = Annotated[str, Field(min_length=1)] | PromptItem
 
 
@@ -397,6 +416,14 @@ class ImageBatchJobSpec(Model):
             raise ValueError("set only one of spec.prompts and spec.promptsFrom")
         if self.prompts is not None and not self.prompts:
             raise ValueError("spec.prompts is empty: give at least one prompt")
+        if self.prompts is not None:
+            # Refused before anything is made (the operator's InvalidSpec, `imagebatch validate`);
+            # a prompt file's count is checked when it is planned (shardplan.check_shard_count).
+            too_many = too_many_shards(
+                len(self.prompts) * self.generation.images_per_prompt, self.batching.shard_size
+            )
+            if too_many:
+                raise ValueError(too_many)
         return self
 
 
