@@ -132,3 +132,22 @@ def test_stop_once_stops_only_the_first_process(tmp_path: Path) -> None:
     finally:
         if first.poll() is None:
             first.kill()
+
+
+def test_hold_once_holds_only_the_first_process(tmp_path: Path) -> None:
+    env = {"IMAGEBATCH_FAILPOINTS": "image-stored=hold-once", "IMAGEBATCH_FAILPOINT_DIR": str(tmp_path)}
+    first, stop = Failpoints.from_env(env), threading.Event()
+    t = threading.Thread(
+        target=first.hit,
+        args=("image-stored",),
+        kwargs={"pod": "a", "shard": "s", "items_done": 1, "stop": stop},
+    )
+    t.start()
+    while not list(tmp_path.glob("image-stored-*.json")):
+        time.sleep(0.01)
+    assert t.is_alive()  # holding
+    # Another process (a fresh Failpoints: its own hit count) goes on at once.
+    Failpoints.from_env(env).hit("image-stored", pod="b", shard="s", items_done=1)
+    stop.set()  # SIGTERM ends the hold
+    t.join(timeout=60)
+    assert not t.is_alive()
