@@ -1,7 +1,8 @@
 """Attempts count failures, not claims; a renewed lease is not progress (issue 9).
 
-- A worker SIGTERMed mid-shard three times (suspend/resume) with `maxAttempts: 2` still completes:
-  a release on SIGTERM uses no attempt.
+- A worker SIGTERMed mid-shard three times (suspend/resume) with `maxAttempts: 2`, then killed
+  once, still completes: a release on SIGTERM uses no attempt, so the one real failure is the
+  shard's first (when claims counted, the fourth claim's failure failed the job).
 - A worker whose engine hangs while its lease thread renews loses the claim at
   `retries.progressDeadlineSeconds` and the job completes through another worker.
 """
@@ -9,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,10 @@ from harness import (
     tiny_job,
     wait_condition,
     wait_for,
+    worker_pids,
 )
+
+from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -43,9 +49,11 @@ def set_suspend(kubectl: Kubectl, namespace: str, name: str, value: bool) -> Non
     )
 
 
-def test_three_sigterms_with_max_attempts_two_still_complete(
-    kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
+def test_three_sigterms_and_a_crash_with_max_attempts_two_still_complete(
+    kube_cluster: TestCluster, kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
 ) -> None:
+    if kube_cluster.local is None:
+        pytest.skip("needs the local node agent to kill a worker process")
     out = tmp_path / "out"
     n = 40
     # One shard, one worker; every worker process holds at its first stored image until SIGTERM,
@@ -61,7 +69,9 @@ def test_three_sigterms_with_max_attempts_two_still_complete(
     )
     kubectl.apply([job], namespace)
     for cycle in range(1, 4):
-        wait_for(f"worker {cycle} holding mid-shard", lambda c=cycle: len(fail.marks("image-stored")) >= c, 600)
+        wait_for(
+            f"worker {cycle} holding mid-shard", lambda c=cycle: len(fail.marks("image-stored")) >= c, 600
+        )
         set_suspend(kubectl, namespace, "sigterms", True)
         wait_condition(kubectl, namespace, "sigterms", "Suspended", timeout=300)
         wait_for("workers gone", lambda: not live_pods(kubectl, namespace), timeout=300)
@@ -69,13 +79,26 @@ def test_three_sigterms_with_max_attempts_two_still_complete(
         st = shard["status"]
         assert st["state"] == "Pending" and st.get("failures", 0) == 0, st  # released, no attempt used
         assert st["attempt"] == cycle
-        if cycle == 3:
-            fail.release()  # the next worker makes the whole shard
         set_suspend(kubectl, namespace, "sigterms", False)
+    # The fourth worker holds mid-shard too: kill it (a crash, not a release).
+    mark = wait_for("worker 4 holding mid-shard", lambda: fail.marks("image-stored")[3:], 600)[0]
+    pids = worker_pids(kube_cluster.local.pod_processes(), mark["pod"])
+    assert mark["pid"] in pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+    def failed_once() -> dict[str, Any] | None:
+        (shard,) = shards(kubectl, namespace)
+        return shard["status"] if shard["status"].get("failures", 0) == 1 else None
+
+    st = wait_for("the crash counted as the shard's first failure", failed_once, timeout=600)
+    assert st["state"] in ("Pending", "Claimed"), st  # retried, not Failed
+    wait_for("worker 5 holding mid-shard", lambda: fail.marks("image-stored")[4:], 600)
+    fail.release()  # the fifth worker makes the whole shard
     wait_condition(kubectl, namespace, "sigterms", "Complete", timeout=900)
     (shard,) = shards(kubectl, namespace)
-    assert shard["status"]["state"] == "Done" and shard["status"]["attempt"] == 4
-    assert shard["status"].get("failures", 0) == 0
+    assert shard["status"]["state"] == "Done" and shard["status"]["attempt"] == 5
+    assert shard["status"]["failures"] == 1
     check_output_dir(out, {f"p{i:07d}" for i in range(n)})
 
 
