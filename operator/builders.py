@@ -352,7 +352,7 @@ def worker_job(
         # Kueue admits a Job by unsuspending it: one with a queue starts suspended.
         "suspend": bool(spec.suspend or spec.queue_name),
         # Each shard has its own attempt budget; this only stops pods that crash in a loop.
-        "backoffLimit": max(6, spec.workers.max_replicas * spec.retries.max_attempts),
+        "backoffLimit": max(2, spec.workers.max_replicas * spec.retries.max_attempts),
         "podFailurePolicy": pod_failure_policy(fetch="initContainers" in pod_spec),
         "template": {"metadata": {"labels": {**labels(name, "worker"), **extra}}, "spec": pod_spec},
     }

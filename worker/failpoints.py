@@ -17,7 +17,9 @@ Actions, each taken once per process:
 - `stop-once`: the same, but only in the first process of all that share the directory;
 - `hold`: the engine waits until SIGTERM or until `<dir>/release` exists (its lease thread goes on
   renewing: a hung engine in a live process);
-- `hold-once`: the same, but only in the first process of all that share the directory.
+- `hold-once`: the same, but only in the first process of all that share the directory;
+- `crash-once`: the first process of all raises an unexpected error (RuntimeError) there, as a
+  bug or a broken node would.
 
 Before it acts, a process writes `<dir>/<point>-<pid>.json` (pod, pid, shard, items_done), so
 the test knows who stopped, and where.
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 ENV = "IMAGEBATCH_FAILPOINTS"
 ENV_DIR = "IMAGEBATCH_FAILPOINT_DIR"
 POINTS = ("image-stored", "shard-done")
-ACTIONS = ("stop", "stop-once", "hold", "hold-once")
+ACTIONS = ("stop", "stop-once", "hold", "hold-once", "crash-once")
 RELEASE = "release"
 
 
@@ -96,11 +98,13 @@ class Failpoints:
         holds = fp.action in ("hold", "hold-once")
         if holds and os.path.exists(os.path.join(self.directory, RELEASE)):
             return
-        if fp.action in ("stop-once", "hold-once") and not self._first(point):
+        if fp.action in ("stop-once", "hold-once", "crash-once") and not self._first(point):
             return
         if before is not None:
             before()
         self._mark(point, {"pod": pod, "pid": os.getpid(), "shard": shard, "items_done": items_done})
+        if fp.action == "crash-once":
+            raise RuntimeError(f"failpoint {point}@{fp.nth}: crash-once")
         if holds:
             release = os.path.join(self.directory, RELEASE)
             waiter = stop or threading.Event()

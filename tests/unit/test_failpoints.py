@@ -151,3 +151,11 @@ def test_hold_once_holds_only_the_first_process(tmp_path: Path) -> None:
     stop.set()  # SIGTERM ends the hold
     t.join(timeout=60)
     assert not t.is_alive()
+
+
+def test_crash_once_raises_in_the_first_process_only(tmp_path: Path) -> None:
+    env = {"IMAGEBATCH_FAILPOINTS": "shard-done=crash-once", "IMAGEBATCH_FAILPOINT_DIR": str(tmp_path)}
+    with pytest.raises(RuntimeError, match="failpoint shard-done@1: crash-once"):
+        Failpoints.from_env(env).hit("shard-done", pod="a", shard="s", items_done=1)
+    assert list(tmp_path.glob("shard-done-*.json"))  # the mark says who crashed
+    Failpoints.from_env(env).hit("shard-done", pod="b", shard="s", items_done=1)  # goes on
