@@ -21,6 +21,8 @@ from imagebatch.operator.resync import Resync
 
 RESOURCE = (GROUP, VERSION, JOB_PLURAL)
 
+log = logging.getLogger(__name__)
+
 
 def configure_settings(settings: kopf.OperatorSettings) -> None:
     # Handler progress in our own annotations; no `status.kopf`, which the CRD schema would prune.
@@ -63,3 +65,4 @@ def register(reconciler: Reconciler, resync: Resync, registry: kopf.OperatorRegi
     def _on_event(type: str | None, name: str | None, namespace: str | None, **_: Any) -> None:
         if type == "DELETED" and name and namespace:
             metrics.forget_job(namespace, name)
+            log.info("%s/%s deleted: its metric series are removed", namespace, name)
