@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from harness import Kubectl, Operator, tiny_job, wait_for
+from harness import Kubectl, Operator, ibj, tiny_job, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -25,6 +25,13 @@ def test_a_deleted_jobs_series_go_with_it(
             if not line.startswith("#") and all(x in line for x in labels)
         }
 
+    # A status written: the operator is up, its metrics endpoint too (served before kopf starts).
+    for job in ("gone", "kept"):
+        wait_for(
+            f"a status of {job}",
+            lambda j=job: "progress" in (ibj(kubectl, namespace, j).get("status") or {}),
+            timeout=120,
+        )
     running_operator.wait_passes(namespace, "gone")
     running_operator.wait_passes(namespace, "kept")
     assert {
