@@ -46,6 +46,8 @@ class Settings:
 @dataclass
 class JobMemory(decide.Memory):
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # images/s from the items done seen at each pass (progress.RateMeter); empty after a restart.
+    rate: progress.RateMeter = field(default_factory=progress.RateMeter)
 
 
 class Memories:
@@ -174,7 +176,15 @@ class Reconciler:
         mem.reported |= d.reported
 
         # -- status (the one write)
-        rate = progress.images_per_second(d.tally.completions, now, parse_time(prev.start_time) or now)
+        # Right after a restart the meter has one sample: shard completions, or the average so far.
+        since = d.status.active_seconds + (
+            (now - started).total_seconds() if (started := parse_time(d.status.running_since)) else 0.0
+        )
+        average = d.tally.items.done / since if since >= 1 else 0.0
+        fallback = max(
+            progress.images_per_second(d.tally.completions, now, parse_time(prev.start_time) or now), average
+        )
+        rate = mem.rate.observe(mono, d.tally.items.done, fallback=fallback)
         status = d.status
         status.images_per_second = f"{rate:.2f}"
         remaining = d.tally.items.total - d.tally.items.done - d.tally.items.failed
@@ -182,11 +192,7 @@ class Reconciler:
         if outcome is not d.outcome:
             status.state, status.reason = str(outcome.state), str(outcome.reason)
         self._write_status(job, prev, status, outcome, now)
-        metrics.ITEMS.labels(ns, name, "done").set(d.tally.items.done)
-        metrics.ITEMS.labels(ns, name, "failed").set(d.tally.items.failed)
-        metrics.ITEMS.labels(ns, name, "total").set(d.tally.items.total)
-        metrics.RATE.labels(ns, name).set(rate)
-        metrics.REPLICAS.labels(ns, name).set(status.desired_replicas)
+        metrics.publish_job(ns, name, d.tally.items, rate, status.desired_replicas, status.active_replicas)
 
     # -- pieces ----------------------------------------------------------------------------------
     def _plan(self, job: JSON, spec: ImageBatchJobSpec) -> list[JSON]:

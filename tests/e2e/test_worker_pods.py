@@ -52,30 +52,42 @@ def test_a_worker_that_crashes_once_is_reported_and_the_job_completes(
         workers={"maxReplicas": 2, "shardsPerReplica": 1, "env": fail.env("image-stored@1=crash-once")},
     )
     kubectl.apply([job], namespace)
-    import threading, json as _j
+    import json as _j
+    import threading
+
     seen = {}
     stop = threading.Event()
+
     def probe():
         while not stop.is_set():
             try:
                 for p in kubectl.json("get", "pods", "-n", namespace)["items"]:
                     cs = p["status"].get("containerStatuses") or []
-                    seen[(p["metadata"]["name"], p["status"].get("phase"))] = _j.dumps([c.get("state") for c in cs])[:300]
+                    seen[(p["metadata"]["name"], p["status"].get("phase"))] = _j.dumps(
+                        [c.get("state") for c in cs]
+                    )[:300]
             except Exception:
                 pass
-    th = threading.Thread(target=probe, daemon=True); th.start()
+
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
     wait_condition(kubectl, namespace, "crash-once", "Complete", timeout=900)
-    stop.set(); th.join()
+    stop.set()
+    th.join()
     print("DEBUG", seen)
     check_output_dir(out, {f"p{i:07d}" for i in range(n)})
     warnings = [e for e in events(kubectl, namespace, "crash-once") if e.get("reason") == "WorkerFailed"]
     pods = kubectl.json("get", "pods", "-n", namespace)["items"]
     assert warnings, (
         [(e.get("reason"), e.get("message")) for e in events(kubectl, namespace, "crash-once")],
-        [(p["metadata"]["name"], p["status"].get("phase"), p["status"].get("containerStatuses")) for p in pods],
+        [
+            (p["metadata"]["name"], p["status"].get("phase"), p["status"].get("containerStatuses"))
+            for p in pods
+        ],
     )
     assert (
-        "failed with exit code 1: RuntimeError: failpoint image-stored@1: crash-once" in warnings[0]["message"]
+        "failed with exit code 1: RuntimeError: failpoint image-stored@1: crash-once"
+        in warnings[0]["message"]
     )
     assert warnings[0]["type"] == "Warning"
     described = kubectl("describe", "ibj", "crash-once", "-n", namespace).stdout
