@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from imagebatch.errors import ImageBatchError
 
@@ -73,13 +74,40 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # torch is imported only by workers; a pod with several GPUs runs one engine process per GPU.
     from imagebatch.worker import multigpu
 
-    if args.rank is not None:
-        return multigpu.run_rank(
-            args.namespace, args.job, args.pod, args.rank, device=args.device, metrics_port=args.metrics_port
-        )
-    return multigpu.run_worker_pod(
-        args.namespace, args.job, args.pod, device=args.device, metrics_port=args.metrics_port
-    )
+    try:
+        if args.rank is not None:
+            rc = multigpu.run_rank(
+                args.namespace,
+                args.job,
+                args.pod,
+                args.rank,
+                device=args.device,
+                metrics_port=args.metrics_port,
+            )
+        else:
+            rc = multigpu.run_worker_pod(
+                args.namespace, args.job, args.pod, device=args.device, metrics_port=args.metrics_port
+            )
+    except ImageBatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = EXIT_USER_ERROR
+    except Exception:
+        logging.getLogger("imagebatch.worker").exception("the worker failed with an unexpected error")
+        rc = 1
+    _exit_now(rc)
+
+
+def _exit_now(rc: int) -> NoReturn:
+    """Ends a worker process at once. A thread that an error left behind (a pool of the engine or
+    of a client) would otherwise keep a failed worker alive at interpreter exit, holding its GPU,
+    with the Job controller never seeing the exit code: that happened."""
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck and rc != 0:
+        logging.getLogger("imagebatch.worker").warning("exiting %d; threads left: %s", rc, ", ".join(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
