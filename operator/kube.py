@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from imagebatch.api import GROUP, VERSION
 from imagebatch.kubeclient import api_client, replace_status_if_unchanged
 from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
+from imagebatch.operator.informer import ShardInformer
 from imagebatch.shardplan import of_incarnation, ownership, shard_selector
 from imagebatch.timeutil import format_micro, now_utc
 
@@ -84,6 +85,12 @@ class OperatorKube:
         self.batch = kubernetes.client.BatchV1Api(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(self.api)
+        self.shard_informer: ShardInformer | None = None
+
+    def start_informers(self, namespaces: list[str]) -> None:
+        """Follows the shards of the watched namespaces (all when empty) by watch from now on."""
+        self.shard_informer = ShardInformer(self.api, namespaces)
+        self.shard_informer.start()
 
     # -- ImageBatchJob ---------------------------------------------------------------------------
     def list_jobs(self, namespaces: list[str]) -> list[JSON]:
@@ -115,8 +122,13 @@ class OperatorKube:
                 raise
 
     # -- ImageBatchShard -------------------------------------------------------------------------
-    def list_shards(self, ns: str, job: str, uid: str) -> list[JSON]:
-        """The shards of the job with this UID only (not those of an earlier job of that name)."""
+    def list_shards(self, ns: str, job: str, uid: str, fresh: bool = False) -> list[JSON]:
+        """The shards of the job with this UID only (not those of an earlier job of that name):
+        from the watch-fed informer when it runs and has listed, else (or `fresh`) from a LIST."""
+        if self.shard_informer is not None and not fresh:
+            cached = self.shard_informer.shards(ns, uid)
+            if cached is not None:
+                return [s for s in cached if of_incarnation(s, uid)]
         resp = self.custom.list_namespaced_custom_object(
             GROUP, VERSION, ns, SHARD_PLURAL, label_selector=shard_selector(job, uid), _preload_content=False
         )

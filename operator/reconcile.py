@@ -214,7 +214,7 @@ class Reconciler:
         self.kube.post_event(
             job, "Normal", "CreatedShards", f"planned {len(items)} images in {len(manifests)} shards"
         )
-        return self.kube.list_shards(meta["namespace"], meta["name"], meta["uid"])
+        return self.kube.list_shards(meta["namespace"], meta["name"], meta["uid"], fresh=True)
 
     def _apply(
         self, job: JSON, spec: ImageBatchJobSpec, obs: observe.Observed, d: decide.Decision, mem: JobMemory

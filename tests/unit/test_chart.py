@@ -30,7 +30,7 @@ JSON = dict[str, Any]
 NAMESPACED_PERMISSIONS = {
     ("imagebatch.dev", "imagebatchjobs"): {"get", "list", "watch", "patch", "delete"},
     ("imagebatch.dev", "imagebatchjobs/status"): {"patch"},
-    ("imagebatch.dev", "imagebatchshards"): {"get", "list", "create", "patch"},
+    ("imagebatch.dev", "imagebatchshards"): {"get", "list", "watch", "create", "patch"},
     ("imagebatch.dev", "imagebatchshards/status"): {"update"},
     ("batch", "jobs"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list"},
@@ -413,6 +413,8 @@ VERB_OF_PREFIX |= {"replace": "update", "delete": "delete"}
 # What kopf itself does with the operator's token, beyond operator/kube.py: it lists and watches
 # ImageBatchJobs and patches its handler-progress annotations onto them (operator/handlers.py).
 KOPF_USES = {("imagebatch.dev", "imagebatchjobs"): {"list", "watch", "patch"}}
+# What operator/informer.py does: it lists and watches ImageBatchShards (and nothing else).
+INFORMER_USES = {("imagebatch.dev", "imagebatchshards"): {"list", "watch"}}
 
 
 def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str, str], set[str]]:
@@ -479,6 +481,7 @@ def test_every_granted_verb_is_used(helm: Path) -> None:
     for source in (
         operator_api_calls(),
         KOPF_USES,
+        INFORMER_USES,
         permissions([dict(r) for r in strip_names(role["rules"])]),
     ):
         for key, verbs in source.items():

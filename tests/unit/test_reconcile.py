@@ -60,7 +60,7 @@ class FakeKube:
             raise NotOwnedError("ImageBatchShard", "ns", obj["metadata"]["name"], "j")
         return self.create(obj)
 
-    def list_shards(self, ns: str, job: str, uid: str) -> list[JSON]:
+    def list_shards(self, ns: str, job: str, uid: str, fresh: bool = False) -> list[JSON]:
         # As the API server's label selection: the shards of every incarnation are stored here.
         return [
             copy.deepcopy(s)

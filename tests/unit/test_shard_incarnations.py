@@ -187,6 +187,7 @@ def worker_kube(api: FakeCustomObjects) -> WorkerKube:
 def operator_kube(api: FakeCustomObjects) -> OperatorKube:
     kube = OperatorKube.__new__(OperatorKube)
     kube.custom = api  # type: ignore[assignment]
+    kube.shard_informer = None
     return kube
 
 

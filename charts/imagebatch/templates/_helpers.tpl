@@ -65,7 +65,7 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 # through owner references (garbage collection), so no delete.
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchshards"]
-  verbs: ["get", "list", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # ImageBatchShard status: the operator requeues or fails shards, workers claim, renew and complete
 # them, all by a conditional replace (update with the resourceVersion read).
 - apiGroups: ["imagebatch.dev"]
