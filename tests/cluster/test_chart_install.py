@@ -58,6 +58,19 @@ class Release:
             raise AssertionError(f"{tool} {' '.join(args)}: {proc.stdout}{proc.stderr}")
         return proc
 
+    def create(self, doc: JSON) -> None:
+        """`kubectl create -f -` as the cluster admin."""
+        proc = subprocess.run(
+            [str(self.tools / "kubectl"), "create", "-f", "-"],
+            input=json.dumps(doc),
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+
     def can_i(self, verb: str, resource: str, namespace: str | None) -> bool:
         sa = f"system:serviceaccount:{self.namespace}:{self.service_account}"
         where = ["-n", namespace] if namespace else []
@@ -266,16 +279,7 @@ def test_operator_runs_and_reconciles_under_the_chart(release: Release, kube_clu
             "suspend": True,
         },
     }
-    proc = subprocess.run(
-        [str(release.tools / "kubectl"), "create", "-f", "-"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=release.env,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    release.create(job)
     deadline = time.monotonic() + 300
     status: JSON = {}
     while time.monotonic() < deadline:
@@ -441,16 +445,7 @@ def test_the_chart_with_default_values_runs_four_workers_that_all_make_images(
             "workers": {"gpusPerWorker": 0, "maxReplicas": 4, "env": env},
         },
     }
-    proc = subprocess.run(
-        [str(release.tools / "kubectl"), "create", "-f", "-"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=release.env,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    release.create(job)
 
     def status() -> JSON:
         got = json.loads(

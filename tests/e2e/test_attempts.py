@@ -22,6 +22,8 @@ from harness import (
     Operator,
     check_output_dir,
     ibj,
+    live_pods,
+    shards,
     tiny_job,
     wait_condition,
     wait_for,
@@ -31,16 +33,6 @@ from harness import (
 from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
-
-
-def shards(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = kubectl.json("get", "ibs", "-n", namespace)["items"]
-    return items
-
-
-def live_pods(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
-    pods: list[dict[str, Any]] = kubectl.json("get", "pods", "-n", namespace)["items"]
-    return [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed")]
 
 
 def set_suspend(kubectl: Kubectl, namespace: str, name: str, value: bool) -> None:

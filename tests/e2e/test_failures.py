@@ -18,6 +18,7 @@ from harness import (
     check_output_dir,
     condition,
     ibj,
+    shards,
     tiny_job,
     wait_condition,
     wait_for,
@@ -27,11 +28,6 @@ from harness import (
 from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
-
-
-def shards(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = kubectl.json("get", "ibs", "-n", namespace)["items"]
-    return items
 
 
 def victim_of(kubectl: Kubectl, namespace: str, mark: dict[str, Any], shard_size: int) -> dict[str, Any]:
