@@ -9,20 +9,17 @@ internal cert management wants a Service in front of the webhook, which a cluste
 networking cannot have). Ready means: readyz answers and the Job webhook has defaulted a dry-run
 Job. See docs/test-cluster.md.
 
-The queue objects a test needs (ResourceFlavor, ClusterQueue, LocalQueue, WorkloadPriorityClass)
-are built by the pure functions at the end.
+What it is started with: imagebatch_testing.kueueconfig; the queues of a test:
+imagebatch_testing.kueuequeues.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import copy
 import os
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +30,19 @@ import yaml
 from imagebatch_testing.binaries import REPO_ROOT
 from imagebatch_testing.certs import CertificateAuthority
 from imagebatch_testing.kubeapi import ApiError, KubeClient
+from imagebatch_testing.kueueconfig import (
+    FIELD_MANAGER,
+    METRICS_CERT_DIR,
+    MUTATING_CONFIG,
+    VALIDATING_CONFIG,
+    KueuePorts,
+    controller_config,
+    crd_for_controller,
+    launch_command,
+    log_records,
+    probe_job,
+    webhook_configurations,
+)
 from imagebatch_testing.processes import (
     ClusterError,
     ProcessRecord,
@@ -47,25 +57,6 @@ from imagebatch_testing.processes import (
 
 JSON = dict[str, Any]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "kueue" / "build.sh"
-GROUP = "kueue.x-k8s.io"
-API = f"{GROUP}/v1beta2"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
-MUTATING_CONFIG = "kueue-mutating-webhook-configuration"
-VALIDATING_CONFIG = "kueue-validating-webhook-configuration"
-# The CRDs whose versions Kueue's /convert webhook converts (config/components/crd/kustomization.yaml).
-CONVERTED_CRDS = ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueueclusters")
-# Webhooks of the API groups Kueue serves with only batch/job enabled; the others (pods,
-# deployments, ...) answer with no-ops and would only make every pod creation depend on Kueue.
-SERVED_GROUPS = {GROUP, "batch"}
-# With internalCertManagement off, Kueue reads its metrics certificate from this fixed path
-# (cmd/kueue/main.go); the controller sees it through an overlay of /etc in its own mount namespace.
-METRICS_CERT_DIR = "etc/kueue/metrics/certs"
-FIELD_MANAGER = "imagebatch-tests"
-# The two WorkloadPriorityClasses every test may use (kueue.x-k8s.io/priority-class: <name>).
-LOW_PRIORITY = "imagebatch-test-low"
-HIGH_PRIORITY = "imagebatch-test-high"
-PRIORITY_VALUES = {LOW_PRIORITY: 100, HIGH_PRIORITY: 1000}
 
 
 @dataclass(frozen=True)
@@ -103,123 +94,6 @@ def build_kueue(timeout: float = 3600) -> KueueBuild:
     return build
 
 
-# -- what the controller is started with (pure) ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KueuePorts:
-    webhook: int
-    health: int
-    metrics: int
-
-
-def controller_config(ports: KueuePorts, webhook_cert_dir: Path) -> JSON:
-    """Kueue's Configuration (config.kueue.x-k8s.io/v1beta2, the version v0.17 reads)."""
-    return {
-        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
-        "kind": "Configuration",
-        "namespace": "kueue-system",
-        # Only Jobs that name a LocalQueue: the other tests' worker Jobs are not Kueue's.
-        "manageJobsWithoutQueueName": False,
-        "internalCertManagement": {"enable": False},
-        "leaderElection": {"leaderElect": False},
-        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports.health}"},
-        "metrics": {"bindAddress": f"127.0.0.1:{ports.metrics}"},
-        "webhook": {"host": "127.0.0.1", "port": ports.webhook, "certDir": str(webhook_cert_dir)},
-        "clientConnection": {"qps": 50, "burst": 100},
-        "integrations": {"frameworks": ["batch/job"]},
-        # The visibility API server wants an APIService and certificates of its own; no test uses it.
-        "featureGates": {"VisibilityOnDemand": False},
-    }
-
-
-def launch_command(binary: Path, config: Path, etc_upper: Path, etc_work: Path) -> list[str]:
-    """The controller in a user and mount namespace of its own, where /etc is an overlay that adds
-    etc_upper (the metrics certificate) to the host's /etc, which stays untouched. The shell
-    execs the controller, so the recorded pid is Kueue's."""
-    script = 'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc && shift 2 && exec "$@"'
-    return [
-        "unshare",
-        "--user",
-        "--map-root-user",
-        "--mount",
-        "--",
-        "/bin/sh",
-        "-c",
-        script,
-        "kueue-etc-overlay",
-        str(etc_upper),
-        str(etc_work),
-        str(binary),
-        f"--config={config}",
-        # V(2) logs say why a Job was stopped ("job with no matching workload, suspending").
-        "--zap-log-level=2",
-    ]
-
-
-def webhook_configurations(manifests: list[JSON], port: int, ca_pem: bytes) -> list[JSON]:
-    """Kueue's webhook configurations for a controller at https://127.0.0.1:<port>: only the
-    webhooks of the groups it serves, each with a URL and the CA bundle, the Job webhooks only
-    for Jobs that carry a queue-name label (so no other Job waits on Kueue)."""
-    names = {
-        "MutatingWebhookConfiguration": MUTATING_CONFIG,
-        "ValidatingWebhookConfiguration": VALIDATING_CONFIG,
-    }
-    bundle = base64.b64encode(ca_pem).decode()
-    result = []
-    for original in manifests:
-        doc = copy.deepcopy(original)
-        doc["metadata"] = {"name": names[doc["kind"]]}
-        hooks = []
-        for hook in doc["webhooks"]:
-            groups = {g for rule in hook["rules"] for g in rule["apiGroups"]}
-            if not groups <= SERVED_GROUPS:
-                continue
-            path = hook["clientConfig"]["service"]["path"]
-            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": bundle}
-            if groups == {"batch"}:
-                hook["objectSelector"] = {"matchExpressions": [{"key": QUEUE_LABEL, "operator": "Exists"}]}
-            hooks.append(hook)
-        doc["webhooks"] = hooks
-        result.append(doc)
-    return result
-
-
-def crd_for_controller(crd: JSON, port: int, ca_pem: bytes) -> JSON:
-    """A CRD as Kueue's kustomization installs it: conversion by the controller's /convert."""
-    crd = copy.deepcopy(crd)
-    if crd["spec"]["names"]["plural"] in CONVERTED_CRDS:
-        crd["spec"]["conversion"] = {
-            "strategy": "Webhook",
-            "webhook": {
-                "clientConfig": {
-                    "url": f"https://127.0.0.1:{port}/convert",
-                    "caBundle": base64.b64encode(ca_pem).decode(),
-                },
-                "conversionReviewVersions": ["v1"],
-            },
-        }
-    return crd
-
-
-def probe_job() -> JSON:
-    """A Job for a dry-run create: Kueue's webhook suspends a Job that names a queue."""
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": f"kueue-probe-{uuid.uuid4().hex[:6]}", "labels": {QUEUE_LABEL: "kueue-probe"}},
-        "spec": {
-            "suspend": False,
-            "template": {
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [{"name": "probe", "image": "none"}],
-                }
-            },
-        },
-    }
-
-
 # -- the controller ----------------------------------------------------------------------------------
 
 
@@ -251,6 +125,10 @@ class KueueController:
 
     def read_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self, namespace: str) -> list[JSON]:
+        """The controller's (JSON) log records about objects of one namespace."""
+        return log_records(self.read_log(), namespace)
 
     def alive(self) -> bool:
         return self.record is not None and process_alive(self.record.pid, self.record.start_time)
@@ -363,139 +241,3 @@ class KueueController:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)
         self._proc = None
-
-
-# -- queue objects (pure) ------------------------------------------------------------------------
-
-
-def resource_flavor(name: str) -> JSON:
-    return {"apiVersion": API, "kind": "ResourceFlavor", "metadata": {"name": name}}
-
-
-def cluster_queue(name: str, flavor: str, quota: dict[str, str]) -> JSON:
-    """A ClusterQueue for every namespace with `quota` (e.g. {"cpu": "500m"}) of one flavor,
-    which preempts lower-priority workloads of its own to admit higher ones."""
-    return {
-        "apiVersion": API,
-        "kind": "ClusterQueue",
-        "metadata": {"name": name},
-        "spec": {
-            "namespaceSelector": {},
-            "preemption": {"withinClusterQueue": "LowerPriority"},
-            "resourceGroups": [
-                {
-                    "coveredResources": sorted(quota),
-                    "flavors": [
-                        {
-                            "name": flavor,
-                            "resources": [{"name": r, "nominalQuota": q} for r, q in sorted(quota.items())],
-                        }
-                    ],
-                }
-            ],
-        },
-    }
-
-
-def local_queue(namespace: str, name: str, cluster_queue_name: str) -> JSON:
-    return {
-        "apiVersion": API,
-        "kind": "LocalQueue",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"clusterQueue": cluster_queue_name},
-    }
-
-
-def workload_priority_class(name: str, value: int) -> JSON:
-    return {
-        "apiVersion": API,
-        "kind": "WorkloadPriorityClass",
-        "metadata": {"name": name},
-        "value": value,
-        "description": "imagebatch tests",
-    }
-
-
-# -- queue objects in a cluster ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TestQueues:
-    """A test's own ResourceFlavor and ClusterQueue (cluster-scoped, so named after the test)
-    and its LocalQueue in the test's namespace: jobs name `local_queue` in kueue.x-k8s.io/queue-name."""
-
-    __test__ = False  # not a test class, despite the name
-
-    namespace: str
-    flavor: str
-    cluster_queue: str
-    local_queue: str
-    low_priority: str = LOW_PRIORITY
-    high_priority: str = HIGH_PRIORITY
-
-
-def install_priority_classes(client: KubeClient) -> None:
-    for name, value in PRIORITY_VALUES.items():
-        path = f"/apis/{API}/workloadpriorityclasses/{name}"
-        if client.get_or_none(path) is None:
-            client.create(f"/apis/{API}/workloadpriorityclasses", workload_priority_class(name, value))
-
-
-def _active(obj: JSON | None) -> bool:
-    conditions = ((obj or {}).get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Active" and c.get("status") == "True" for c in conditions)
-
-
-def create_queues(client: KubeClient, namespace: str, quota: dict[str, str]) -> TestQueues:
-    """Creates the queues and returns once Kueue reports the ClusterQueue and LocalQueue Active."""
-    base = namespace[:50]
-    queues = TestQueues(namespace, f"{base}-flavor", f"{base}-cq", "queue")
-    client.create(f"/apis/{API}/resourceflavors", resource_flavor(queues.flavor))
-    client.create(f"/apis/{API}/clusterqueues", cluster_queue(queues.cluster_queue, queues.flavor, quota))
-    client.create(
-        f"/apis/{API}/namespaces/{namespace}/localqueues",
-        local_queue(namespace, queues.local_queue, queues.cluster_queue),
-    )
-    cq_path = f"/apis/{API}/clusterqueues/{queues.cluster_queue}"
-    lq_path = f"/apis/{API}/namespaces/{namespace}/localqueues/{queues.local_queue}"
-    wait_until(
-        f"ClusterQueue {queues.cluster_queue} and LocalQueue {namespace}/{queues.local_queue} Active",
-        lambda: _active(client.get_or_none(cq_path)) and _active(client.get_or_none(lq_path)),
-        60,
-    )
-    return queues
-
-
-def delete_queues(client: KubeClient, queues: TestQueues) -> None:
-    """Deletes them without waiting (Kueue's finalizers go once nothing uses them)."""
-    for path in (
-        f"/apis/{API}/namespaces/{queues.namespace}/localqueues/{queues.local_queue}",
-        f"/apis/{API}/clusterqueues/{queues.cluster_queue}",
-        f"/apis/{API}/resourceflavors/{queues.flavor}",
-    ):
-        with contextlib.suppress(ApiError):
-            client.delete(path)
-
-
-def workloads(client: KubeClient, namespace: str) -> list[JSON]:
-    items: list[JSON] = client.get(f"/apis/{API}/namespaces/{namespace}/workloads").get("items", [])
-    return items
-
-
-def workload_of_job(client: KubeClient, namespace: str, job_uid: str) -> JSON | None:
-    """The Workload that Kueue made for a Job (owned by it), if any yet."""
-    for wl in workloads(client, namespace):
-        if any(ref.get("uid") == job_uid for ref in wl["metadata"].get("ownerReferences") or []):
-            return wl
-    return None
-
-
-def workload_condition(wl: JSON | None, type_: str) -> JSON | None:
-    for c in ((wl or {}).get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_:
-            return dict(c)
-    return None
-
-
-def admitted(wl: JSON | None) -> bool:
-    return (workload_condition(wl, "Admitted") or {}).get("status") == "True"

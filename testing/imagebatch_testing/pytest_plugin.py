@@ -6,7 +6,7 @@ Import the fixture into a conftest.py to use it:
 
 `kueue` (session scope, started by the first test that asks for it) runs the real Kueue
 controller against `kube_cluster` (imagebatch_testing.kueue), with the two WorkloadPriorityClasses
-installed; each test makes its own queues with imagebatch_testing.kueue.create_queues.
+installed; each test makes its own queues with imagebatch_testing.kueuequeues.create_queues.
 
 `kube_cluster` (session scope) starts a LocalCluster (hack/cluster/build.sh builds the binaries
 when they are not cached; a missing toolchain makes the tests fail, not skip) and stops it at the
@@ -28,7 +28,8 @@ import pytest
 
 from imagebatch_testing.cluster import LocalCluster, build_binaries
 from imagebatch_testing.kubeapi import KubeClient
-from imagebatch_testing.kueue import KueueController, build_kueue, install_priority_classes
+from imagebatch_testing.kueue import KueueController, build_kueue
+from imagebatch_testing.kueuequeues import install_priority_classes
 from imagebatch_testing.processes import ClusterError
 
 EXTERNAL_KUBECONFIG_ENV = "IMAGEBATCH_TEST_KUBECONFIG"

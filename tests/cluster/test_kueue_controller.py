@@ -12,9 +12,9 @@ import pytest
 
 from imagebatch_testing.cluster import create_namespace, wait_until
 from imagebatch_testing.kubeapi import KubeClient
-from imagebatch_testing.kueue import (
-    QUEUE_LABEL,
-    KueueController,
+from imagebatch_testing.kueue import KueueController
+from imagebatch_testing.kueueconfig import QUEUE_LABEL
+from imagebatch_testing.kueuequeues import (
     admitted,
     create_queues,
     delete_queues,
