@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,7 @@ class KueueController:
         """Installs the CRDs, starts the controller and its webhooks; returns once they work."""
         if shutil.which("unshare") is None:
             raise ClusterError("Kueue's test harness needs `unshare` (util-linux) for the controller")
+        started = time.monotonic()
         for sub in ("logs", "pki", "webhook-certs", "etc-upper", "etc-work"):
             path = self.dir / sub
             if path.exists():
@@ -169,6 +171,7 @@ class KueueController:
         except BaseException:
             self.stop()
             raise
+        self.log(f"kueue ready in {time.monotonic() - started:.1f} s")
 
     def _apply(self, path: str, doc: JSON) -> JSON:
         """Server-side apply (Kueue's workloads CRD is too big for a last-applied annotation)."""
