@@ -28,7 +28,7 @@ import pytest
 
 from imagebatch_testing.cluster import LocalCluster, build_binaries
 from imagebatch_testing.kubeapi import KubeClient
-from imagebatch_testing.kueue import KueueController, build_kueue
+from imagebatch_testing.kueue import KueueBuild, KueueController, build_kueue
 from imagebatch_testing.kueuequeues import install_priority_classes
 from imagebatch_testing.processes import ClusterError
 
@@ -102,9 +102,17 @@ def kueue(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory) -
     """The Kueue controller (hack/kueue/build.sh) against the local cluster, for the rest of the
     session; it manages only Jobs with a kueue.x-k8s.io/queue-name label."""
     if kube_cluster.local is None:
-        raise ClusterError(
-            f"the Kueue tests start Kueue next to the local cluster; unset {EXTERNAL_KUBECONFIG_ENV} to run them"
-        )
+        # Its API server cannot reach a webhook on this machine: use the Kueue installed there.
+        crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/clusterqueues.kueue.x-k8s.io"
+        if kube_cluster.client.get_or_none(crd) is None:
+            raise ClusterError(
+                f"the Kueue tests need Kueue (v0.17) in the cluster of {EXTERNAL_KUBECONFIG_ENV}: install "
+                "its release manifests there, or unset the variable to run them on the local cluster"
+            )
+        install_priority_classes(kube_cluster.client)
+        # Not started nor stopped here; it has no log on this machine (its Events are read instead).
+        yield KueueController(KueueBuild(Path()), kube_cluster.kubeconfig, tmp_path_factory.mktemp("kueue"))
+        return
     with _alarm_paused():
         build = build_kueue()
     controller = KueueController(
