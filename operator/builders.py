@@ -26,6 +26,9 @@ from imagebatch.shardplan import owner_reference
 
 GROUP = "imagebatch.dev"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# A Kueue WorkloadPriorityClass, set on the ImageBatchJob as on any Kueue-managed object; Kueue
+# reads it from the worker Job, so the Job carries it too.
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # The Dockerfile's worker target, tagged as the chart names it: the version is the package's own.
 DEFAULT_WORKER_IMAGE = f"ghcr.io/imagebatch/imagebatch-worker:{package_version('imagebatch')}"
 CONTAINER = "worker"
@@ -300,6 +303,10 @@ def worker_job(
     s = settings or WorkerSettings()
     name = job["metadata"]["name"]
     extra = {KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
+    job_labels = dict(extra)
+    priority = (job["metadata"].get("labels") or {}).get(KUEUE_PRIORITY_LABEL)
+    if spec.queue_name and priority:
+        job_labels[KUEUE_PRIORITY_LABEL] = priority
     args = ["--namespace", "$(NAMESPACE)", "--job", name, "--pod", "$(POD_NAME)"]
     if s.metrics_port:
         args += ["--metrics-port", str(s.metrics_port)]
@@ -361,6 +368,6 @@ def worker_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(job, worker_job_name(name), "worker", extra),
+        "metadata": _meta(job, worker_job_name(name), "worker", job_labels),
         "spec": job_spec,
     }

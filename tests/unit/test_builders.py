@@ -87,6 +87,16 @@ def test_gpus_queue_deadline_and_suspend() -> None:
     assert worker_job(JOB, spec(suspend=True), 0)["spec"]["suspend"] is True
 
 
+def test_kueue_priority_class_label_goes_to_the_worker_job() -> None:
+    labelled = {**JOB, "metadata": {**JOB["metadata"], "labels": {"kueue.x-k8s.io/priority-class": "high"}}}
+    job = worker_job(labelled, spec(queueName="q"), 1)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+    # Without a queue Kueue does not manage the Job: no Kueue label at all.
+    plain = worker_job(labelled, spec(), 1)
+    assert not [k for k in plain["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]
+
+
 def test_pod_failure_policy_fails_fast_on_user_errors_and_ignores_sigterm() -> None:
     rules = worker_job(JOB, spec(), 1)["spec"]["podFailurePolicy"]["rules"]
     fail = [r for r in rules if r["action"] == "FailJob"]
