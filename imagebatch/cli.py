@@ -63,6 +63,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from imagebatch.worker import termination
+
+    # Every fatal error of a worker process reaches its container's termination message.
+    return termination.reporting(lambda: _worker(args))
+
+
+def _worker(args: argparse.Namespace) -> int:
     missing = [
         flag
         for flag, v in (("--namespace", args.namespace), ("--job", args.job), ("--pod", args.pod))
