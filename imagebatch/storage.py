@@ -14,10 +14,10 @@ import os
 import tarfile
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -180,6 +180,31 @@ class Storage:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[IO[bytes]]:
+        """A file written piece by piece that appears whole or not at all: a temp file renamed
+        on a file system; on object storage a (multipart) upload that completes when closed."""
+        path = self.path(key)
+        try:
+            if not self.local:
+                with self.fs.open(path, "wb") as remote:
+                    yield remote
+                return
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+        except OSError as e:
+            err = user_error("spec.output.uri", self.uri, e, self.secret)
+            if err is None:
+                raise
+            raise err from e
 
     @_user_errors
     def read_bytes(self, key: str) -> bytes:

@@ -352,8 +352,7 @@ class Worker:
         name = str(self.job["metadata"]["name"])
         shard_ids = [shard_id(i) for i in ordered]
         expected = int(ann[ANNOTATION_ITEM_COUNT]) if ANNOTATION_ITEM_COUNT in ann else None
-        manifest = join_outputs(self.storage, name, shard_ids, self.spec.output.layout, expected)
-        lines = manifest.count(b"\n")
+        lines = join_outputs(self.storage, name, shard_ids, self.spec.output.layout, expected)
         self.kube.annotate_shard(first["metadata"]["name"], {ANNOTATION_MANIFEST_LINES: str(lines)})
         log.info("joined %d manifest lines into %s", lines, self.storage.path(MANIFEST))
 
