@@ -211,3 +211,74 @@ def test_a_missing_prompt_file_is_not_retried(monkeypatch: pytest.MonkeyPatch, t
     with pytest.raises(PromptFileError, match="does not exist"):
         prompts.load_prompts(spec)
     assert len(calls) == 1
+
+
+class FailingFront:
+    """An HTTP front for the S3 server that answers the first `failures` requests with a 500
+    InternalError, as a store in trouble does, and passes the rest through."""
+
+    def __init__(self, backend: str, failures: int) -> None:
+        import http.client
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.failures = failures
+        self.refused = 0
+        target = urllib.parse.urlsplit(backend)
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's Expect: 100-continue
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if front.refused < front.failures:
+                    front.refused += 1
+                    xml = b"<Error><Code>InternalError</Code><Message>try again</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    self.wfile.write(xml)
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                conn.request(self.command, self.path, body, headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any  # noqa: N815 - http.server's names
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_storage_5xx_answers_are_retried_with_backoff(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the job's storage options (botocore's standard retry mode, 10 attempts; jittered
+    backoff of up to 20 s a wait, so the test keeps to a few failures)."""
+    use(monkeypatch, s3.env())
+    s3.create_bucket("flaky-store")
+    front = FailingFront(s3.endpoint, failures=3)
+    try:
+        out = Output(uri="s3://flaky-store/run", endpoint_url=front.endpoint)
+        Storage.for_output(out).write_bytes("images/a.png", b"png")
+        assert front.refused == 3
+        assert s3.get("flaky-store", "run/images/a.png") == b"png"
+    finally:
+        front.close()
