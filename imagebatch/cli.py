@@ -90,8 +90,16 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from imagebatch.worker import termination
+
+    # The fetch step is a container of the worker pod: its fatal error is its termination message.
+    return termination.reporting(lambda: _fetch_model(args))
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
     from imagebatch.api import ModelSpec
     from imagebatch.errors import ModelLoadError
+    from imagebatch.worker import termination
     from imagebatch.worker.pipeline import fetch_model  # torch is imported only by workers
 
     spec = ModelSpec(name=args.model, revision=args.revision, variant=args.variant, pipeline=args.pipeline)
@@ -99,6 +107,7 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
         fetch_model(spec)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
+        termination.write(str(e))
         return EXIT_MODEL_LOAD_ERROR
     return 0
 

@@ -79,3 +79,9 @@ def test_the_worker_command_records_a_user_error(log_file: Path, monkeypatch: py
         monkeypatch.delenv(var, raising=False)
     assert main(["worker"]) == 2
     assert log_file.read_text().startswith("worker: set --namespace, --job, --pod")
+
+
+def test_the_fetch_step_records_a_model_that_cannot_be_fetched(log_file: Path) -> None:
+    # HF_HUB_OFFLINE=1 (tests/conftest.py): a hub model that is not in the cache cannot be fetched.
+    assert main(["fetch-model", "--model", "nobody/no-such-model"]) == 3
+    assert "nobody/no-such-model" in log_file.read_text()
