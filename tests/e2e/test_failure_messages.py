@@ -189,3 +189,29 @@ def test_an_unwritable_output_location_fails_naming_spec_output_uri(
     assert f"spec.output.uri: cannot write to '{out}'" in failed["message"], failed
     assert "set spec.output.uri to a location they can write" in failed["message"], failed
     assert_fails_once(kubectl, running_operator, namespace, name)
+
+
+def test_an_unexpected_worker_error_is_its_pods_termination_message(
+    kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    """Not a user error (a worker bug, a broken image): the pod ends with exit 1 and says
+    `<Type>: <message>`, what the operator shows once the Job's retries of it run out (a
+    misspelt failpoint is a ValueError the worker does not expect, from a real pod)."""
+    name = "crashing"
+    env = [{"name": "IMAGEBATCH_FAILPOINTS", "value": "no-such-point=hold"}]
+    job = tiny_job(name, str(tmp_path / "out"), prompts=["a cat"], workers={"maxReplicas": 1, "env": env})
+    kubectl.apply([job], namespace)
+
+    def crashed() -> list[dict[str, Any]]:
+        return [
+            cs["state"]["terminated"]
+            for p in kubectl.json("get", "pods", "-n", namespace)["items"]
+            for cs in p["status"].get("containerStatuses") or []
+            if cs.get("state", {}).get("terminated", {}).get("exitCode") == 1
+        ]
+
+    ended = wait_for("a worker pod that crashed", crashed, timeout=300)
+    assert ended[0]["message"].startswith(
+        "ValueError: IMAGEBATCH_FAILPOINTS: cannot read 'no-such-point=hold'"
+    )
+    assert "\n" not in ended[0]["message"].strip() and "Traceback" not in ended[0]["message"]
