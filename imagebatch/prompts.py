@@ -68,12 +68,8 @@ def _open_error(uri: str, e: BaseException) -> PromptFileError:
             f"{URI_FIELD}: cannot read prompt file {uri!r}: it is a folder; for a Hugging Face "
             "save_to_disk folder set spec.promptsFrom.format: hf"
         )
-    refused = storage_errors.user_error(URI_FIELD, uri, e)
-    if (
-        refused is not None
-        and storage_errors.classify(e, remote="://" in uri) is storage_errors.Kind.CREDENTIALS
-    ):
-        return PromptFileError(str(refused))
+    if storage_errors.classify(e, remote="://" in uri) is storage_errors.Kind.CREDENTIALS:
+        return PromptFileError(str(storage_errors.credentials_refused(URI_FIELD, uri, e, None)))
     return PromptFileError(f"{URI_FIELD}: cannot read prompt file {uri!r}: {e}")
 
 

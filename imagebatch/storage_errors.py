@@ -10,7 +10,6 @@ file system (a flaky NFS mount) are worth another try.
 from __future__ import annotations
 
 import errno
-import os
 from enum import Enum
 from typing import Any
 
@@ -194,7 +193,7 @@ def user_error(field: str, uri: str, err: BaseException, secret: str | None = No
     if kind is Kind.CREDENTIALS:
         return credentials_refused(field, uri, err, secret)
     if kind is Kind.NOT_WRITABLE and isinstance(err, OSError):
-        return not_writable(field, getattr(err, "filename", None) or os.fspath(uri), err)
+        return not_writable(field, getattr(err, "filename", None) or uri, err)
     if kind is Kind.MISSING and error_code(err) == "NoSuchBucket":
         return StorageError(
             f"{field}: bucket {bucket_of(uri)!r} does not exist; create it, or set {field} to an "
