@@ -64,6 +64,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from imagebatch.worker import termination
+
+    # Every fatal error of a worker process reaches its container's termination message (and
+    # `entry` ends the process right after, with its exit code).
+    return termination.reporting(lambda: _worker(args))
+
+
+def _worker(args: argparse.Namespace) -> int:
     missing = [
         flag
         for flag, v in (("--namespace", args.namespace), ("--job", args.job), ("--pod", args.pod))
@@ -74,27 +82,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # torch is imported only by workers; a pod with several GPUs runs one engine process per GPU.
     from imagebatch.worker import multigpu
 
-    try:
-        if args.rank is not None:
-            rc = multigpu.run_rank(
-                args.namespace,
-                args.job,
-                args.pod,
-                args.rank,
-                device=args.device,
-                metrics_port=args.metrics_port,
-            )
-        else:
-            rc = multigpu.run_worker_pod(
-                args.namespace, args.job, args.pod, device=args.device, metrics_port=args.metrics_port
-            )
-    except ImageBatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        rc = EXIT_USER_ERROR
-    except Exception:
-        logging.getLogger("imagebatch.worker").exception("the worker failed with an unexpected error")
-        rc = 1
-    _exit_now(rc)
+    if args.rank is not None:
+        return multigpu.run_rank(
+            args.namespace, args.job, args.pod, args.rank, device=args.device, metrics_port=args.metrics_port
+        )
+    return multigpu.run_worker_pod(
+        args.namespace, args.job, args.pod, device=args.device, metrics_port=args.metrics_port
+    )
 
 
 def _exit_now(rc: int) -> NoReturn:
@@ -111,8 +105,16 @@ def _exit_now(rc: int) -> NoReturn:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from imagebatch.worker import termination
+
+    # The fetch step is a container of the worker pod: its fatal error is its termination message.
+    return termination.reporting(lambda: _fetch_model(args))
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
     from imagebatch.api import ModelSpec
     from imagebatch.errors import ModelLoadError
+    from imagebatch.worker import termination
     from imagebatch.worker.pipeline import fetch_model  # torch is imported only by workers
 
     spec = ModelSpec(name=args.model, revision=args.revision, variant=args.variant, pipeline=args.pipeline)
@@ -120,6 +122,7 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
         fetch_model(spec)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
+        termination.write(str(e))
         return EXIT_MODEL_LOAD_ERROR
     return 0
 
@@ -405,5 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The console scripts and `python -m imagebatch.cli`: a worker leaves at once (`_exit_now`)."""
+    rc = main()
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        _exit_now(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -200,6 +200,7 @@ def fetch_container(spec: ImageBatchJobSpec, image: str, s: WorkerSettings) -> d
         + [dict(e) for e in spec.workers.env or []],
         "volumeMounts": [model_cache_mount(read_only=False)],
         "securityContext": _container_security(),
+        "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
@@ -318,6 +319,9 @@ def worker_job(
         "env": _env(job, spec),
         "resources": _resources(spec),
         "securityContext": _container_security(),
+        # The worker writes its fatal error there (worker/termination.py); the operator copies it
+        # into the job's Failed condition. The logs' tail when a crash left nothing in it.
+        "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.output.credentials_secret is not None:

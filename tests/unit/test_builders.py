@@ -272,3 +272,13 @@ def test_gpu_count_reaches_the_worker() -> None:
             "containers"
         ][0]
         assert {"name": "IMAGEBATCH_GPUS", "value": str(gpus)} in c["env"]
+
+
+def test_every_worker_container_reports_its_fatal_error_as_its_termination_message() -> None:
+    s = spec(model={"name": "org/model", "cache": {"claimName": "hf-cache"}})
+    pod = worker_job(JOB, s, 1)["spec"]["template"]["spec"]
+    containers = pod["containers"] + pod.get("initContainers", [])
+    assert len(containers) == 2  # the worker and the model fetch step
+    for c in containers:
+        assert c["terminationMessagePath"] == "/dev/termination-log", c["name"]
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError", c["name"]

@@ -107,6 +107,43 @@ def test_a_crashed_child_is_released_reported_and_restarted(
     assert any("crashed with signal 9" in r.getMessage() for r in caplog.records)
 
 
+FAILING = """
+import os, sys
+tmp, rank = sys.argv[1], sys.argv[2]
+log = os.environ["IMAGEBATCH_TERMINATION_LOG"]
+if rank == "1":
+    open(log, "w").write(os.environ["MODE"])
+    sys.exit(int(os.environ["CODE"]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "code", "expected"),
+    [
+        (
+            "spec.promptsFrom.uri: /data/p.jsonl line 3: malformed JSON",
+            2,
+            "spec.promptsFrom.uri: /data/p.jsonl line 3",
+        ),
+        (
+            "RuntimeError: CUDA error",
+            1,
+            "RuntimeError: CUDA error\n(rank 1 (pod-x/1) crashed with exit code 1 4 times)",
+        ),
+    ],
+)
+def test_the_pod_reports_the_message_of_its_failed_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, code: int, expected: str
+) -> None:
+    pod_log = tmp_path / "termination-log"
+    monkeypatch.setenv("IMAGEBATCH_TERMINATION_LOG", str(pod_log))
+    monkeypatch.setenv("MODE", mode)
+    monkeypatch.setenv("CODE", str(code))
+    sup = Recording(FAILING, tmp_path, ["0", "1"])
+    assert sup.run() == code
+    assert pod_log.read_text().startswith(expected)
+
+
 def test_sigterm_reaches_every_child(tmp_path: Path) -> None:
     script = """
 import os, signal, sys, time
