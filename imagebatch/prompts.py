@@ -55,6 +55,14 @@ def file_format(uri: str, declared: str | None) -> str:
     )
 
 
+class _RefusedError(PromptFileError):
+    """Refused credentials reading the prompt file; iter_prompts names the job's Secret in it."""
+
+    def __init__(self, uri: str, err: BaseException) -> None:
+        super().__init__(str(storage_errors.credentials_refused(URI_FIELD, uri, err, None)))
+        self.uri, self.err = uri, err
+
+
 def _open_error(uri: str, e: BaseException) -> PromptFileError:
     if isinstance(e, FileNotFoundError):
         return PromptFileError(
@@ -69,7 +77,7 @@ def _open_error(uri: str, e: BaseException) -> PromptFileError:
             "save_to_disk folder set spec.promptsFrom.format: hf"
         )
     if storage_errors.classify(e, remote="://" in uri) is storage_errors.Kind.CREDENTIALS:
-        return PromptFileError(str(storage_errors.credentials_refused(URI_FIELD, uri, e, None)))
+        return _RefusedError(uri, e)
     return PromptFileError(f"{URI_FIELD}: cannot read prompt file {uri!r}: {e}")
 
 
@@ -405,7 +413,13 @@ def iter_prompts(
         rows = iter_hf(uri, storage_options, cols)
     else:
         rows = TEXT_READERS[fmt](_text_lines(uri, storage_options), f"{URI_FIELD}: {uri}", cols)
-    yield from _non_empty(rows, f"{URI_FIELD}: {uri}")
+    try:
+        yield from _non_empty(rows, f"{URI_FIELD}: {uri}")
+    except _RefusedError as e:
+        secret = spec.output.credentials_secret.name if spec.output.credentials_secret else None
+        raise PromptFileError(
+            str(storage_errors.credentials_refused(URI_FIELD, e.uri, e.err, secret))
+        ) from None
 
 
 def _is_hf_folder(uri: str, storage_options: dict[str, Any] | None) -> bool:
