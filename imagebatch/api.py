@@ -291,6 +291,16 @@ class Retries(Model):
     lease_seconds: int = Field(
         default=120, ge=10, le=86_400, description="A claim not renewed for this long goes back to pending."
     )
+    progress_deadline_seconds: int = Field(
+        default=1800,
+        ge=10,
+        le=604_800,
+        description=(
+            "A claim whose itemsDone has not moved for this long goes back to pending (a failed "
+            "attempt) even though its lease is renewed: a worker hung in CUDA, on a dead mount or on "
+            "storage. Allow the slowest batch plus model compilation."
+        ),
+    )
 
 
 class Workers(Model):
@@ -345,6 +355,25 @@ class Workers(Model):
         return self
 
 
+# Every shard is an object in etcd, listed and watched by the operator and the workers: a job of a
+# million shards (shardSize 1) would swamp the API server. 20,000 shards of the default 256 items
+# hold five million images.
+MAX_SHARDS_PER_JOB = 20_000
+
+
+def too_many_shards(n_items: int, shard_size: int) -> str | None:
+    """The error for a plan of more shards than a job may have, naming what to change."""
+    n = -(-n_items // shard_size)
+    if n <= MAX_SHARDS_PER_JOB:
+        return None
+    least = -(-n_items // MAX_SHARDS_PER_JOB)
+    return (
+        f"spec.batching.shardSize: {n_items} images in shards of {shard_size} make {n} "
+        f"ImageBatchShards, more than the {MAX_SHARDS_PER_JOB} a job may have; set "
+        f"spec.batching.shardSize to {least} or more (or split the job)"
+    )
+
+
 PromptEntry = Annotated[str, Field(min_length=1)] | PromptItem
 
 
@@ -371,7 +400,9 @@ class ImageBatchJobSpec(Model):
         default=None, description="Kueue LocalQueue; set as the worker Job's kueue.x-k8s.io/queue-name label."
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Fail the job if it runs longer than this."
+        default=None,
+        ge=1,
+        description="Fail the job if its workers run longer than this; time queued or suspended does not count.",
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the job this long after it finishes."
@@ -385,6 +416,14 @@ class ImageBatchJobSpec(Model):
             raise ValueError("set only one of spec.prompts and spec.promptsFrom")
         if self.prompts is not None and not self.prompts:
             raise ValueError("spec.prompts is empty: give at least one prompt")
+        if self.prompts is not None:
+            # Refused before anything is made (the operator's InvalidSpec, `imagebatch validate`);
+            # a prompt file's count is checked when it is planned (shardplan.check_shard_count).
+            too_many = too_many_shards(
+                len(self.prompts) * self.generation.images_per_prompt, self.batching.shard_size
+            )
+            if too_many:
+                raise ValueError(too_many)
         return self
 
 
@@ -411,7 +450,9 @@ class Condition(Model):
     """A standard Kubernetes condition (metav1.Condition)."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False)
-    type: str = Field(description="Complete, Failed, Suspended, Ready, Reconciling or Stalled.")
+    type: str = Field(
+        description="Complete, Failed, Suspended, Queued, WorkersHealthy, Ready, Reconciling or Stalled."
+    )
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable detail.")
@@ -437,13 +478,30 @@ class ImageBatchJobStatus(Model):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False)
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Complete, Failed, Suspended, Ready, Reconciling, Stalled."
+        default_factory=list,
+        description="Complete, Failed, Suspended, Queued, WorkersHealthy, Ready, Reconciling, Stalled.",
     )
+    state: str = Field(
+        default="", description="Pending, Queued, Running, Suspended, Complete or Failed (the STATE column)."
+    )
+    reason: str = Field(default="", description="Why the job is in its state (the REASON column).")
     items: ItemCounts = Field(default_factory=ItemCounts, description="Image counts by state.")
     shards: ShardCounts = Field(default_factory=ShardCounts, description="Shard counts by state.")
     progress: str = Field(default="", description="done/total, for the printer column.")
     desired_replicas: int = Field(default=0, description="Worker pods wanted for the backlog.")
     active_replicas: int = Field(default=0, description="Worker pods running.")
+    ready: str = Field(default="", description="Running/desired worker pods, e.g. 3/4 (the READY column).")
+    active_seconds: float = Field(
+        default=0.0,
+        description="Seconds the workers were admitted and not suspended before runningSince (the deadline's clock).",
+    )
+    running_since: str | None = Field(
+        default=None,
+        description="When the workers were last admitted or resumed (RFC 3339); unset while queued.",
+    )
+    worker_job_restarts: int = Field(
+        default=0, description="Worker Jobs replaced after they failed with work left (bounded)."
+    )
     images_per_second: str = Field(default="", description="Recent throughput (a decimal string).")
     eta: str = Field(default="", description="Estimated time left, e.g. 5m30s.")
     start_time: str | None = Field(default=None, description="When work started (RFC 3339).")
@@ -472,6 +530,14 @@ class ImageBatchShardStatus(Model):
     state: ShardState = Field(default="Pending", description="Pending, Claimed, Done or Failed.")
     attempt: int = Field(
         default=0, ge=0, description="Claims so far; a completion must carry the current one."
+    )
+    failures: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Failed attempts (errors, expired leases, progress deadlines); the shard is Failed at "
+            "retries.maxAttempts. A release on SIGTERM (scale-in, suspend, preemption) counts none."
+        ),
     )
     holder: str | None = Field(default=None, description="Worker pod holding the claim.")
     lease_renew_time: str | None = Field(default=None, description="Last lease renewal (RFC 3339).")

@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from imagebatch.errors import ImageBatchError
 
@@ -63,6 +64,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from imagebatch.worker import termination
+
+    # Every fatal error of a worker process reaches its container's termination message (and
+    # `entry` ends the process right after, with its exit code).
+    return termination.reporting(lambda: _worker(args))
+
+
+def _worker(args: argparse.Namespace) -> int:
     missing = [
         flag
         for flag, v in (("--namespace", args.namespace), ("--job", args.job), ("--pod", args.pod))
@@ -82,9 +91,30 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     )
 
 
+def _exit_now(rc: int) -> NoReturn:
+    """Ends a worker process at once. A thread that an error left behind (a pool of the engine or
+    of a client) would otherwise keep a failed worker alive at interpreter exit, holding its GPU,
+    with the Job controller never seeing the exit code: that happened."""
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck and rc != 0:
+        logging.getLogger("imagebatch.worker").warning("exiting %d; threads left: %s", rc, ", ".join(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from imagebatch.worker import termination
+
+    # The fetch step is a container of the worker pod: its fatal error is its termination message.
+    return termination.reporting(lambda: _fetch_model(args))
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
     from imagebatch.api import ModelSpec
     from imagebatch.errors import ModelLoadError
+    from imagebatch.worker import termination
     from imagebatch.worker.pipeline import fetch_model  # torch is imported only by workers
 
     spec = ModelSpec(name=args.model, revision=args.revision, variant=args.variant, pipeline=args.pipeline)
@@ -92,6 +122,7 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
         fetch_model(spec)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
+        termination.write(str(e))
         return EXIT_MODEL_LOAD_ERROR
     return 0
 
@@ -377,5 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The console scripts and `python -m imagebatch.cli`: a worker leaves at once (`_exit_now`)."""
+    rc = main()
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        _exit_now(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -151,25 +151,76 @@ if (hashPage() !== 1) go(hashPage());
 """
 
 
-def render_pages(title: str, lines: list[dict[str, Any]], page_size: int = PAGE_SIZE) -> dict[str, str]:
-    """index.html and the page scripts, by storage key."""
-    rows = [_row(line) for line in lines]
-    pages = [rows[i : i + page_size] for i in range(0, len(rows), page_size)] or [[]]
-    data = {"first": pages[0], "pages": len(pages), "dir": PAGES, "total": len(rows)}
-    summary = f"{len(rows)} images" + (f" on {len(pages)} pages of {page_size}" if len(pages) > 1 else "")
-    index = (
+def _index(title: str, first: list[list[Any]], total: int, pages: int, page_size: int) -> str:
+    data = {"first": first, "pages": pages, "dir": PAGES, "total": total}
+    summary = f"{total} images" + (f" on {pages} pages of {page_size}" if pages > 1 else "")
+    return (
         f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n<p>{summary}; "
         "manifest.jsonl and manifest.parquet list all</p>\n"
         '<nav><button id="prev">&larr; previous</button><span id="page">page 1 of '
-        f'{len(pages)}</span><button id="next">next &rarr;</button></nav>\n'
-        '<div class="grid" id="grid">\n' + "".join(_figure(r) for r in pages[0]) + "</div>\n"
+        f'{pages}</span><button id="next">next &rarr;</button></nav>\n'
+        '<div class="grid" id="grid">\n' + "".join(_figure(r) for r in first) + "</div>\n"
         f'<script type="application/json" id="ib-data">{_script_json(data)}</script>\n'
         f'<script src="{SCRIPT}"></script>\n</body></html>\n'
     )
-    out = {"index.html": index, SCRIPT: _SCRIPT}
-    for n, page in enumerate(pages[1:], start=2):
-        out[page_key(n)] = f"ibPage({n},{_script_json(page)});\n"
+
+
+class SheetWriter:
+    """The contact sheet, line by line: a page's script as soon as the page is full, so a
+    million-line manifest never sits in memory (only the first page, for index.html).
+
+    `total`: the line count, known in advance (index.html, written last, says it)."""
+
+    def __init__(self, title: str, total: int, page_size: int = PAGE_SIZE) -> None:
+        self.title = title
+        self.total = total
+        self.page_size = page_size
+        self.first: list[list[Any]] = []
+        self.page: list[list[Any]] = []
+        self.number = 1  # of the page being filled
+        self.added = 0
+
+    def add(self, line: dict[str, Any]) -> list[tuple[str, str]]:
+        """The files (key, text) this line completes: none, or one page script."""
+        row = _row(line)
+        self.added += 1
+        if self.number == 1:
+            self.first.append(row)
+            if len(self.first) == self.page_size:
+                self.number = 2
+            return []
+        self.page.append(row)
+        if len(self.page) < self.page_size:
+            return []
+        return [self._flush()]
+
+    def _flush(self) -> tuple[str, str]:
+        out = (page_key(self.number), f"ibPage({self.number},{_script_json(self.page)});\n")
+        self.number += 1
+        self.page = []
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        """The last page, the script, and index.html last: its presence says every page is there."""
+        if self.added != self.total:
+            raise ValueError(f"contact sheet: {self.added} lines added, {self.total} announced")
+        out = [self._flush()] if self.page else []
+        pages = max(1, -(-self.total // self.page_size))
+        return [
+            *out,
+            (SCRIPT, _SCRIPT),
+            ("index.html", _index(self.title, self.first, self.total, pages, self.page_size)),
+        ]
+
+
+def render_pages(title: str, lines: list[dict[str, Any]], page_size: int = PAGE_SIZE) -> dict[str, str]:
+    """index.html and the page scripts, by storage key."""
+    sheet = SheetWriter(title, len(lines), page_size)
+    out: dict[str, str] = {}
+    for line in lines:
+        out.update(sheet.add(line))
+    out.update(sheet.finish())
     return out
 
 

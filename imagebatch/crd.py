@@ -73,22 +73,28 @@ NEW_JOB = "create a new ImageBatchJob (with another name) for other settings"
 # Printer columns for `kubectl get ibj` / `kubectl get ibs`.
 JOB_COLUMNS: list[Schema] = [
     {
+        "name": "State",
+        "type": "string",
+        "jsonPath": ".status.state",
+        "description": "Queued, Running, Suspended, Complete or Failed.",
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "description": "Why: the reason of the condition that decides the state.",
+    },
+    {
         "name": "Progress",
         "type": "string",
         "jsonPath": ".status.progress",
         "description": "Images done/total.",
     },
     {
-        "name": "Complete",
+        "name": "Ready",
         "type": "string",
-        "jsonPath": '.status.conditions[?(@.type=="Complete")].status',
-        "description": "Status of the Complete condition.",
-    },
-    {
-        "name": "Replicas",
-        "type": "integer",
-        "jsonPath": ".status.activeReplicas",
-        "description": "Worker pods running.",
+        "jsonPath": ".status.ready",
+        "description": "Worker pods running/desired.",
     },
     {
         "name": "Img/s",
@@ -98,11 +104,24 @@ JOB_COLUMNS: list[Schema] = [
     },
     {"name": "ETA", "type": "string", "jsonPath": ".status.eta", "description": "Estimated time left."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Message",
+        "type": "string",
+        "priority": 1,
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].message',
+        "description": "What the job is doing or why it failed (kubectl get -o wide).",
+    },
 ]
 SHARD_COLUMNS: list[Schema] = [
     {"name": "Job", "type": "string", "jsonPath": ".spec.jobName", "description": "The owning job."},
     {"name": "State", "type": "string", "jsonPath": ".status.state", "description": "Shard state."},
     {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt", "description": "Claims so far."},
+    {
+        "name": "Failures",
+        "type": "integer",
+        "jsonPath": ".status.failures",
+        "description": "Failed attempts (retries.maxAttempts limits these).",
+    },
     {"name": "Holder", "type": "string", "jsonPath": ".status.holder", "description": "Worker pod."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -109,52 +109,97 @@ def write_part(storage: Storage, shard: str, lines: list[dict[str, Any]]) -> Non
     storage.write_bytes(manifest_part_key(shard), dumps_lines(lines))
 
 
-def join_parts(storage: Storage, shards: Iterable[str]) -> bytes:
-    """Concatenate the shards' parts, in shard order, into manifest.jsonl; returns what it wrote."""
-    data = b"".join(storage.read_bytes(manifest_part_key(s)) for s in shards)
-    storage.write_bytes(MANIFEST, data)
-    return data
+_IMAGEFOLDER_FIELDS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "model",
+)
+# Parquet rows are gathered (as Arrow columns, not Python objects) into row groups of about this many.
+ROW_GROUP_ROWS = 65536
 
 
-def parquet_bytes(lines: list[dict[str, Any]]) -> bytes:
-    """manifest.parquet: the same rows and fields as manifest.jsonl (a field a line lacks is null)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    names: dict[str, None] = {}
-    for line in lines:
-        names.update(dict.fromkeys(line))
-    table = pa.table({k: [line.get(k) for line in lines] for k in names})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
-def imagefolder_lines(lines: list[dict[str, Any]]) -> bytes:
-    """metadata.jsonl for `datasets.load_dataset("imagefolder", data_dir=<output>)`."""
-    keep = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "model")
-    rows = (
-        {"file_name": line["key"]} | {k: line.get(k) for k in keep} | {"parameters": parameters_text(line)}
-        for line in lines
+def imagefolder_line(line: dict[str, Any]) -> dict[str, Any]:
+    """A metadata.jsonl row for `datasets.load_dataset("imagefolder", data_dir=<output>)`."""
+    return (
+        {"file_name": line["key"]}
+        | {k: line.get(k) for k in _IMAGEFOLDER_FIELDS}
+        | {"parameters": parameters_text(line)}
     )
-    return dumps_lines(rows)
+
+
+def _part(storage: Storage, shard: str) -> tuple[bytes, list[dict[str, Any]]]:
+    data = storage.read_bytes(manifest_part_key(shard))
+    return data, contact_sheet.parse_manifest(data)
+
+
+def _columns(lines: list[dict[str, Any]], names: dict[str, None]) -> dict[str, list[Any]]:
+    return {k: [line.get(k) for line in lines] for k in names}
 
 
 def join_outputs(
     storage: Storage, title: str, shards: Iterable[str], layout: str, expected: int | None = None
-) -> bytes:
-    """Everything written once all shards are done: manifest.jsonl (returned), manifest.parquet,
-    the imagefolder metadata (files layout) and the contact sheet's pages. With `expected`, a
-    manifest of another line count raises before anything but manifest.jsonl is written."""
-    data = join_parts(storage, shards)
-    lines = contact_sheet.parse_manifest(data)
-    if expected is not None and len(lines) != expected:
-        raise RuntimeError(f"manifest has {len(lines)} lines for {expected} images")
-    storage.write_bytes(MANIFEST_PARQUET, parquet_bytes(lines))
-    if layout == "files":
-        storage.write_bytes(HF_METADATA, imagefolder_lines(lines))
-    pages = contact_sheet.render_pages(title, lines)
+) -> int:
+    """Everything written once all shards are done: manifest.jsonl, manifest.parquet, the
+    imagefolder metadata (files layout) and the contact sheet's pages; returns the line count.
+
+    Part by part, in two passes, so that the whole manifest is never in memory (a million lines
+    are a few GB as Python objects): the first concatenates the parts into manifest.jsonl and
+    learns the line count and the Parquet schema (every field any line has, types unified), the
+    second writes the rest. With `expected`, a manifest of another line count raises before
+    anything but manifest.jsonl is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = list(shards)
+    count = 0
+    names: dict[str, None] = {}  # every field, in the order lines first have it
+    schemas: list[pa.Schema] = []
+    with storage.open_write(MANIFEST) as out:
+        for shard in shards:
+            data, lines = _part(storage, shard)
+            out.write(data)
+            count += len(lines)
+            for line in lines:
+                names.update(dict.fromkeys(line))
+            if lines:
+                schemas.append(
+                    pa.table(_columns(lines, dict.fromkeys(k for line in lines for k in line))).schema
+                )
+    if expected is not None and count != expected:
+        raise RuntimeError(f"manifest has {count} lines for {expected} images")
+    unified = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    schema = pa.schema(
+        [pa.field(k, unified.field(k).type if k in unified.names else pa.null()) for k in names]
+    )
+
+    sheet = contact_sheet.SheetWriter(title, count)
+    with contextlib.ExitStack() as files:
+        writer = files.enter_context(
+            pq.ParquetWriter(files.enter_context(storage.open_write(MANIFEST_PARQUET)), schema)
+        )
+        meta = files.enter_context(storage.open_write(HF_METADATA)) if layout == "files" else None
+        pending: list[pa.Table] = []
+        for shard in shards:
+            _, lines = _part(storage, shard)
+            cols = _columns(lines, names)
+            pending.append(pa.table({k: pa.array(cols[k], type=schema.field(k).type) for k in names}))
+            if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                writer.write_table(pa.concat_tables(pending))
+                pending = []
+            if meta is not None:
+                meta.write(dumps_lines(imagefolder_line(line) for line in lines))
+            for line in lines:
+                for key, text in sheet.add(line):
+                    storage.write_bytes(key, text.encode())
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
     # index.html last: its presence says every page it links to is there.
-    for key, text in sorted(pages.items(), key=lambda kv: kv[0] == "index.html"):
+    for key, text in sheet.finish():
         storage.write_bytes(key, text.encode())
-    return data
+    return count

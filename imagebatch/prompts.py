@@ -6,6 +6,7 @@ million-row prompt file never sits whole in memory: `iter_prompts` yields one Pr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -17,7 +18,9 @@ from typing import IO, Any
 
 import fsspec
 from pydantic import ValidationError
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from imagebatch import storage_errors
 from imagebatch.api import ImageBatchJobSpec, PromptItem, PromptsFrom
 from imagebatch.errors import PromptFileError, SpecError, format_validation_error
 
@@ -29,6 +32,12 @@ BATCH_ROWS = 8192
 _ALIASES = {"negative_prompt": "negativePrompt", "guidance_scale": "guidanceScale"}
 _FIELDS = {"id", "prompt", "negativePrompt", "seed", "width", "height", "steps", "guidanceScale"}
 HF_MARKERS = ("dataset_info.json", "state.json")
+URI_FIELD = "spec.promptsFrom.uri"
+# A read that fails for a passing reason (EIO or ESTALE on a flaky mount, a reset connection or
+# a 503 from object storage) is retried this many times, the file reopened where it had got to.
+READ_ATTEMPTS = 6
+READ_WAIT_SECONDS = 0.5  # the first wait; then doubling (plus jitter), up to READ_WAIT_MAX
+READ_WAIT_MAX = 15.0
 
 
 def file_format(uri: str, declared: str | None) -> str:
@@ -46,32 +55,118 @@ def file_format(uri: str, declared: str | None) -> str:
     )
 
 
+class _RefusedError(PromptFileError):
+    """Refused credentials reading the prompt file; iter_prompts names the job's Secret in it."""
+
+    def __init__(self, uri: str, err: BaseException) -> None:
+        super().__init__(str(storage_errors.credentials_refused(URI_FIELD, uri, err, None)))
+        self.uri, self.err = uri, err
+
+
 def _open_error(uri: str, e: BaseException) -> PromptFileError:
     if isinstance(e, FileNotFoundError):
         return PromptFileError(
-            f"spec.promptsFrom.uri: prompt file {uri!r} does not exist; check the path "
+            f"{URI_FIELD}: prompt file {uri!r} does not exist; check the path "
             "(relative paths are read from the current directory)"
         )
     if isinstance(e, UnicodeDecodeError):
-        return PromptFileError(
-            f"spec.promptsFrom.uri: {uri!r} is not UTF-8 text ({e.reason} at byte {e.start})"
-        )
+        return PromptFileError(f"{URI_FIELD}: {uri!r} is not UTF-8 text ({e.reason} at byte {e.start})")
     if isinstance(e, IsADirectoryError):
         return PromptFileError(
-            f"spec.promptsFrom.uri: cannot read prompt file {uri!r}: it is a folder; for a Hugging Face "
+            f"{URI_FIELD}: cannot read prompt file {uri!r}: it is a folder; for a Hugging Face "
             "save_to_disk folder set spec.promptsFrom.format: hf"
         )
-    return PromptFileError(f"spec.promptsFrom.uri: cannot read prompt file {uri!r}: {e}")
+    if storage_errors.classify(e, remote="://" in uri) is storage_errors.Kind.CREDENTIALS:
+        return _RefusedError(uri, e)
+    return PromptFileError(f"{URI_FIELD}: cannot read prompt file {uri!r}: {e}")
+
+
+def _retrying() -> Retrying:
+    return Retrying(
+        retry=retry_if_exception(storage_errors.transient),
+        stop=stop_after_attempt(READ_ATTEMPTS),
+        wait=wait_exponential_jitter(multiplier=READ_WAIT_SECONDS, max=READ_WAIT_MAX),
+        reraise=True,
+    )
+
+
+def _open_raw(uri: str, storage_options: dict[str, Any] | None) -> IO[bytes]:
+    f: IO[bytes] = fsspec.open(uri, "rb", **(storage_options or {})).open()
+    return f
+
+
+class _ResumingReader(io.RawIOBase):
+    """A prompt file's bytes that survive a transient read error: the file is reopened and read
+    on from the byte it had reached (tenacity's backoff in between). A missing file, or any
+    error that is not transient, is raised at once."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.uri = uri
+        self.storage_options = storage_options
+        self._f: IO[bytes] | None = None
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
+
+    def _file(self) -> IO[bytes]:
+        if self._f is None:
+            f = _open_raw(self.uri, self.storage_options)
+            if self._pos:
+                f.seek(self._pos)
+            self._f = f
+        return self._f
+
+    def _read_once(self, n: int) -> bytes:
+        try:
+            return self._file().read(n)
+        except BaseException:
+            self._drop()  # reopened by the next attempt
+            raise
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data: bytes = _retrying()(self._read_once, len(view))
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return True  # Parquet reads its footer first
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        f = _retrying()(self._file)
+        self._pos = int(f.seek(offset, whence))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def open_now(self) -> None:
+        _retrying()(self._file)
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
 
 
 @contextmanager
 def _open_binary(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes]]:
     """The file's bytes, gunzipped when the name ends in .gz."""
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as raw:
-            f: IO[bytes] = raw
+        raw = _ResumingReader(uri, storage_options)
+        raw.open_now()  # a missing or refused file fails here, before anything is parsed
+        with io.BufferedReader(raw, buffer_size=1 << 20) as buffered:
+            f: IO[bytes] = buffered
             if uri.endswith(".gz"):
-                f = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+                f = gzip.GzipFile(fileobj=buffered)  # type: ignore[assignment]
             yield f
     except PromptFileError:
         raise
@@ -124,9 +219,10 @@ class Columns:
         for field, col in wanted:
             if col not in have:
                 what = "field" if fmt == "jsonl" else "column"
+                rename = f", or name that {what} {col!r} in the file" if field == "promptsFrom.column" else ""
                 raise PromptFileError(
-                    f"{where}: spec.{field}: the {fmt} has no {col!r} {what}; its {what}s are "
-                    f"{', '.join(map(repr, have)) or 'none'}"
+                    f"{where}: the {fmt} has no {col!r} {what} (spec.{field}); its {what}s are "
+                    f"{', '.join(map(repr, have)) or 'none'}: set spec.{field} to the one to use{rename}"
                 )
 
     def row(self, row: dict[str, Any], strict: bool = True) -> dict[str, Any]:
@@ -157,7 +253,7 @@ class Columns:
 def iter_txt(lines: Iterable[str], where: str, cols: Columns) -> Iterator[PromptItem]:
     for n, line in enumerate(lines, 1):
         if line.strip():
-            yield _item(f"{where}:{n}", {"prompt": line.strip()})
+            yield _item(f"{where} line {n}", {"prompt": line.strip()})
 
 
 def iter_jsonl(lines: Iterable[str], where: str, cols: Columns) -> Iterator[PromptItem]:
@@ -169,17 +265,20 @@ def iter_jsonl(lines: Iterable[str], where: str, cols: Columns) -> Iterator[Prom
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise PromptFileError(
-                f"{where}:{n}: malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON "
-                'object such as {"prompt": "a red bicycle"} or a JSON string'
+                f"{where} line {n}: malformed JSON ({e.msg} at column {e.colno}); fix line {n}: each "
+                'line must be one JSON object such as {"prompt": "a red bicycle"}, or a JSON string'
             ) from None
         if isinstance(obj, str):
             obj = {cols.prompt: obj}
         if not isinstance(obj, dict):
-            raise PromptFileError(f"{where}:{n}: expected a JSON object or string, got {type(obj).__name__}")
+            raise PromptFileError(
+                f"{where} line {n}: expected a JSON object or string, got {type(obj).__name__}; fix "
+                f'line {n} to read like {{"prompt": "a red bicycle"}}'
+            )
         if not checked:
-            cols.check(f"{where}:{n}", obj.keys(), "jsonl")
+            cols.check(f"{where} line {n}", obj.keys(), "jsonl")
             checked = True
-        yield _item(f"{where}:{n}", cols.row(obj))
+        yield _item(f"{where} line {n}", cols.row(obj))
 
 
 def iter_csv(lines: Iterable[str], where: str, cols: Columns) -> Iterator[PromptItem]:
@@ -188,14 +287,14 @@ def iter_csv(lines: Iterable[str], where: str, cols: Columns) -> Iterator[Prompt
     fields = reader.fieldnames
     if not fields:
         return
-    cols.check(f"{where}:1", fields, "csv")
+    cols.check(f"{where} line 1 (the header)", fields, "csv")
     for row in reader:
         if None in row:
             raise PromptFileError(
-                f"{where}:{reader.line_num}: more fields than the header has columns; quote a prompt "
-                'that holds a comma ("a cat, in a hat")'
+                f"{where} line {reader.line_num}: more fields than the header has columns; quote a "
+                'prompt that holds a comma ("a cat, in a hat")'
             )
-        yield _item(f"{where}:{reader.line_num}", cols.row(row))
+        yield _item(f"{where} line {reader.line_num}", cols.row(row))
 
 
 def _iter_batches(
@@ -225,9 +324,10 @@ def iter_parquet(uri: str, storage_options: dict[str, Any] | None, cols: Columns
         except Exception as e:  # pyarrow raises ArrowInvalid and friends for a non-Parquet file
             raise PromptFileError(f"spec.promptsFrom.uri: {uri!r} is not a Parquet file: {e}") from None
         names = pf.schema_arrow.names
-        cols.check(uri, names, "parquet")
+        where = f"{URI_FIELD}: {uri}"
+        cols.check(where, names, "parquet")
         yield from _iter_batches(
-            pf.iter_batches(batch_size=BATCH_ROWS, columns=_wanted_columns(cols, names)), uri, cols, names
+            pf.iter_batches(batch_size=BATCH_ROWS, columns=_wanted_columns(cols, names)), where, cols, names
         )
 
 
@@ -254,7 +354,7 @@ def iter_hf(uri: str, storage_options: dict[str, Any] | None, cols: Columns) -> 
     for name in files:
         with fs.open(f"{root}/{name}", "rb") as f:
             reader = pa.ipc.open_stream(f)
-            yield from _iter_batches(reader, f"{uri}/{name}", cols, reader.schema.names)
+            yield from _iter_batches(reader, f"{URI_FIELD}: {uri}/{name}", cols, reader.schema.names)
 
 
 TEXT_READERS: dict[str, Callable[[Iterable[str], str, Columns], Iterator[PromptItem]]] = {
@@ -270,7 +370,11 @@ def _non_empty(prompts: Iterator[PromptItem], where: str) -> Iterator[PromptItem
         empty = False
         yield p
     if empty:
-        raise PromptFileError(f"{where}: the prompt file holds no prompts; add at least one")
+        raise PromptFileError(
+            f"{where}: the prompt file holds no prompts; add at least one (.txt: a prompt per line; "
+            '.jsonl: a JSON object per line, {"prompt": "a red bicycle"}; .csv: a header with a '
+            "prompt column, then a row per prompt)"
+        )
 
 
 def parse_prompts(text: str, fmt: str, where: str, src: PromptsFrom | None = None) -> list[PromptItem]:
@@ -297,7 +401,7 @@ def iter_prompts(
                 "spec.promptsFrom.configMapKeyRef needs a cluster; for a local run use spec.promptsFrom.uri"
             )
         fmt = src.format or file_format(ref.key, None)
-        where = f"configmap {ref.name}/{ref.key}"
+        where = f"spec.promptsFrom.configMapKeyRef: ConfigMap {ref.name} key {ref.key}"
         yield from parse_prompts(config_map_reader(ref.name, ref.key), fmt, where, src)
         return
     uri = src.uri
@@ -308,8 +412,14 @@ def iter_prompts(
     elif fmt == "hf":
         rows = iter_hf(uri, storage_options, cols)
     else:
-        rows = TEXT_READERS[fmt](_text_lines(uri, storage_options), uri, cols)
-    yield from _non_empty(rows, uri)
+        rows = TEXT_READERS[fmt](_text_lines(uri, storage_options), f"{URI_FIELD}: {uri}", cols)
+    try:
+        yield from _non_empty(rows, f"{URI_FIELD}: {uri}")
+    except _RefusedError as e:
+        secret = spec.output.credentials_secret.name if spec.output.credentials_secret else None
+        raise PromptFileError(
+            str(storage_errors.credentials_refused(URI_FIELD, e.uri, e.err, secret))
+        ) from None
 
 
 def _is_hf_folder(uri: str, storage_options: dict[str, Any] | None) -> bool:

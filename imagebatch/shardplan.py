@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from imagebatch.api import SHARD_KIND, ImageBatchShardSpec, ImageBatchShardStatus
+from imagebatch.api import SHARD_KIND, ImageBatchShardSpec, ImageBatchShardStatus, too_many_shards
+from imagebatch.errors import ImageBatchError
 from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_SHARD_COUNT,
@@ -21,6 +22,12 @@ from imagebatch.names import (
     shard_name,
 )
 from imagebatch.planning import plan_shards
+
+
+def check_shard_count(n_items: int, shard_size: int) -> None:
+    message = too_many_shards(n_items, shard_size)
+    if message:
+        raise ImageBatchError(message)
 
 
 def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +61,7 @@ def ownership(obj: dict[str, Any], job_name: str, uid: str) -> str:
 def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[dict[str, Any]]:
     """One ImageBatchShard per `shard_size` items, owned by the job, with the plan's size annotated."""
     meta = job["metadata"]
+    check_shard_count(n_items, shard_size)
     ranges = plan_shards(n_items, shard_size)
     out: list[dict[str, Any]] = []
     for r in ranges:

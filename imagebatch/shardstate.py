@@ -6,6 +6,10 @@
                          Claimed --errored / lost--> Pending, or Failed on the last attempt
                          Claimed --failed--> Failed (a user error: no retry can fix it)
 
+`attempt` counts claims (it fences a zombie's writes); `failures` counts failed attempts and is
+what `retries.maxAttempts` limits, so scale-in, suspend, drain and preemption (a release on
+SIGTERM) never use up a shard's retries.
+
 Pure: each function takes a status and returns the next one; who writes it (the worker, fenced by
 holder + attempt and resourceVersion, or the operator for a lost claim) is the caller's business.
 """
@@ -76,9 +80,10 @@ def released(st: ImageBatchShardStatus, error: str | None = None) -> ImageBatchS
 
 def errored(st: ImageBatchShardStatus, error: str, max_attempts: int) -> ImageBatchShardStatus:
     """After a failed attempt: Pending for another try, or Failed when that was the last one."""
-    if st.attempt >= max_attempts:
-        return failed(st, error)
-    return released(st, error)
+    counted = st.model_copy(update={"failures": st.failures + 1})
+    if counted.failures >= max_attempts:
+        return failed(counted, error)
+    return released(counted, error)
 
 
 def failed(st: ImageBatchShardStatus, error: str) -> ImageBatchShardStatus:
@@ -90,16 +95,19 @@ def failed(st: ImageBatchShardStatus, error: str) -> ImageBatchShardStatus:
 # Why the operator takes a claim back from its holder (operator/leases.py decides which applies).
 LEASE_EXPIRED = "LeaseExpired"
 HOLDER_GONE = "HolderGone"
+NO_PROGRESS = "ProgressDeadlineExceeded"
 
 
 def lost(st: ImageBatchShardStatus, reason: str, max_attempts: int) -> ImageBatchShardStatus:
     """A claim whose holder stopped renewing or is gone: a failed attempt like any other error,
     with the holder's own last error kept in the message."""
-    detail = (
-        f"worker {st.holder} stopped renewing its lease (attempt {st.attempt})"
-        if reason == LEASE_EXPIRED
-        else f"worker pod {st.holder} is gone (attempt {st.attempt})"
-    )
+    detail = {
+        LEASE_EXPIRED: f"worker {st.holder} stopped renewing its lease (attempt {st.attempt})",
+        NO_PROGRESS: (
+            f"worker {st.holder} made no progress at {st.items_done} images for "
+            f"retries.progressDeadlineSeconds (attempt {st.attempt}); it may be hung"
+        ),
+    }.get(reason, f"worker pod {st.holder} is gone (attempt {st.attempt})")
     return errored(st, f"{detail}; last error: {st.error}" if st.error else detail, max_attempts)
 
 

@@ -14,16 +14,17 @@ import os
 import tarfile
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from imagebatch.api import Output
 from imagebatch.errors import ImageBatchError
+from imagebatch.storage_errors import S3_RETRIES, user_error
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
@@ -106,14 +107,40 @@ def manifest_part_key(shard: str) -> str:
 
 
 def storage_options(output: Output) -> dict[str, Any]:
-    if output.endpoint_url and output.uri.startswith("s3://"):
-        return {"client_kwargs": {"endpoint_url": output.endpoint_url}}
-    return {}
+    """fsspec options for the job's object storage (also used to read a prompt file there)."""
+    if not output.uri.startswith("s3://"):
+        return {}
+    # botocore retries throttling, 5xx and dropped connections with backoff (storage_errors).
+    options: dict[str, Any] = {"config_kwargs": {"retries": dict(S3_RETRIES)}}
+    if output.endpoint_url:
+        options["client_kwargs"] = {"endpoint_url": output.endpoint_url}
+    return options
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _user_errors(method: Callable[Concatenate[Storage, P], R]) -> Callable[Concatenate[Storage, P], R]:
+    """Refused credentials and an unwritable path become the user's error, naming what to fix."""
+
+    def wrapper(self: Storage, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            err = user_error("spec.output.uri", self.uri, e, self.secret)
+            if err is None:
+                raise
+            raise err from e
+
+    return wrapper
 
 
 class Storage:
-    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, uri: str, options: dict[str, Any] | None = None, secret: str | None = None) -> None:
         self.uri = uri
+        # The Secret the workers' credentials come from (spec.output.credentialsSecret): errors name it.
+        self.secret = secret
         try:
             self.fs, root = fsspec.core.url_to_fs(uri, **(options or {}))
         except (ImportError, ValueError) as e:
@@ -123,11 +150,13 @@ class Storage:
 
     @classmethod
     def for_output(cls, output: Output) -> Storage:
-        return cls(output.uri, storage_options(output))
+        secret = output.credentials_secret.name if output.credentials_secret else None
+        return cls(output.uri, storage_options(output), secret)
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
+    @_user_errors
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self.path(key)))
 
@@ -140,6 +169,7 @@ class Storage:
             found = pool.map(self.exists, keys)
             return {k for k, ok in zip(keys, found, strict=True) if ok}
 
+    @_user_errors
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
         if not self.local:
@@ -151,10 +181,37 @@ class Storage:
             f.write(data)
         os.replace(tmp, path)
 
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[IO[bytes]]:
+        """A file written piece by piece that appears whole or not at all: a temp file renamed
+        on a file system; on object storage a (multipart) upload that completes when closed."""
+        path = self.path(key)
+        try:
+            if not self.local:
+                with self.fs.open(path, "wb") as remote:
+                    yield remote
+                return
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+        except OSError as e:
+            err = user_error("spec.output.uri", self.uri, e, self.secret)
+            if err is None:
+                raise
+            raise err from e
+
+    @_user_errors
     def read_bytes(self, key: str) -> bytes:
         data: bytes = self.fs.cat_file(self.path(key))
         return data
 
+    @_user_errors
     def list(self, prefix: str) -> list[str]:
         """Keys under a prefix, sorted; temp files of interrupted writes are left out."""
         base = self.path(prefix).rstrip("/")
@@ -181,6 +238,7 @@ class Storage:
                         removed += 1
         return removed
 
+    @_user_errors
     def ensure_root(self) -> None:
         if self.local:
             os.makedirs(self.root, exist_ok=True)

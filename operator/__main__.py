@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     registry = kopf.OperatorRegistry()
     kube = OperatorKube()
+    kube.start_informers(args.namespace)
     reconciler = Reconciler(kube, settings)
     register(reconciler, Resync(reconciler, kube, args.namespace, args.interval), registry)
     metrics.serve(args.metrics_port)

@@ -26,6 +26,9 @@ from imagebatch.shardplan import owner_reference
 
 GROUP = "imagebatch.dev"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# A Kueue WorkloadPriorityClass, set on the ImageBatchJob as on any Kueue-managed object; Kueue
+# reads it from the worker Job, so the Job carries it too.
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # The Dockerfile's worker target, tagged as the chart names it: the version is the package's own.
 DEFAULT_WORKER_IMAGE = f"ghcr.io/imagebatch/imagebatch-worker:{package_version('imagebatch')}"
 CONTAINER = "worker"
@@ -198,6 +201,7 @@ def fetch_container(spec: ImageBatchJobSpec, image: str, s: WorkerSettings) -> d
         + [dict(e) for e in spec.workers.env or []],
         "volumeMounts": [model_cache_mount(read_only=False)],
         "securityContext": _container_security(),
+        "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
@@ -301,6 +305,10 @@ def worker_job(
     s = settings or WorkerSettings()
     name = job["metadata"]["name"]
     extra = {KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
+    job_labels = dict(extra)
+    priority = (job["metadata"].get("labels") or {}).get(KUEUE_PRIORITY_LABEL)
+    if spec.queue_name and priority:
+        job_labels[KUEUE_PRIORITY_LABEL] = priority
     args = ["--namespace", "$(NAMESPACE)", "--job", name, "--pod", "$(POD_NAME)"]
     if s.metrics_port:
         args += ["--metrics-port", str(s.metrics_port)]
@@ -312,6 +320,9 @@ def worker_job(
         "env": _env(job, spec),
         "resources": _resources(spec),
         "securityContext": _container_security(),
+        # The worker writes its fatal error there (worker/termination.py); the operator copies it
+        # into the job's Failed condition. The logs' tail when a crash left nothing in it.
+        "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.output.credentials_secret is not None:
@@ -353,15 +364,15 @@ def worker_job(
         # Kueue admits a Job by unsuspending it: one with a queue starts suspended.
         "suspend": bool(spec.suspend or spec.queue_name),
         # Each shard has its own attempt budget; this only stops pods that crash in a loop.
-        "backoffLimit": max(6, spec.workers.max_replicas * spec.retries.max_attempts),
+        "backoffLimit": max(2, spec.workers.max_replicas * spec.retries.max_attempts),
         "podFailurePolicy": pod_failure_policy(fetch="initContainers" in pod_spec),
         "template": {"metadata": {"labels": {**labels(name, "worker"), **extra}}, "spec": pod_spec},
     }
-    if spec.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    # No activeDeadlineSeconds here: the operator keeps the job's deadline itself, on a clock
+    # that stops while Kueue queues the Job or the job is suspended.
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(job, worker_job_name(name), "worker", extra),
+        "metadata": _meta(job, worker_job_name(name), "worker", job_labels),
         "spec": job_spec,
     }

@@ -1,82 +1,193 @@
-"""The job's conditions, from what reconcile found. Pure.
+"""The job's conditions, state and reason, from what a reconcile pass decided. Pure.
 
-`Complete` and `Failed` are what `kubectl wait --for=condition=...` and humans read; `Ready`,
-`Reconciling` and `Stalled` are kstatus' (Flux, Argo CD, `kubectl wait`); all carry
-`observedGeneration`. A condition keeps its `lastTransitionTime` until its status changes.
+`Complete` and `Failed` are what `kubectl wait --for=condition=...` and humans read; `Queued` is
+Kueue's waiting; `WorkersHealthy` says whether worker pods run (image pulls, scheduling, memory,
+crashes); `Ready`, `Reconciling` and `Stalled` are kstatus' (Flux, Argo CD, `kubectl wait`); all
+carry `observedGeneration`. A condition keeps its `lastTransitionTime` until its status changes.
+
+The types and reasons are enums: docs/operator.md lists every one (tests/unit/test_conditions.py
+checks it), so the docs cannot drift from what the operator writes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 
 from imagebatch.api import Condition
 
-COMPLETE = "Complete"
-FAILED = "Failed"
-SUSPENDED = "Suspended"
-READY = "Ready"
-RECONCILING = "Reconciling"
-STALLED = "Stalled"
-ORDER = (COMPLETE, FAILED, SUSPENDED, READY, RECONCILING, STALLED)
+
+class Type(StrEnum):
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    QUEUED = "Queued"
+    WORKERS_HEALTHY = "WorkersHealthy"
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+
+
+class Reason(StrEnum):
+    # working
+    PLANNING = "Planning"
+    RUNNING = "Running"
+    JOINING = "Joining"
+    WAITING_FOR_PROMPTS = "WaitingForPrompts"
+    WAITING_FOR_EARLIER_INCARNATION = "WaitingForEarlierIncarnation"
+    QUEUED = "Queued"  # the worker Job waits for Kueue to admit it
+    LOCAL_QUEUE_NOT_FOUND = "LocalQueueNotFound"
+    SUSPENDED = "Suspended"
+    COMPLETED = "Completed"
+    # failed
+    INVALID_SPEC = "InvalidSpec"
+    INVALID_PROMPTS = "InvalidPrompts"
+    PLANNING_FAILED = "PlanningFailed"
+    SHARDS_FAILED = "ShardsFailed"
+    MODEL_LOAD_ERROR = "ModelLoadError"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    WORKERS_FAILING = "WorkersFailing"
+    SHARD_NOT_OWNED = "ShardNotOwned"
+    WORKER_JOB_NOT_OWNED = "WorkerJobNotOwned"
+    WORKER_RBAC_NOT_OWNED = "WorkerRBACNotOwned"
+    # worker pods (WorkersHealthy)
+    WORKERS_RUNNING = "WorkersRunning"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    UNSCHEDULABLE = "Unschedulable"
+    OOM_KILLED = "OOMKilled"
+    WORKER_CRASHED = "WorkerCrashed"
+
+
+class State(StrEnum):
+    """The STATE column: one word for what the job is doing."""
+
+    RUNNING = "Running"
+    QUEUED = "Queued"
+    SUSPENDED = "Suspended"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+
+
+# Kept for callers that name condition types as module constants.
+COMPLETE, FAILED, SUSPENDED, QUEUED = Type.COMPLETE, Type.FAILED, Type.SUSPENDED, Type.QUEUED
+WORKERS_HEALTHY, READY, RECONCILING, STALLED = (
+    Type.WORKERS_HEALTHY,
+    Type.READY,
+    Type.RECONCILING,
+    Type.STALLED,
+)
+
+
+@dataclass(frozen=True)
+class WorkerProblem:
+    reason: Reason
+    message: str
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the job is doing, as reconcile sees it; at most one of complete/failed holds."""
+    """What the job is doing, as a pass decided; at most one of complete/failed holds."""
 
     complete: bool = False
-    failed_reason: str | None = None  # ShardsFailed, ModelLoadError, DeadlineExceeded, InvalidSpec, ...
+    failed_reason: str | None = None  # a Reason (a str: one an older operator wrote stays as it was)
     message: str = ""  # why it failed, or what it is doing
     suspended: bool = False
-    progress_reason: str = "Running"  # Planning, Running, Joining, ...
+    queued: bool = False
+    progress_reason: str = Reason.RUNNING
+    problem: WorkerProblem | None = None  # worker pods that do not run, and why
 
     @property
     def finished(self) -> bool:
         return self.complete or self.failed_reason is not None
 
+    @property
+    def state(self) -> State:
+        if self.complete:
+            return State.COMPLETE
+        if self.failed_reason is not None:
+            return State.FAILED
+        if self.suspended:
+            return State.SUSPENDED
+        if self.queued:
+            return State.QUEUED
+        return State.RUNNING
 
-def _cond(type_: str, true: bool, reason: str, message: str) -> tuple[str, bool, str, str]:
-    return (type_, true, reason, message)
+    @property
+    def reason(self) -> str:
+        if self.complete:
+            return Reason.COMPLETED
+        if self.failed_reason is not None:
+            return self.failed_reason
+        if self.suspended:
+            return Reason.SUSPENDED
+        if self.problem is not None and not self.queued:
+            return self.problem.reason
+        return self.progress_reason
+
+    @property
+    def text(self) -> str:
+        """The message of the Ready condition: what a human needs first."""
+        if self.problem is not None and not self.finished and not self.suspended and not self.queued:
+            return self.problem.message
+        return self.message
 
 
-def desired_conditions(o: Outcome) -> list[tuple[str, bool, str, str]]:
+Row = tuple[Type, bool, str, str]
+
+
+def desired_conditions(o: Outcome) -> list[Row]:
     """(type, status, reason, message) of every condition, before times are attached."""
+    r, msg = o.reason, o.text
+    healthy: Row = (
+        (Type.WORKERS_HEALTHY, False, o.problem.reason, o.problem.message)
+        if o.problem is not None
+        else (Type.WORKERS_HEALTHY, True, Reason.WORKERS_RUNNING, "")
+    )
     if o.complete:
         return [
-            _cond(COMPLETE, True, "Completed", o.message),
-            _cond(FAILED, False, "Completed", ""),
-            _cond(SUSPENDED, False, "Completed", ""),
-            _cond(READY, True, "Completed", o.message),
-            _cond(RECONCILING, False, "Completed", ""),
-            _cond(STALLED, False, "Completed", ""),
+            (Type.COMPLETE, True, r, o.message),
+            (Type.FAILED, False, r, ""),
+            (Type.SUSPENDED, False, r, ""),
+            (Type.QUEUED, False, r, ""),
+            healthy,
+            (Type.READY, True, r, o.message),
+            (Type.RECONCILING, False, r, ""),
+            (Type.STALLED, False, r, ""),
         ]
     if o.failed_reason is not None:
         return [
-            _cond(COMPLETE, False, o.failed_reason, ""),
-            _cond(FAILED, True, o.failed_reason, o.message),
-            _cond(SUSPENDED, False, o.failed_reason, ""),
-            _cond(READY, False, o.failed_reason, o.message),
-            _cond(RECONCILING, False, o.failed_reason, ""),
-            _cond(STALLED, True, o.failed_reason, o.message),
+            (Type.COMPLETE, False, r, ""),
+            (Type.FAILED, True, r, o.message),
+            (Type.SUSPENDED, False, r, ""),
+            (Type.QUEUED, False, r, ""),
+            healthy,
+            (Type.READY, False, r, o.message),
+            (Type.RECONCILING, False, r, ""),
+            (Type.STALLED, True, r, o.message),
         ]
     if o.suspended:
+        text = o.message or "spec.suspend is true: workers scaled to 0"
         return [
-            _cond(COMPLETE, False, "Suspended", ""),
-            _cond(FAILED, False, "Suspended", ""),
-            _cond(SUSPENDED, True, "Suspended", o.message or "spec.suspend is true: workers scaled to 0"),
-            _cond(READY, False, "Suspended", "suspended"),
-            _cond(RECONCILING, False, "Suspended", ""),
-            _cond(STALLED, False, "Suspended", ""),
+            (Type.COMPLETE, False, r, ""),
+            (Type.FAILED, False, r, ""),
+            (Type.SUSPENDED, True, r, text),
+            (Type.QUEUED, False, r, ""),
+            healthy,
+            (Type.READY, False, r, "suspended"),
+            (Type.RECONCILING, False, r, ""),
+            (Type.STALLED, False, r, ""),
         ]
     return [
-        _cond(COMPLETE, False, o.progress_reason, ""),
-        _cond(FAILED, False, o.progress_reason, ""),
-        _cond(SUSPENDED, False, o.progress_reason, ""),
-        _cond(READY, False, o.progress_reason, o.message),
-        _cond(RECONCILING, True, o.progress_reason, o.message),
-        _cond(STALLED, False, o.progress_reason, ""),
+        (Type.COMPLETE, False, r, ""),
+        (Type.FAILED, False, r, ""),
+        (Type.SUSPENDED, False, r, ""),
+        (Type.QUEUED, o.queued, o.progress_reason if o.queued else r, o.message if o.queued else ""),
+        healthy,
+        (Type.READY, False, r, msg),
+        (Type.RECONCILING, True, r, msg),
+        (Type.STALLED, False, r, ""),
     ]
 
 
@@ -92,9 +203,9 @@ def compute_conditions(
         since = old.last_transition_time if old is not None and old.status == status else now
         out.append(
             Condition(
-                type=type_,
+                type=str(type_),
                 status=status,
-                reason=reason,
+                reason=str(reason),
                 message=message,
                 last_transition_time=since,
                 observed_generation=generation,
@@ -105,3 +216,7 @@ def compute_conditions(
 
 def is_true(conditions: Sequence[Condition], type_: str) -> bool:
     return any(c.type == type_ and c.status == "True" for c in conditions)
+
+
+def find(conditions: Sequence[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)

@@ -2,7 +2,8 @@
 
 A resync loop (resync.py) passes over every job each `--interval` seconds and drives progress
 (leases, scaling, status); create/update/resume make the first pass come at once instead of on
-the next tick. No handler needs a finalizer, so deleting a job never waits for the operator.
+the next tick. No handler needs a finalizer, so deleting a job never waits for the operator; a
+job's metric series go on its DELETED watch event (a raw-event handler, which needs no finalizer).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import kopf
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.names import JOB_PLURAL
+from imagebatch.operator import metrics
 from imagebatch.operator.reconcile import Reconciler
 from imagebatch.operator.resync import Resync
 
 RESOURCE = (GROUP, VERSION, JOB_PLURAL)
+
+log = logging.getLogger(__name__)
 
 
 def configure_settings(settings: kopf.OperatorSettings) -> None:
@@ -54,3 +58,11 @@ def register(reconciler: Reconciler, resync: Resync, registry: kopf.OperatorRegi
     @kopf.on.resume(*RESOURCE, id="reconcile-on-resume", registry=registry)
     def _on_change(body: kopf.Body, **_: Any) -> None:
         reconciler.reconcile(body)
+
+    # Not kopf.on.delete: without a finalizer the job is gone at once, and kopf calls no delete
+    # handler for an object that is already gone; the raw DELETED event always comes.
+    @kopf.on.event(*RESOURCE, id="forget-metrics-on-delete", registry=registry)
+    def _on_event(type: str | None, name: str | None, namespace: str | None, **_: Any) -> None:
+        if type == "DELETED" and name and namespace:
+            metrics.forget_job(namespace, name)
+            log.info("%s/%s deleted: its metric series are removed", namespace, name)

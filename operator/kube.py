@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from imagebatch.api import GROUP, VERSION
 from imagebatch.kubeclient import api_client, replace_status_if_unchanged
 from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
+from imagebatch.operator.informer import ShardInformer
 from imagebatch.shardplan import of_incarnation, ownership, shard_selector
 from imagebatch.timeutil import format_micro, now_utc
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "imagebatch-operator"
+KUEUE_GROUP, KUEUE_VERSION, LOCAL_QUEUE_PLURAL = "kueue.x-k8s.io", "v1beta2", "localqueues"
 JSON = dict[str, Any]
 
 
@@ -83,6 +85,12 @@ class OperatorKube:
         self.batch = kubernetes.client.BatchV1Api(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(self.api)
+        self.shard_informer: ShardInformer | None = None
+
+    def start_informers(self, namespaces: list[str]) -> None:
+        """Follows the shards of the watched namespaces (all when empty) by watch from now on."""
+        self.shard_informer = ShardInformer(self.api, namespaces)
+        self.shard_informer.start()
 
     # -- ImageBatchJob ---------------------------------------------------------------------------
     def list_jobs(self, namespaces: list[str]) -> list[JSON]:
@@ -114,8 +122,13 @@ class OperatorKube:
                 raise
 
     # -- ImageBatchShard -------------------------------------------------------------------------
-    def list_shards(self, ns: str, job: str, uid: str) -> list[JSON]:
-        """The shards of the job with this UID only (not those of an earlier job of that name)."""
+    def list_shards(self, ns: str, job: str, uid: str, fresh: bool = False) -> list[JSON]:
+        """The shards of the job with this UID only (not those of an earlier job of that name):
+        from the watch-fed informer when it runs and has listed, else (or `fresh`) from a LIST."""
+        if self.shard_informer is not None and not fresh:
+            cached = self.shard_informer.shards(ns, uid)
+            if cached is not None:
+                return [s for s in cached if of_incarnation(s, uid)]
         resp = self.custom.list_namespaced_custom_object(
             GROUP, VERSION, ns, SHARD_PLURAL, label_selector=shard_selector(job, uid), _preload_content=False
         )
@@ -220,6 +233,20 @@ class OperatorKube:
         )
         items: list[JSON] = _json(resp).get("items", [])
         return items
+
+    # -- Kueue ------------------------------------------------------------------------------------
+    def local_queue_exists(self, ns: str, name: str) -> bool | None:
+        """Whether Kueue's LocalQueue exists; None when that cannot be told (Kueue is not
+        installed, or the operator may not read LocalQueues): then nothing is claimed about it."""
+        try:
+            self.custom.get_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, ns, LOCAL_QUEUE_PLURAL, name, _preload_content=False
+            )
+            return True
+        except ApiException as e:
+            body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
+            # An object's 404 names it; an API server without Kueue answers a bare 404 page.
+            return False if _status(e) == 404 and "localqueues.kueue.x-k8s.io" in body else None
 
     # -- prompt sources and events ---------------------------------------------------------------
     def read_config_map_key(self, ns: str, name: str, key: str) -> str | None:

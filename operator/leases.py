@@ -1,61 +1,127 @@
-"""Shard claims seen from the operator: which leases expired, which holders are gone. Pure.
+"""Shard claims seen from the operator: which holders are gone, hung or silent. Pure.
 
-A claim goes back to Pending when its lease was not renewed for `leaseSeconds` or its holder pod
-no longer runs; the attempt count is kept (the next claim raises it). A shard whose failed attempt
-was its last (`attempt >= maxAttempts`) becomes Failed with the last error instead, so a shard that
-kills its worker every time does not burn GPUs forever. The transition itself is the shared state
-machine's (`shardstate.lost`), the same one a worker uses for its own errors.
+A claim goes back to Pending (a failed attempt: `shardstate.lost`) when
+- its holder pod no longer runs (HolderGone);
+- its lease was not renewed for `retries.leaseSeconds` (LeaseExpired);
+- its `itemsDone` did not move for `retries.progressDeadlineSeconds` although the lease is renewed
+  (ProgressDeadlineExceeded): a renewing lease proves the process lives, not that it works.
+
+Both clocks are the operator's own (monotonic) time since it last *saw* the claim change, never the
+worker's `leaseRenewTime` against the operator's wall clock: two machines' clocks may disagree.
+`ClaimClock` is that memory. It forgets nothing it needs across a restart of the operator: a fresh
+operator sees every claim change "now" and so grants it a whole new lease, which is only later,
+never wrong. Time in which the operator could not observe at all (the API server was away, the
+operator was stopped) is not held against a worker either: after such a gap every claim is seen
+afresh.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import Any
 
 from imagebatch import shardstate
 from imagebatch.api import ImageBatchShardStatus
 from imagebatch.holders import holder_pod
-from imagebatch.timeutil import parse_time
 
 
 @dataclass(frozen=True)
 class Transition:
     shard: dict[str, Any]  # as listed: its resourceVersion fences the write
     status: ImageBatchShardStatus
-    reason: str  # shardstate.LEASE_EXPIRED or shardstate.HOLDER_GONE
+    reason: str  # shardstate.LEASE_EXPIRED, HOLDER_GONE or NO_PROGRESS
+
+
+@dataclass
+class _Seen:
+    renewal: tuple[str | None, int, str | None]  # holder, attempt, leaseRenewTime
+    renewed_at: float
+    progress: tuple[str | None, int, int]  # holder, attempt, itemsDone
+    progressed_at: float
+
+
+@dataclass
+class ClaimClock:
+    """When the operator last saw each claim renewed and each claim progress (monotonic seconds)."""
+
+    seen: dict[str, _Seen] = field(default_factory=dict)
+    last_observed: float | None = None
+
+    def observe(self, shards: Iterable[dict[str, Any]], now: float, gap: float) -> None:
+        """Records one pass's view of the shards. After `gap` seconds without a pass (an outage,
+        a stopped operator) everything counts as seen now."""
+        blind = self.last_observed is None or now - self.last_observed > gap
+        self.last_observed = now
+        keep: dict[str, _Seen] = {}
+        for shard in shards:
+            st = shardstate.shard_status(shard)
+            if st.state != "Claimed":
+                continue
+            name = shard["metadata"]["name"]
+            renewal = (st.holder, st.attempt, st.lease_renew_time)
+            progress = (st.holder, st.attempt, st.items_done)
+            old = None if blind else self.seen.get(name)
+            if old is None:
+                keep[name] = _Seen(renewal, now, progress, now)
+                continue
+            if old.renewal != renewal:
+                old.renewal, old.renewed_at = renewal, now
+            if old.progress != progress:
+                old.progress, old.progressed_at = progress, now
+            keep[name] = old
+        self.seen = keep
+
+    def silent_for(self, name: str, now: float) -> float:
+        s = self.seen.get(name)
+        return 0.0 if s is None else now - s.renewed_at
+
+    def stuck_for(self, name: str, now: float) -> float:
+        s = self.seen.get(name)
+        return 0.0 if s is None else now - s.progressed_at
 
 
 def lost_claim_reason(
-    st: ImageBatchShardStatus, live_pods: Collection[str], now: datetime, lease_seconds: int
+    name: str,
+    st: ImageBatchShardStatus,
+    live_pods: Collection[str],
+    clock: ClaimClock,
+    now: float,
+    lease_seconds: int,
+    progress_deadline_seconds: int,
 ) -> str | None:
     if st.state != "Claimed":
         return None
     if st.holder is None or holder_pod(st.holder) not in live_pods:
         return shardstate.HOLDER_GONE
-    renewed = parse_time(st.lease_renew_time)
-    if renewed is None or (now - renewed).total_seconds() > lease_seconds:
+    if clock.silent_for(name, now) > lease_seconds:
         return shardstate.LEASE_EXPIRED
+    if clock.stuck_for(name, now) > progress_deadline_seconds:
+        return shardstate.NO_PROGRESS
     return None
 
 
 def review(
     shards: Iterable[dict[str, Any]],
     live_pods: Collection[str],
-    now: datetime,
+    clock: ClaimClock,
+    now: float,
     lease_seconds: int,
+    progress_deadline_seconds: int,
     max_attempts: int,
 ) -> list[Transition]:
     """The status writes that return lost claims to Pending, or fail shards out of attempts.
 
-    `live_pods` must be listed after `shards`: a pod that claimed a shard existed before its claim,
-    so a claim is never taken for orphaned because of a stale pod list.
+    `clock` must have observed these shards. `live_pods` must be listed after `shards`: a pod that
+    claimed a shard existed before its claim, so a claim is never taken for orphaned because of a
+    stale pod list.
     """
     out: list[Transition] = []
     for shard in shards:
         st = shardstate.shard_status(shard)
-        why = lost_claim_reason(st, live_pods, now, lease_seconds)
+        why = lost_claim_reason(
+            shard["metadata"]["name"], st, live_pods, clock, now, lease_seconds, progress_deadline_seconds
+        )
         if why is not None:
             out.append(Transition(shard, shardstate.lost(st, why, max_attempts), why))
     return out

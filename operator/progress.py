@@ -1,11 +1,15 @@
 """Counts, throughput and ETA from the shards. Pure.
 
-Throughput is measured from shard completions (the time a shard was marked Done and its size)
-over a recent window, so it needs no memory in the operator and survives its restart.
+Throughput comes from the items the workers report (RateMeter: samples of Done shards' sizes plus
+Claimed shards' itemsDone, one per reconcile pass), so a job with big shards shows its rate while
+a shard is being made. Right after the operator starts the meter has one sample; then the rate is
+measured from shard completions (the time a shard was marked Done and its size), which needs no
+memory and survives a restart.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +21,11 @@ from imagebatch.shardstate import shard_status
 from imagebatch.timeutil import parse_time
 
 RATE_WINDOW_SECONDS = 120.0
+# The item-based meter: its window, how many samples it keeps, and the shortest span it divides by
+# (two passes a moment apart would otherwise turn one stored batch into a spike).
+METER_WINDOW_SECONDS = 60.0
+METER_MAX_SAMPLES = 30
+METER_MIN_SPAN_SECONDS = 1.0
 
 
 @dataclass
@@ -76,6 +85,54 @@ def images_per_second(
         span = min(window, max(1.0, (now - started).total_seconds()))
     recent = sum(n for t, n in completions if (now - t).total_seconds() <= span)
     return recent / span if span > 0 else 0.0
+
+
+class RateMeter:
+    """Images per second of one job from the items done seen at each reconcile pass.
+
+    Keeps the samples of the last `window` seconds, plus the newest older one as the anchor the
+    rate is measured from, at most `max_samples` of them (passes closer together than
+    window / max_samples update the newest sample instead of adding one). Only increases of the
+    items done count: when a requeued shard's itemsDone returns to 0 the meter takes the lower
+    count as its new base, so the rate is never negative (the next holder's skipping of stored
+    images counts again, a brief overestimate, never a 0 while images are being made).
+    """
+
+    def __init__(
+        self,
+        window: float = METER_WINDOW_SECONDS,
+        max_samples: int = METER_MAX_SAMPLES,
+        min_span: float = METER_MIN_SPAN_SECONDS,
+    ) -> None:
+        self.window = window
+        self.min_gap = window / max_samples
+        self.min_span = min_span
+        self._last_items: int | None = None
+        self._made = 0  # sum of the increases seen so far
+        self._samples: deque[tuple[float, int]] = deque(maxlen=max_samples)  # (time, made)
+
+    def observe(self, now_monotonic: float, items_done: int, fallback: float = 0.0) -> float:
+        """Adds a sample; returns the rate over the window, or `fallback` with only one sample
+        (just started: pass the completion-based images_per_second)."""
+        if self._last_items is not None:
+            self._made += max(0, items_done - self._last_items)
+        self._last_items = items_done
+        sample = (now_monotonic, self._made)
+        s = self._samples
+        if len(s) >= 2 and s[-1][0] - s[-2][0] < self.min_gap:
+            s[-1] = sample
+        else:
+            s.append(sample)
+        # Drop what is older than the window, but keep the newest such sample as the anchor.
+        while len(s) > 2 and s[1][0] <= now_monotonic - self.window:
+            s.popleft()
+        if len(s) < 2:
+            return fallback
+        t0, made0 = s[0]
+        span = now_monotonic - t0
+        if span <= 0:
+            return fallback  # a clock that did not move: nothing to divide by
+        return (self._made - made0) / max(span, self.min_span)
 
 
 def format_duration(seconds: float) -> str:

@@ -19,20 +19,13 @@ from pydantic import ValidationError
 
 from imagebatch.api import Condition, ImageBatchJobSpec, ImageBatchJobStatus
 from imagebatch.errors import ImageBatchError, format_validation_error
-from imagebatch.names import (
-    ANNOTATION_ITEM_COUNT,
-    ANNOTATION_MANIFEST_LINES,
-    ANNOTATION_SHARD_COUNT,
-    MODEL_LOAD_ERROR,
-    worker_job_name,
-)
-from imagebatch.operator import builders, conditions, leases, metrics, progress, scaling
-from imagebatch.operator.conditions import Outcome
-from imagebatch.operator.kube import EarlierIncarnationError, NotOwnedError, OperatorKube, check_owned
+from imagebatch.names import ANNOTATION_SHARD_COUNT
+from imagebatch.operator import builders, conditions, decide, metrics, observe, progress, scaling
+from imagebatch.operator.conditions import Outcome, Reason
+from imagebatch.operator.kube import EarlierIncarnationError, NotOwnedError, OperatorKube
 from imagebatch.planning import expand_items
 from imagebatch.prompts import load_prompts
 from imagebatch.shardplan import shard_manifests
-from imagebatch.storage import MANIFEST
 from imagebatch.timeutil import format_time, now_utc, parse_time
 
 log = logging.getLogger(__name__)
@@ -51,9 +44,10 @@ class Settings:
 
 
 @dataclass
-class JobMemory:
+class JobMemory(decide.Memory):
     lock: threading.Lock = field(default_factory=threading.Lock)
-    last_scale_down: float | None = None
+    # images/s from the items done seen at each pass (progress.RateMeter); empty after a restart.
+    rate: progress.RateMeter = field(default_factory=progress.RateMeter)
 
 
 class Memories:
@@ -92,44 +86,6 @@ def previous_status(body: JSON) -> ImageBatchJobStatus:
         return ImageBatchJobStatus()
 
 
-def _annotation(shards: list[JSON], key: str) -> int | None:
-    for s in shards:
-        value = (s["metadata"].get("annotations") or {}).get(key)
-        if value is not None and str(value).isdigit():
-            return int(value)
-    return None
-
-
-def _first_shard(shards: list[JSON]) -> JSON | None:
-    return next((s for s in shards if int(s["spec"].get("index", -1)) == 0), None)
-
-
-def _job_condition(job: JSON | None, type_: str) -> JSON | None:
-    for c in ((job or {}).get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_ and c.get("status") == "True":
-            return dict(c)
-    return None
-
-
-def _live_pods(pods: list[JSON]) -> set[str]:
-    # A pod being deleted still runs its worker until the grace period ends: it is live.
-    return {
-        p["metadata"]["name"]
-        for p in pods
-        if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-    }
-
-
-def _running(pods: list[JSON]) -> int:
-    """Worker pods that started. Scaling below them would let the Job controller pick victims
-    blindly among busy workers; idle ones exit by themselves. Pods not yet started can be cut."""
-    return sum(
-        1
-        for p in pods
-        if (p.get("status") or {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
-    )
-
-
 class Reconciler:
     def __init__(self, kube: OperatorKube, settings: Settings | None = None) -> None:
         self.kube = kube
@@ -155,9 +111,10 @@ class Reconciler:
 
     # -- the pass --------------------------------------------------------------------------------
     def _reconcile(self, job: JSON, mem: JobMemory) -> None:
+        """observe -> decide (pure: decide.py) -> apply -> write status (once)."""
         meta = job["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        now = now_utc()
+        now, mono = now_utc(), time.monotonic()
         prev = previous_status(job)
 
         if conditions.is_true(prev.conditions, conditions.COMPLETE) or conditions.is_true(
@@ -169,38 +126,41 @@ class Reconciler:
         try:
             spec = ImageBatchJobSpec.model_validate(job.get("spec") or {})
         except ValidationError as e:
-            outcome = Outcome(failed_reason="InvalidSpec", message=format_validation_error(e, "spec"))
+            outcome = Outcome(failed_reason=Reason.INVALID_SPEC, message=format_validation_error(e, "spec"))
             self._write_status(job, prev, prev.model_copy(), outcome, now)
             return
 
+        # -- observe (planning inline and ConfigMap prompts first: the decision needs the shards)
         uid = meta["uid"]
         shards = self.kube.list_shards(ns, name, uid)
-        planning_error: str | None = None
-        # Inline and ConfigMap prompts are planned here; a prompt file by the first worker.
+        waiting: str | None = None
         operator_plans = spec.prompts_from is None or spec.prompts_from.config_map_key_ref is not None
-        if operator_plans and (not shards or _annotation(shards, ANNOTATION_SHARD_COUNT) != len(shards)):
+        if operator_plans and (
+            not shards or decide.annotation(shards, ANNOTATION_SHARD_COUNT) != len(shards)
+        ):
             try:
                 shards = self._plan(job, spec)
             except PromptsNotReadyError as e:
-                planning_error = str(e)
-            except ImageBatchError as e:
-                outcome = Outcome(failed_reason="InvalidPrompts", message=str(e))
-                self._write_status(job, prev, prev.model_copy(), outcome, now)
+                waiting = str(e)
+            except (ImageBatchError, NotOwnedError) as e:
+                # Prompts no retry can fix, or a shard name of this job taken by another's shard.
+                reason = Reason.SHARD_NOT_OWNED if isinstance(e, NotOwnedError) else Reason.INVALID_PROMPTS
+                self._write_status(
+                    job, prev, prev.model_copy(), Outcome(failed_reason=reason, message=str(e)), now
+                )
                 return
-            except NotOwnedError as e:
-                # A shard name of this job is taken by a shard that is not this job's.
-                outcome = Outcome(failed_reason="ShardNotOwned", message=str(e))
-                self._write_status(job, prev, prev.model_copy(), outcome, now)
-                return
+        obs = observe.observe(self.kube, job, spec, prev, shards, now, mono, waiting)
+        # A pass long after the last one (the API server was away) holds no silence against a worker.
+        mem.clock.observe(shards, mono, gap=spec.retries.lease_seconds / 2)
 
-        pods = self.kube.list_worker_pods(ns, name)
-        live = _live_pods(pods)
-        requeued = 0
-        for tr in leases.review(shards, live, now, spec.retries.lease_seconds, spec.retries.max_attempts):
+        # -- decide
+        d = decide.decide(obs, mem, decide.Settings(self.settings.cool_down, self.settings.max_step))
+
+        # -- apply
+        for tr in d.transitions:
             if self.kube.replace_shard_status(
                 tr.shard, tr.status.model_dump(by_alias=True, exclude_none=True)
             ):
-                requeued += 1
                 metrics.RETRIES.labels(ns, tr.reason).inc()
                 log.info(
                     "%s/%s: shard %s %s -> %s",
@@ -210,100 +170,29 @@ class Reconciler:
                     tr.reason,
                     tr.status.state,
                 )
-                self.kube.post_event(
-                    job, "Warning", tr.reason, f"shard {tr.shard['metadata']['name']}: {tr.status.error}"
-                )
-        if requeued:
-            shards = self.kube.list_shards(ns, name, uid)
+        outcome = self._apply(job, spec, obs, d, mem)
+        for ev in d.events:
+            self.kube.post_event(job, ev.type, ev.reason, ev.message)
+        mem.reported |= d.reported
 
-        shard_count = _annotation(shards, ANNOTATION_SHARD_COUNT)
-        planned = bool(shards) and shard_count == len(shards)
-        total = _annotation(shards, ANNOTATION_ITEM_COUNT) or 0
-        t = progress.tally(shards, total)
-        first = _first_shard(shards)
-        joined = first is not None and ANNOTATION_MANIFEST_LINES in (
-            first["metadata"].get("annotations") or {}
+        # -- status (the one write)
+        # Right after a restart the meter has one sample: shard completions, or the average so far.
+        since = d.status.active_seconds + (
+            (now - started).total_seconds() if (started := parse_time(d.status.running_since)) else 0.0
         )
-        all_done = planned and t.shards.done == t.shards.total
-        wj_name = worker_job_name(name)
-        wj = self.kube.get_worker_job(ns, wj_name)
-        not_ours: EarlierIncarnationError | NotOwnedError | None = None
-        if wj is not None:
-            try:
-                check_owned(wj, "Job", ns, name, uid)
-            except (EarlierIncarnationError, NotOwnedError) as e:
-                # Neither its conditions nor its size are this job's.
-                not_ours, wj = e, None
-        started = parse_time(prev.start_time) or now
-
-        outcome = self._outcome(spec, t, planned, all_done, joined, wj, started, now, planning_error)
-
-        # -- replicas ------------------------------------------------------------------------------
-        if not planned:
-            claimable = 0 if planning_error else 1  # one worker plans the prompt file
-        elif all_done and not joined:
-            claimable = 1  # one worker joins the manifest
-        else:
-            claimable = t.shards.pending
-        current = int(((wj or {}).get("spec") or {}).get("parallelism") or 0)
-        decision = scaling.desired_replicas(
-            claimable,
-            spec.workers.shards_per_replica,
-            spec.workers.min_replicas,
-            spec.workers.max_replicas,
-            current,
-            mem.last_scale_down,
-            time.monotonic(),
-            done=outcome.finished,
-            suspended=spec.suspend,
-            busy=max(len(t.holders), _running(pods)),
-            cool_down=self.settings.cool_down,
-            max_step=self.settings.max_step,
+        average = d.tally.items.done / since if since >= 1 else 0.0
+        fallback = max(
+            progress.images_per_second(d.tally.completions, now, parse_time(prev.start_time) or now), average
         )
-        desired = decision.replicas
-        try:
-            if not_ours is not None:
-                raise not_ours
-            self._apply_worker_job(job, spec, wj, desired, current, outcome, mem, decision.scaled_down)
-        except EarlierIncarnationError as e:
-            # The job was deleted and re-created while the garbage collector deletes the old one's
-            # worker Job or RBAC: run no workers until it is gone (a later pass creates them).
-            if not outcome.finished and not outcome.suspended:
-                outcome = Outcome(progress_reason="WaitingForEarlierIncarnation", message=str(e))
-        except NotOwnedError as e:
-            # Someone else's worker Job, ServiceAccount, Role or RoleBinding has the name of this
-            # job's: fail the job rather than run its workers with (or grant) what that object holds.
-            reason = "WorkerJobNotOwned" if e.kind == "Job" else "WorkerRBACNotOwned"
-            outcome = Outcome(failed_reason=reason, message=str(e))
-            desired = 0
-
-        # -- status --------------------------------------------------------------------------------
-        rate = progress.images_per_second(t.completions, now, started)
-        status = prev.model_copy(
-            update={
-                "observed_generation": meta.get("generation"),
-                "items": t.items,
-                "shards": t.shards,
-                "progress": progress.progress_text(t.items),
-                "desired_replicas": desired,
-                "active_replicas": len(live),
-                "images_per_second": f"{rate:.2f}",
-                "eta": ""
-                if outcome.finished
-                else progress.eta(t.items.total - t.items.done - t.items.failed, rate),
-                "start_time": prev.start_time or format_time(now),
-            }
-        )
-        if outcome.finished and not status.completion_time:
-            status.completion_time = format_time(now)
-        if outcome.complete:
-            status.manifest = f"{spec.output.uri.rstrip('/')}/{MANIFEST}"
+        rate = mem.rate.observe(mono, d.tally.items.done, fallback=fallback)
+        status = d.status
+        status.images_per_second = f"{rate:.2f}"
+        remaining = d.tally.items.total - d.tally.items.done - d.tally.items.failed
+        status.eta = "" if outcome.finished else progress.eta(remaining, rate)
+        if outcome is not d.outcome:
+            status.state, status.reason = str(outcome.state), str(outcome.reason)
         self._write_status(job, prev, status, outcome, now)
-        metrics.ITEMS.labels(ns, name, "done").set(t.items.done)
-        metrics.ITEMS.labels(ns, name, "failed").set(t.items.failed)
-        metrics.ITEMS.labels(ns, name, "total").set(t.items.total)
-        metrics.RATE.labels(ns, name).set(rate)
-        metrics.REPLICAS.labels(ns, name).set(desired)
+        metrics.publish_job(ns, name, d.tally.items, rate, status.desired_replicas, status.active_replicas)
 
     # -- pieces ----------------------------------------------------------------------------------
     def _plan(self, job: JSON, spec: ImageBatchJobSpec) -> list[JSON]:
@@ -325,123 +214,57 @@ class Reconciler:
         self.kube.post_event(
             job, "Normal", "CreatedShards", f"planned {len(items)} images in {len(manifests)} shards"
         )
-        return self.kube.list_shards(meta["namespace"], meta["name"], meta["uid"])
+        return self.kube.list_shards(meta["namespace"], meta["name"], meta["uid"], fresh=True)
 
-    def _outcome(
-        self,
-        spec: ImageBatchJobSpec,
-        t: progress.Tally,
-        planned: bool,
-        all_done: bool,
-        joined: bool,
-        wj: JSON | None,
-        started: datetime,
-        now: datetime,
-        planning_error: str | None,
+    def _apply(
+        self, job: JSON, spec: ImageBatchJobSpec, obs: observe.Observed, d: decide.Decision, mem: JobMemory
     ) -> Outcome:
-        if t.shards.failed:
-            model_errors = [e for e in t.errors if f": {MODEL_LOAD_ERROR}" in e]
-            if model_errors:
-                msg = model_errors[0].split(f": {MODEL_LOAD_ERROR}: ", 1)[-1]
-                return Outcome(failed_reason=MODEL_LOAD_ERROR, message=msg)
-            return Outcome(
-                failed_reason="ShardsFailed",
-                message=(
-                    f"{t.shards.failed} of {t.shards.total} shards ({t.items.failed} images) failed after "
-                    f"{spec.retries.max_attempts} attempts; first error: {t.errors[0]}"
-                ),
-            )
-        if all_done and joined:
-            return Outcome(
-                complete=True,
-                message=f"{t.items.done} images; manifest at {spec.output.uri.rstrip('/')}/{MANIFEST}",
-            )
-        if spec.active_deadline_seconds and now - started > timedelta(seconds=spec.active_deadline_seconds):
-            return Outcome(
-                failed_reason="DeadlineExceeded",
-                message=f"not complete after spec.activeDeadlineSeconds={spec.active_deadline_seconds}s ({t.items.done}/{t.items.total} images)",
-            )
-        failed_job = _job_condition(wj, "Failed")
-        if failed_job is not None and not planned:
-            return Outcome(
-                failed_reason="PlanningFailed",
-                message=(
-                    f"the worker could not read or plan the prompts ({failed_job.get('reason')}: "
-                    f"{failed_job.get('message')}); see the logs of the pods of Job {(wj or {})['metadata']['name']}"
-                ),
-            )
-        if spec.suspend:
-            return Outcome(suspended=True)
-        if planning_error:
-            return Outcome(progress_reason="PromptsNotReadyError", message=planning_error)
-        if not planned:
-            return Outcome(
-                progress_reason="Planning", message="a worker is reading the prompt file and planning shards"
-            )
-        if all_done:
-            return Outcome(progress_reason="Joining", message="joining the manifest parts")
-        return Outcome(progress_reason="Running", message=f"{t.items.done}/{t.items.total} images")
-
-    def _apply_worker_job(
-        self,
-        job: JSON,
-        spec: ImageBatchJobSpec,
-        wj: JSON | None,
-        desired: int,
-        current: int,
-        outcome: Outcome,
-        mem: JobMemory,
-        scaled_down: bool,
-    ) -> None:
-        ns = job["metadata"]["namespace"]
-        if wj is not None and wj["metadata"].get("deletionTimestamp"):
-            return  # being replaced: create the new one on a later pass
-        finished_job = _job_condition(wj, "Complete") or _job_condition(wj, "Failed")
-        if wj is not None and finished_job is not None:
-            # A finished Job creates no pods; when work is left (a shard came back after its
-            # workers exited, or crashes used up backoffLimit) a new one takes over.
-            if desired > 0 and not outcome.finished:
-                log.info(
-                    "%s/%s: worker Job finished with work left; replacing it", ns, job["metadata"]["name"]
-                )
-                self.kube.delete_worker_job(ns, wj["metadata"]["name"])
-            return
-        if wj is None:
-            if desired > 0:
-                # The pods' ServiceAccount and its rights first (again for each new worker Job:
-                # a ConfigMap source may have changed, and someone may have deleted them).
+        """Carries out the decision's action on the worker Job; the outcome it ends with (making
+        the worker RBAC can find a foreign object of that name: then the job fails)."""
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        a = d.action
+        try:
+            if a.kind == "delete" and obs.worker_job is not None:
+                log.info("%s/%s: %s", ns, name, a.why)
+                self.kube.delete_worker_job(ns, obs.worker_job["metadata"]["name"])
+            elif a.kind == "create":
+                # The pods' ServiceAccount and its rights first (again for each new worker Job: a
+                # ConfigMap source may have changed, and someone may have deleted them).
                 for obj in builders.worker_rbac(job, spec):
                     self.kube.ensure_owned(obj)
-                self.kube.create(builders.worker_job(job, spec, desired, self.settings.worker))
-                self.kube.post_event(job, "Normal", "ScaledUp", f"started worker Job with {desired} workers")
-            return
-        patch: JSON = {}
-        if desired != current:
-            patch["parallelism"] = desired
-        if not spec.queue_name and bool(wj["spec"].get("suspend")) != spec.suspend:
-            # With Kueue, suspend belongs to Kueue; a suspended ImageBatchJob runs 0 workers instead.
-            patch["suspend"] = spec.suspend
-        if not patch:
-            return
-        self.kube.patch_worker_job(ns, wj["metadata"]["name"], {"spec": patch})
-        if desired > current:
-            self.kube.post_event(job, "Normal", "ScaledUp", f"workers {current} -> {desired}")
-        elif desired < current:
-            self.kube.post_event(job, "Normal", "ScaledDown", f"workers {current} -> {desired}")
-            if scaled_down:
-                mem.last_scale_down = time.monotonic()
+                wj = builders.worker_job(job, spec, a.parallelism, self.settings.worker)
+                wj["metadata"].setdefault("annotations", {})[decide.ANNOTATION_ITEMS_AT_START] = str(
+                    d.tally.items.done
+                )
+                self.kube.create(wj)
+            elif a.kind == "patch" and obs.worker_job is not None:
+                self.kube.patch_worker_job(ns, obs.worker_job["metadata"]["name"], {"spec": a.patch})
+                if d.scaled_down:
+                    mem.last_scale_down = time.monotonic()
+        except EarlierIncarnationError as e:
+            if not d.outcome.finished and not d.outcome.suspended:
+                return Outcome(progress_reason=Reason.WAITING_FOR_EARLIER_INCARNATION, message=str(e))
+        except NotOwnedError as e:
+            # Someone else's ServiceAccount, Role or RoleBinding has the name of this job's: fail
+            # the job rather than run its workers with (or grant) what that object holds.
+            reason = Reason.WORKER_JOB_NOT_OWNED if e.kind == "Job" else Reason.WORKER_RBAC_NOT_OWNED
+            return Outcome(failed_reason=reason, message=str(e))
+        return d.outcome
 
     def _finished(self, job: JSON, prev: ImageBatchJobStatus, now: datetime) -> None:
         """A finished job keeps its outcome: no workers; deleted after ttlSecondsAfterFinished."""
         meta = job["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        wj = self.kube.get_worker_job(ns, worker_job_name(name))
+        wj, _ = observe.worker_job(self.kube, job)
         if wj is not None and not wj["metadata"].get("deletionTimestamp"):
-            done = _job_condition(wj, "Complete") or _job_condition(wj, "Failed")
-            if done is None and int(wj["spec"].get("parallelism") or 0) > 0:
+            done = decide.job_condition(wj, "Complete") or decide.job_condition(wj, "Failed")
+            if done is None and (job.get("spec") or {}).get("queueName"):
+                # A parallelism change would make Kueue evict and queue it again: delete it instead.
+                self.kube.delete_worker_job(ns, wj["metadata"]["name"])
+            elif done is None and int(wj["spec"].get("parallelism") or 0) > 0:
                 self.kube.patch_worker_job(ns, wj["metadata"]["name"], {"spec": {"parallelism": 0}})
         complete = conditions.is_true(prev.conditions, conditions.COMPLETE)
-        live = len(_live_pods(self.kube.list_worker_pods(ns, name)))
+        live = len(decide.live_pods(self.kube.list_worker_pods(ns, name)))
         if live != prev.active_replicas:
             # Workers leave after the end: keep the Replicas column honest, nothing else changes.
             final = next(
@@ -454,7 +277,10 @@ class Reconciler:
                 if complete
                 else Outcome(failed_reason=final.reason, message=final.message)
             )
-            self._write_status(job, prev, prev.model_copy(update={"active_replicas": live}), outcome, now)
+            ready = f"0/{prev.desired_replicas}"
+            self._write_status(
+                job, prev, prev.model_copy(update={"active_replicas": live, "ready": ready}), outcome, now
+            )
         metrics.set_job_condition(ns, name, "Complete" if complete else "Failed")
         ttl = (job.get("spec") or {}).get("ttlSecondsAfterFinished")
         finished_at = parse_time(prev.completion_time)
@@ -480,6 +306,8 @@ class Reconciler:
         if outcome.finished:
             status.desired_replicas = 0
             status.eta = ""
+            status.running_since = None
+        status.state, status.reason = str(outcome.state), str(outcome.reason)
         self._post_transition_events(job, prev.conditions, status.conditions)
         body = status.model_dump(by_alias=True, exclude_none=True)
         if body != prev.model_dump(by_alias=True, exclude_none=True):
@@ -505,5 +333,11 @@ class Reconciler:
                     self.kube.post_event(job, "Warning", "Failed", f"{c.reason}: {c.message}")
                 elif c.type == conditions.SUSPENDED:
                     self.kube.post_event(job, "Normal", "Suspended", "workers scaled to 0")
+                elif c.type == conditions.QUEUED and c.reason == Reason.LOCAL_QUEUE_NOT_FOUND:
+                    self.kube.post_event(job, "Warning", c.reason, c.message)
             elif was and not now_true and c.type == conditions.SUSPENDED:
                 self.kube.post_event(job, "Normal", "Resumed", "spec.suspend is false again")
+            elif c.type == conditions.WORKERS_HEALTHY and not now_true:
+                old = conditions.find(before, c.type)
+                if old is None or old.status == "True" or old.reason != c.reason:
+                    self.kube.post_event(job, "Warning", c.reason, c.message)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from imagebatch_testing.pytest_plugin import kube_cluster
+from imagebatch_testing.pytest_plugin import kube_cluster, kueue
 from imagebatch_testing.s3 import S3Server, s3_server
 
-__all__ = ["kube_cluster", "s3"]
+__all__ = ["kube_cluster", "kueue", "s3"]
 
 REPO = Path(__file__).resolve().parent.parent
 # No test may reach a model hub. Set before anything imports huggingface_hub, which reads it once

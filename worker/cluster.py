@@ -50,7 +50,7 @@ from imagebatch.prompts import iter_prompts
 from imagebatch.shardplan import shard_manifests
 from imagebatch.storage import MANIFEST, Storage, storage_options
 from imagebatch.timeutil import now_utc
-from imagebatch.worker import claims
+from imagebatch.worker import claims, termination
 from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.kube import JSON, WorkerKube
 from imagebatch.worker.shardcache import ShardCache
@@ -287,12 +287,14 @@ class Worker:
         except ImageBatchError as e:
             # No retry can fix this: fail a shard with it, so the operator fails the job and says why.
             log.error("%s", e)
+            termination.write(str(e))
             self.fail_one(str(e), shards)
             return EXIT_USER_ERROR
         try:
             loaded = load_pipeline(self.spec.model, self.device)
         except ModelLoadError as e:
             log.error("%s", e)
+            termination.write(str(e))
             self.fail_one(f"{MODEL_LOAD_ERROR}: {e}", shards)
             return EXIT_MODEL_LOAD_ERROR
         batching = self.spec.batching.batch_size
@@ -374,6 +376,7 @@ class Worker:
             msg = str(e)
             self.fenced_write(claim, lambda st: shardstate.failed(st, msg))
             log.error("%s: %s", claim.name, e)
+            termination.write(msg)
             SHARDS.labels("failed").inc()
             return EXIT_USER_ERROR
         except Exception as e:
@@ -420,8 +423,7 @@ class Worker:
         name = str(self.job["metadata"]["name"])
         shard_ids = [shard_id(i) for i in ordered]
         expected = int(ann[ANNOTATION_ITEM_COUNT]) if ANNOTATION_ITEM_COUNT in ann else None
-        manifest = join_outputs(self.storage, name, shard_ids, self.spec.output.layout, expected)
-        lines = manifest.count(b"\n")
+        lines = join_outputs(self.storage, name, shard_ids, self.spec.output.layout, expected)
         self.kube.annotate_shard(first["metadata"]["name"], {ANNOTATION_MANIFEST_LINES: str(lines)})
         log.info("joined %d manifest lines into %s", lines, self.storage.path(MANIFEST))
 
@@ -503,8 +505,11 @@ def run_cluster_worker(
         log.warning("%s: nothing to do here", e)
         return 0
     except ValidationError as e:
-        log.error("ImageBatchJob %s/%s: invalid spec\n%s", namespace, job, format_validation_error(e, "spec"))
+        msg = format_validation_error(e, "spec")
+        log.error("ImageBatchJob %s/%s: invalid spec\n%s", namespace, job, msg)
+        termination.write(msg)
         return EXIT_USER_ERROR
     except ImageBatchError as e:
         log.error("%s", e)
+        termination.write(str(e))
         return EXIT_USER_ERROR

@@ -15,7 +15,11 @@ Points (`@N`: the N-th time this process gets there; default 1):
 Actions, each taken once per process:
 - `stop`: the process sends itself SIGSTOP (its lease thread stops too, as in a hung node);
 - `stop-once`: the same, but only in the first process of all that share the directory;
-- `hold`: the engine waits until SIGTERM or until `<dir>/release` exists.
+- `hold`: the engine waits until SIGTERM or until `<dir>/release` exists (its lease thread goes on
+  renewing: a hung engine in a live process);
+- `hold-once`: the same, but only in the first process of all that share the directory;
+- `crash-once`: the first process of all raises an unexpected error (RuntimeError) there, as a
+  bug or a broken node would.
 
 Before it acts, a process writes `<dir>/<point>-<pid>.json` (pod, pid, shard, items_done), so
 the test knows who stopped, and where.
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 ENV = "IMAGEBATCH_FAILPOINTS"
 ENV_DIR = "IMAGEBATCH_FAILPOINT_DIR"
 POINTS = ("image-stored", "shard-done")
-ACTIONS = ("stop", "stop-once", "hold")
+ACTIONS = ("stop", "stop-once", "hold", "hold-once", "crash-once")
 RELEASE = "release"
 
 
@@ -91,14 +95,17 @@ class Failpoints:
             self._hits[point] = n = self._hits.get(point, 0) + 1
         if n != fp.nth:
             return
-        if fp.action == "hold" and os.path.exists(os.path.join(self.directory, RELEASE)):
+        holds = fp.action in ("hold", "hold-once")
+        if holds and os.path.exists(os.path.join(self.directory, RELEASE)):
             return
-        if fp.action == "stop-once" and not self._first(point):
+        if fp.action in ("stop-once", "hold-once", "crash-once") and not self._first(point):
             return
         if before is not None:
             before()
         self._mark(point, {"pod": pod, "pid": os.getpid(), "shard": shard, "items_done": items_done})
-        if fp.action == "hold":
+        if fp.action == "crash-once":
+            raise RuntimeError(f"failpoint {point}@{fp.nth}: crash-once")
+        if holds:
             release = os.path.join(self.directory, RELEASE)
             waiter = stop or threading.Event()
             while not waiter.wait(0.05) and not os.path.exists(release):

@@ -22,12 +22,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
 
 from imagebatch.holders import rank_holder
 from imagebatch.names import EXIT_MODEL_LOAD_ERROR, EXIT_TERMINATED, EXIT_USER_ERROR
+from imagebatch.worker import termination
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,30 @@ def visible_devices(env: Mapping[str, str]) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def child_env(env: Mapping[str, str], device: str) -> dict[str, str]:
+def child_env(env: Mapping[str, str], device: str, termination_log: str | None = None) -> dict[str, str]:
     # One GPU per child: it never supervises again, and sees only its own device (as cuda:0).
-    return {**env, "CUDA_VISIBLE_DEVICES": device, GPUS_ENV: "1"}
+    out = {**env, "CUDA_VISIBLE_DEVICES": device, GPUS_ENV: "1"}
+    if termination_log:
+        # Each child its own file: the supervisor writes the pod's message from the one that failed.
+        out[termination.ENV_VAR] = termination_log
+    return out
+
+
+def pod_message(code: int, failures: Mapping[int, tuple[int, str]], pod: str) -> str:
+    """The pod's termination message for exit code `code`, from its ranks' (rank: (last exit
+    code, termination message)); '' when the pod did not fail. A user or model error is the
+    child's message as it is (every rank fails alike); a crash says which rank and how."""
+    if code in (0, EXIT_TERMINATED):
+        return ""
+    for rank, (child_code, msg) in sorted(failures.items()):
+        if code in FATAL and child_code == code:
+            return msg or f"rank {rank} ({rank_holder(pod, rank)}) exited with {code}"
+    for rank, (child_code, msg) in sorted(failures.items()):
+        if child_code not in (0, EXIT_TERMINATED):
+            how = f"signal {-child_code}" if child_code < 0 else f"exit code {child_code}"
+            where = f"rank {rank} ({rank_holder(pod, rank)}) crashed with {how} {MAX_RESTARTS + 1} times"
+            return f"{msg}\n({where})" if msg else where
+    return ""
 
 
 def pod_exit_code(codes: list[int], terminated: bool) -> int:
@@ -95,6 +118,7 @@ class Supervisor:
         self.metrics_port = metrics_port
         self.terminated = False
         self.children: dict[int, Child] = {}  # by pid
+        self.messages = tempfile.mkdtemp(prefix="imagebatch-ranks-")
 
     def argv(self, rank: int) -> list[str]:
         args = [
@@ -117,7 +141,10 @@ class Supervisor:
 
     def start(self, rank: int, restarts: int = 0) -> None:
         device = self.devices[rank]
-        proc = subprocess.Popen(self.argv(rank), env=child_env(os.environ, device))
+        log_file = self.message_file(rank)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(log_file)  # a restarted child's message is its own
+        proc = subprocess.Popen(self.argv(rank), env=child_env(os.environ, device, log_file))
         self.children[proc.pid] = Child(rank, device, proc, restarts)
         log.info(
             "rank %d: pid %d on CUDA_VISIBLE_DEVICES=%s as %s",
@@ -126,6 +153,9 @@ class Supervisor:
             device,
             rank_holder(self.pod, rank),
         )
+
+    def message_file(self, rank: int) -> str:
+        return os.path.join(self.messages, f"rank-{rank}")
 
     def on_term(self, signum: int, frame: FrameType | None) -> None:
         self.terminated = True
@@ -188,7 +218,12 @@ class Supervisor:
             )
             if child.restarts < MAX_RESTARTS:
                 self.start(child.rank, child.restarts + 1)
-        return pod_exit_code(list(last.values()), self.terminated)
+        code = pod_exit_code(list(last.values()), self.terminated)
+        failures = {r: (c, termination.read(self.message_file(r))) for r, c in last.items()}
+        message = pod_message(code, failures, self.pod)
+        if message:
+            termination.write(message)
+        return code
 
 
 def run_worker_pod(namespace: str, job: str, pod: str, device: str = "auto", metrics_port: int = 0) -> int:

@@ -156,11 +156,9 @@ class LocalCluster:
         return [p for p in self.state.processes if process_alive(p.pid, p.start_time)]
 
     def is_up(self) -> bool:
-        return (
-            self.state.ready
-            and bool(self.state.processes)
-            and all(process_alive(p.pid, p.start_time) for p in self.state.processes)
-        )
+        """Ready, and every process of the cluster itself lives (not those it only records)."""
+        own = [p for p in self.state.processes if p.name in _STOP_ORDER]
+        return self.state.ready and bool(own) and all(process_alive(p.pid, p.start_time) for p in own)
 
     # -- start ------------------------------------------------------------------------------
 
@@ -170,6 +168,11 @@ class LocalCluster:
         self.state.processes.append(record)
         self._save_state()  # at once: a `down` from elsewhere must find every started process
         return record
+
+    def record(self, record: ProcessRecord) -> None:
+        """Records a process started next to the cluster (Kueue, say): `down` stops it too."""
+        self.state.processes.append(record)
+        self._save_state()
 
     def up(self, timeout: float = 180.0) -> None:
         """Starts the cluster; raises ClusterError (after stopping what it started) on failure."""

@@ -98,6 +98,40 @@ def terminated_state(code: int, started_at: str, pid: int) -> JSON:
     return {"terminated": terminated}
 
 
+# The kubelet's limits (pkg/kubelet/container: MaxContainerTerminationMessage*): the message file's
+# last 4096 bytes; with FallbackToLogsOnError and an empty file, the log's last 80 lines, 2048 bytes.
+MAX_MESSAGE_BYTES = 4096
+MAX_LOG_MESSAGE_BYTES = 2048
+MAX_LOG_MESSAGE_LINES = 80
+# How a container finds its termination message file on this node, which cannot mount a file at
+# its terminationMessagePath (/dev/termination-log): the worker writes where this names.
+TERMINATION_LOG_ENV = "IMAGEBATCH_TERMINATION_LOG"
+
+
+def log_tail(log_path: Path) -> str:
+    try:
+        data = log_path.read_bytes()
+    except OSError:
+        return ""
+    lines = data.splitlines(keepends=True)[-MAX_LOG_MESSAGE_LINES:]
+    return b"".join(lines)[-MAX_LOG_MESSAGE_BYTES:].decode(errors="replace")
+
+
+def termination_message(spec: JSON, message_file: Path, log_path: Path, code: int) -> str:
+    """`state.terminated.message` as the kubelet reads it for a container that exited with `code`."""
+    if not spec.get("terminationMessagePath"):
+        return ""
+    try:
+        data = message_file.read_bytes()[-MAX_MESSAGE_BYTES:]
+    except OSError:
+        data = b""
+    if data:
+        return data.decode(errors="replace")
+    if spec.get("terminationMessagePolicy") == "FallbackToLogsOnError" and exit_code(code) != 0:
+        return log_tail(log_path)
+    return ""
+
+
 def start_error_state(err: OSError) -> JSON:
     return {
         "terminated": {

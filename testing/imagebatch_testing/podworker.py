@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imagebatch_testing.kubeapi import STRATEGIC_MERGE_PATCH, ApiError
@@ -26,6 +27,7 @@ from imagebatch_testing.podenv import (
     container_env,
 )
 from imagebatch_testing.podprocess import (
+    TERMINATION_LOG_ENV,
     Container,
     exit_code,
     now,
@@ -34,6 +36,7 @@ from imagebatch_testing.podprocess import (
     start_error_state,
     stop,
     terminated_state,
+    termination_message,
 )
 from imagebatch_testing.podstatus import pod_status, status_key
 from imagebatch_testing.podvolumes import lay_out_volumes, pod_kubeconfig
@@ -203,7 +206,11 @@ class PodWorker(threading.Thread):
         assert container.proc is not None
         self.agent.untrack(container.proc.pid)
         container.state = terminated_state(code, container.started_at, container.proc.pid)
-        with open(self.dir / "logs" / f"{container.name}.log", "ab") as out:
+        log_path = self.dir / "logs" / f"{container.name}.log"
+        message = termination_message(container.spec, self.message_file(container), log_path, code)
+        if message:
+            container.state["terminated"]["message"] = message
+        with open(log_path, "ab") as out:
             out.write(f"[nodeagent] {container.name} exited with code {exit_code(code)}\n".encode())
 
     def start_container(self, container: Container) -> None:
@@ -213,6 +220,12 @@ class PodWorker(threading.Thread):
             container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
             container.not_before = time.monotonic() + 1.0
             return
+        if container.spec.get("terminationMessagePath"):
+            # As the kubelet does: an empty file for each run, which the container may write.
+            message_file = self.message_file(container)
+            message_file.parent.mkdir(parents=True, exist_ok=True)
+            message_file.write_bytes(b"")
+            env[TERMINATION_LOG_ENV] = str(message_file)
         try:
             container.proc = spawn(argv, env, cwd, self.dir / "logs" / f"{container.name}.log")
         except OSError as err:
@@ -229,6 +242,11 @@ class PodWorker(threading.Thread):
         container.started_at = now()
         container.state = {"running": {"startedAt": container.started_at}}
         log(f"pod {self.namespace}/{self.pod_name}: started {container.name} as pid {container.proc.pid}")
+
+    def message_file(self, container: Container) -> Path:
+        """Where this node keeps the container's terminationMessagePath file."""
+        kind = "init" if container.init else "containers"
+        return self.dir / "termination" / kind / container.name
 
     def grace_period(self) -> float:
         with self.lock:

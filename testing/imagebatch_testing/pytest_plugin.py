@@ -4,6 +4,10 @@ Import the fixture into a conftest.py to use it:
 
     from imagebatch_testing.pytest_plugin import kube_cluster  # noqa: F401
 
+`kueue` (session scope, started by the first test that asks for it) runs the real Kueue
+controller against `kube_cluster` (imagebatch_testing.kueue), with the two WorkloadPriorityClasses
+installed; each test makes its own queues with imagebatch_testing.kueuequeues.create_queues.
+
 `kube_cluster` (session scope) starts a LocalCluster (hack/cluster/build.sh builds the binaries
 when they are not cached; a missing toolchain makes the tests fail, not skip) and stops it at the
 end. If IMAGEBATCH_TEST_KUBECONFIG names a kubeconfig, that cluster (kind, say) is used instead
@@ -24,6 +28,9 @@ import pytest
 
 from imagebatch_testing.cluster import LocalCluster, build_binaries
 from imagebatch_testing.kubeapi import KubeClient
+from imagebatch_testing.kueue import KueueBuild, KueueController, build_kueue
+from imagebatch_testing.kueuequeues import install_priority_classes
+from imagebatch_testing.processes import ClusterError
 
 EXTERNAL_KUBECONFIG_ENV = "IMAGEBATCH_TEST_KUBECONFIG"
 
@@ -88,3 +95,32 @@ def start_test_cluster(state_dir: Path) -> Iterator[TestCluster]:
 def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
     """A running Kubernetes cluster for the whole test session (see the module docstring)."""
     yield from start_test_cluster(tmp_path_factory.mktemp("kube-cluster"))
+
+
+@pytest.fixture(scope="session")
+def kueue(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KueueController]:
+    """The Kueue controller (hack/kueue/build.sh) against the local cluster, for the rest of the
+    session; it manages only Jobs with a kueue.x-k8s.io/queue-name label."""
+    if kube_cluster.local is None:
+        # Its API server cannot reach a webhook on this machine: use the Kueue installed there.
+        crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/clusterqueues.kueue.x-k8s.io"
+        if kube_cluster.client.get_or_none(crd) is None:
+            raise ClusterError(
+                f"the Kueue tests need Kueue (v0.17) in the cluster of {EXTERNAL_KUBECONFIG_ENV}: install "
+                "its release manifests there, or unset the variable to run them on the local cluster"
+            )
+        install_priority_classes(kube_cluster.client)
+        # Not started nor stopped here; it has no log on this machine (its Events are read instead).
+        yield KueueController(KueueBuild(Path()), kube_cluster.kubeconfig, tmp_path_factory.mktemp("kueue"))
+        return
+    with _alarm_paused():
+        build = build_kueue()
+    controller = KueueController(
+        build, kube_cluster.kubeconfig, tmp_path_factory.mktemp("kueue"), on_spawn=kube_cluster.local.record
+    )
+    controller.start()
+    try:
+        install_priority_classes(kube_cluster.client)
+        yield controller
+    finally:
+        controller.stop()

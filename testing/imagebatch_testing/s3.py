@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -49,6 +50,35 @@ class S3Server:
         client = boto3.client("s3", endpoint_url=self.endpoint, **_boto_creds())
         body: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         return body
+
+    def enforce_auth(self) -> dict[str, str]:
+        """From now on the server checks credentials, as real S3 does: returns the only key pair
+        it accepts (an IAM user allowed s3:*); others are refused with InvalidAccessKeyId or
+        SignatureDoesNotMatch. For the server's whole life: create buckets first (or with the
+        returned credentials)."""
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, **_boto_creds())
+        iam.create_user(UserName="imagebatch")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="imagebatch", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="imagebatch")["AccessKey"]
+        # moto's switch: authenticate every request after the next 0 (POST /moto-api/reset-auth).
+        request = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=b"0",
+            method="POST",
+            headers={"Content-Type": "application/octet-stream"},  # not a form: moto reads the raw body
+        )
+        urllib.request.urlopen(request, timeout=30).close()
+        return {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_DEFAULT_REGION": CREDENTIALS["AWS_DEFAULT_REGION"],
+        }
 
 
 def _boto_creds() -> dict[str, str]:

@@ -58,6 +58,19 @@ class Release:
             raise AssertionError(f"{tool} {' '.join(args)}: {proc.stdout}{proc.stderr}")
         return proc
 
+    def create(self, doc: JSON) -> None:
+        """`kubectl create -f -` as the cluster admin."""
+        proc = subprocess.run(
+            [str(self.tools / "kubectl"), "create", "-f", "-"],
+            input=json.dumps(doc),
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+
     def can_i(self, verb: str, resource: str, namespace: str | None) -> bool:
         sa = f"system:serviceaccount:{self.namespace}:{self.service_account}"
         where = ["-n", namespace] if namespace else []
@@ -266,16 +279,7 @@ def test_operator_runs_and_reconciles_under_the_chart(release: Release, kube_clu
             "suspend": True,
         },
     }
-    proc = subprocess.run(
-        [str(release.tools / "kubectl"), "create", "-f", "-"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=release.env,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    release.create(job)
     deadline = time.monotonic() + 300
     status: JSON = {}
     while time.monotonic() < deadline:
@@ -406,3 +410,89 @@ def test_built_in_edit_and_view_roles_cover_imagebatchjobs(release: Release) -> 
     assert not can("carol", "patch", "imagebatchshards.imagebatch.dev")  # only the operator and workers
     assert not can("dave", "create", "imagebatchjobs.imagebatch.dev")
     assert can("dave", "get", "imagebatchshards.imagebatch.dev")
+
+
+def test_the_chart_with_default_values_runs_four_workers_that_all_make_images(
+    release: Release, kube_cluster: TestCluster, tmp_path: Path
+) -> None:
+    """The README's walk: the chart as installed (its default worker metrics port, which every pod
+    on the local node shares), a 10,000-prompt file job with maxReplicas 4: four workers, all of
+    which make images, and READY reaches 4/4. Each worker holds after its first shard until all
+    four have one, so the count does not depend on how fast workers start."""
+    if kube_cluster.local is None:
+        pytest.skip("needs this machine's node agent (an external cluster needs the worker image)")
+    n = 10_000
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a product photograph of item {i}, studio light\n" for i in range(n)))
+    marks = tmp_path / "failpoints"
+    marks.mkdir()
+    out = tmp_path / "out"
+    env = [
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+        {"name": "IMAGEBATCH_FAILPOINTS", "value": "shard-done@1=hold"},
+        {"name": "IMAGEBATCH_FAILPOINT_DIR", "value": str(marks)},
+    ]
+    job = {
+        "apiVersion": "imagebatch.dev/v1alpha1",
+        "kind": "ImageBatchJob",
+        "metadata": {"name": "walk", "namespace": release.watched},
+        "spec": {
+            "model": {"name": "builtin:tiny"},
+            "promptsFrom": {"uri": str(prompts)},
+            "generation": {"width": 32, "height": 32, "steps": 2},
+            "batching": {"batchSize": 50, "shardSize": 250},
+            "output": {"uri": str(out)},
+            "workers": {"gpusPerWorker": 0, "maxReplicas": 4, "env": env},
+        },
+    }
+    release.create(job)
+
+    def status() -> JSON:
+        got = json.loads(
+            release.run("kubectl", "-n", release.watched, "get", "ibj", "walk", "-o", "json").stdout
+        )
+        st: JSON = got.get("status") or {}
+        return st
+
+    deadline = time.monotonic() + 900
+    while len(list(marks.glob("shard-done-*.json"))) < 4:
+        failed = [
+            c for c in status().get("conditions") or [] if c["type"] == "Failed" and c["status"] == "True"
+        ]
+        assert not failed, failed
+        assert time.monotonic() < deadline, f"fewer than 4 workers finished a shard in 900 s: {status()}"
+        time.sleep(0.5)
+    # Four workers hold after a shard each: the READY column says so.
+    while status().get("ready") != "4/4":
+        assert time.monotonic() < deadline, f"READY never 4/4: {status()}"
+        time.sleep(0.5)
+    row = release.run("kubectl", "-n", release.watched, "get", "ibj", "walk").stdout.splitlines()
+    assert row[1].split()[4] == "4/4", row
+    (marks / "release").write_text("")
+    while not any(
+        c["type"] == "Complete" and c["status"] == "True" for c in status().get("conditions") or []
+    ):
+        failed = [
+            c for c in status().get("conditions") or [] if c["type"] == "Failed" and c["status"] == "True"
+        ]
+        assert not failed, failed
+        assert time.monotonic() < deadline + 900, f"not complete: {status()}"
+        time.sleep(1)
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == n and len({line["id"] for line in lines}) == n
+    workers = {line["worker"] for line in lines}
+    assert len(workers) >= 4, workers
+    warnings = json.loads(
+        release.run(
+            "kubectl",
+            "-n",
+            release.watched,
+            "get",
+            "events",
+            "--field-selector",
+            "type=Warning",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    assert not [e for e in warnings if e.get("reason") == "WorkerFailed"], warnings

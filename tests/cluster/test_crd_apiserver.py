@@ -261,6 +261,9 @@ def test_operational_fields_stay_mutable(kubectl: Kubectl, namespace: str, job: 
 def test_status_subresource_and_printer_columns(kubectl: Kubectl, namespace: str, job: str) -> None:
     status = {
         "observedGeneration": 1,
+        "state": "Running",
+        "reason": "Unschedulable",
+        "ready": "0/2",
         "progress": "3/24",
         "activeReplicas": 2,
         "imagesPerSecond": "1.5",
@@ -293,8 +296,8 @@ def test_status_subresource_and_printer_columns(kubectl: Kubectl, namespace: str
     got = json.loads(kubectl("get", "-n", namespace, "ibj", job, "-o", "json").stdout)["status"]
     assert got["progress"] == "3/24" and "manifest" not in got
     table = kubectl("get", "-n", namespace, "ibj", job).stdout.splitlines()
-    assert table[0].split() == ["NAME", "PROGRESS", "COMPLETE", "REPLICAS", "IMG/S", "ETA", "AGE"]
-    assert table[1].split()[:6] == [job, "3/24", "False", "2", "1.5", "1m0s"]
+    assert table[0].split() == ["NAME", "STATE", "REASON", "PROGRESS", "READY", "IMG/S", "ETA", "AGE"]
+    assert table[1].split()[:7] == [job, "Running", "Unschedulable", "3/24", "0/2", "1.5", "1m0s"]
     bad = {"status": {"conditions": [{"type": "Complete", "status": "Maybe"}]}}
     proc = kubectl(
         "patch",
@@ -330,6 +333,7 @@ def test_shards(kubectl: Kubectl, namespace: str) -> None:
             "state": "Claimed",
             "attempt": 1,
             "holder": "worker-0",
+            "failures": 1,
             "leaseRenewTime": "2026-01-01T00:00:00Z",
         }
     }
@@ -345,8 +349,8 @@ def test_shards(kubectl: Kubectl, namespace: str) -> None:
         json.dumps(claim),
     )
     table = kubectl("get", "-n", namespace, "ibs", "j-s0").stdout.splitlines()
-    assert table[0].split() == ["NAME", "JOB", "STATE", "ATTEMPT", "HOLDER", "AGE"]
-    assert table[1].split()[:5] == ["j-s0", "j", "Claimed", "1", "worker-0"]
+    assert table[0].split() == ["NAME", "JOB", "STATE", "ATTEMPT", "FAILURES", "HOLDER", "AGE"]
+    assert table[1].split()[:6] == ["j-s0", "j", "Claimed", "1", "1", "worker-0"]
     proc = kubectl(
         "patch", "-n", namespace, "ibs", "j-s0", "--type=merge", "-p", '{"spec":{"end":9}}', check=False
     )

@@ -13,6 +13,8 @@ from harness import REPO, Operator, operator_kubeconfig
 
 from imagebatch_testing.cluster import build_binaries, create_namespace
 from imagebatch_testing.kubectl import Kubectl, install_crds
+from imagebatch_testing.kueue import KueueController
+from imagebatch_testing.kueuequeues import TestQueues, create_queues, delete_queues
 from imagebatch_testing.pytest_plugin import TestCluster
 
 
@@ -61,6 +63,15 @@ def namespace(kube_cluster: TestCluster, kubectl: Kubectl, request: pytest.Fixtu
     )
     yield name
     kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def kueue_queues(kube_cluster: TestCluster, kueue: KueueController, namespace: str) -> Iterator[TestQueues]:
+    """The real Kueue, and this test's queues: a ClusterQueue with quota for 500m cpu (one
+    flavor, preempting lower priorities), its LocalQueue `queue` in the test's namespace."""
+    queues = create_queues(kube_cluster.client, namespace, {"cpu": "500m"})
+    yield queues
+    delete_queues(kube_cluster.client, queues)
 
 
 @pytest.fixture

@@ -263,6 +263,18 @@ def ibj(kubectl: Kubectl, namespace: str, name: str) -> JSON:
     return kubectl.json("get", "ibj", name, "-n", namespace)
 
 
+def shards(kubectl: Kubectl, namespace: str) -> list[JSON]:
+    """Every ImageBatchShard of the namespace (a test's namespace holds its own jobs only)."""
+    items: list[JSON] = kubectl.json("get", "ibs", "-n", namespace)["items"]
+    return items
+
+
+def live_pods(kubectl: Kubectl, namespace: str) -> list[JSON]:
+    """The namespace's pods that have not ended."""
+    pods: list[JSON] = kubectl.json("get", "pods", "-n", namespace)["items"]
+    return [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed")]
+
+
 def condition(job: JSON, type_: str) -> JSON | None:
     for c in (job.get("status") or {}).get("conditions") or []:
         if c.get("type") == type_:

@@ -18,6 +18,7 @@ from harness import (
     check_output_dir,
     condition,
     ibj,
+    shards,
     tiny_job,
     wait_condition,
     wait_for,
@@ -27,11 +28,6 @@ from harness import (
 from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
-
-
-def shards(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = kubectl.json("get", "ibs", "-n", namespace)["items"]
-    return items
 
 
 def victim_of(kubectl: Kubectl, namespace: str, mark: dict[str, Any], shard_size: int) -> dict[str, Any]:
@@ -206,7 +202,11 @@ def test_missing_prompt_file_fails_planning(
     wait_condition(kubectl, namespace, "no-file", "Failed", timeout=600)
     failed = condition(ibj(kubectl, namespace, "no-file"), "Failed")
     assert failed is not None and failed["reason"] == "PlanningFailed", failed
-    assert "no-file-workers" in failed["message"]
+    # The planning worker's own words (its termination message), not a pointer to its logs.
+    assert (
+        failed["message"].startswith("spec.promptsFrom.uri: prompt file")
+        and "does not exist" in failed["message"]
+    )
     pods = kubectl.json("get", "pods", "-n", namespace)["items"]
     assert len(pods) == 1  # exit code 2 fails the Job at once: no retries of a user error
 

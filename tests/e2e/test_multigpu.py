@@ -19,6 +19,7 @@ from harness import (
     Operator,
     check_output_dir,
     ibj,
+    shards,
     tiny_job,
     wait_condition,
     wait_for,
@@ -40,11 +41,6 @@ def advertise_gpus(kube_cluster: TestCluster, count: int) -> None:
             {"status": {"capacity": gpus, "allocatable": gpus}},
             STRATEGIC_MERGE_PATCH,
         )
-
-
-def shards(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = kubectl.json("get", "ibs", "-n", namespace)["items"]
-    return items
 
 
 def child_pid(supervisor: int, rank: int) -> int | None:

@@ -32,7 +32,7 @@ def test_worker_job_is_a_work_queue_with_the_desired_parallelism() -> None:
     assert job["kind"] == "Job" and job["metadata"]["name"] == "cats-workers"
     assert "completions" not in js and js["parallelism"] == 3
     assert js["suspend"] is False
-    assert js["backoffLimit"] >= 6
+    assert js["backoffLimit"] >= 2
     owner = job["metadata"]["ownerReferences"][0]
     assert owner["uid"] == "u-1" and owner["kind"] == "ImageBatchJob" and owner["controller"] is True
     pod = js["template"]["spec"]
@@ -80,10 +80,21 @@ def test_gpus_queue_deadline_and_suspend() -> None:
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["suspend"] is True  # Kueue admits it by unsuspending
-    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    # The operator keeps the deadline (paused while queued or suspended), not the Job controller.
+    assert "activeDeadlineSeconds" not in job["spec"]
     no_gpu = worker_job(JOB, spec(workers={"gpusPerWorker": 0}), 1)
     assert "limits" not in no_gpu["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert worker_job(JOB, spec(suspend=True), 0)["spec"]["suspend"] is True
+
+
+def test_kueue_priority_class_label_goes_to_the_worker_job() -> None:
+    labelled = {**JOB, "metadata": {**JOB["metadata"], "labels": {"kueue.x-k8s.io/priority-class": "high"}}}
+    job = worker_job(labelled, spec(queueName="q"), 1)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+    # Without a queue Kueue does not manage the Job: no Kueue label at all.
+    plain = worker_job(labelled, spec(), 1)
+    assert not [k for k in plain["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]
 
 
 def test_pod_failure_policy_fails_fast_on_user_errors_and_ignores_sigterm() -> None:
@@ -261,3 +272,13 @@ def test_gpu_count_reaches_the_worker() -> None:
             "containers"
         ][0]
         assert {"name": "IMAGEBATCH_GPUS", "value": str(gpus)} in c["env"]
+
+
+def test_every_worker_container_reports_its_fatal_error_as_its_termination_message() -> None:
+    s = spec(model={"name": "org/model", "cache": {"claimName": "hf-cache"}})
+    pod = worker_job(JOB, s, 1)["spec"]["template"]["spec"]
+    containers = pod["containers"] + pod.get("initContainers", [])
+    assert len(containers) == 2  # the worker and the model fetch step
+    for c in containers:
+        assert c["terminationMessagePath"] == "/dev/termination-log", c["name"]
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError", c["name"]

@@ -6,6 +6,7 @@ without a Go toolchain to build it these tests fail, they do not skip.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from importlib.metadata import version
@@ -16,6 +17,8 @@ import pytest
 import yaml
 
 from imagebatch.api import ImageBatchJobSpec
+from imagebatch.names import LABEL_JOB
+from imagebatch.operator.builders import WorkerSettings, worker_job
 from imagebatch_testing.cluster import build_binaries
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +39,7 @@ NAMESPACED_PERMISSIONS = {
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
     ("", "configmaps"): {"get"},
     ("", "events"): {"create"},
+    ("kueue.x-k8s.io", "localqueues"): {"get"},
 }
 CLUSTER_SCOPED = {
     "ClusterRole",
@@ -85,6 +89,10 @@ OTHER_VALUES = [
     "metrics.port=9100",
     "--set",
     "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "metrics.podMonitor.enabled=true",
+    "--set",
+    "metrics.dashboard.enabled=true",
     "--set",
     "serviceAccount.name=ib-operator",
     "--set",
@@ -235,6 +243,8 @@ def test_other_values_render(helm: Path) -> None:
     assert permissions(cluster_role["rules"]) == CLUSTER_PERMISSIONS
     (monitor,) = by_kind(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    # The operator's metrics name jobs by their own namespace and job labels.
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
     (svc,) = by_kind(docs, "Service")
     assert svc["spec"]["ports"][0]["port"] == 9100
 
@@ -403,6 +413,8 @@ VERB_OF_PREFIX |= {"replace": "update", "delete": "delete"}
 # What kopf itself does with the operator's token, beyond operator/kube.py: it lists and watches
 # ImageBatchJobs and patches its handler-progress annotations onto them (operator/handlers.py).
 KOPF_USES = {("imagebatch.dev", "imagebatchjobs"): {"list", "watch", "patch"}}
+# What operator/informer.py does: it lists and watches ImageBatchShards (and nothing else).
+INFORMER_USES = {("imagebatch.dev", "imagebatchshards"): {"list", "watch"}}
 
 
 def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str, str], set[str]]:
@@ -411,7 +423,12 @@ def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str
 
     from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
 
-    plurals = {"JOB_PLURAL": JOB_PLURAL, "SHARD_PLURAL": SHARD_PLURAL}
+    plurals = {"JOB_PLURAL": JOB_PLURAL, "SHARD_PLURAL": SHARD_PLURAL, "LOCAL_QUEUE_PLURAL": "localqueues"}
+    groups = {
+        "JOB_PLURAL": "imagebatch.dev",
+        "SHARD_PLURAL": "imagebatch.dev",
+        "LOCAL_QUEUE_PLURAL": "kueue.x-k8s.io",
+    }
     tree = ast.parse(path.read_text())
     used: dict[tuple[str, str], set[str]] = {}
 
@@ -419,6 +436,10 @@ def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str
         names = [a.id for a in call.args if isinstance(a, ast.Name) and a.id in plurals]
         assert len(names) == 1, f"line {call.lineno}: which resource? {ast.unparse(call)}"
         return plurals[names[0]]
+
+    def group_of(call: ast.Call) -> str:
+        (name,) = [a.id for a in call.args if isinstance(a, ast.Name) and a.id in plurals]
+        return groups[name]
 
     calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
     for node in ast.walk(tree):
@@ -435,7 +456,7 @@ def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str
             call = calls.get(id(node))
             assert call is not None, f"line {node.lineno}: custom-object method not called directly"
             resource = plural_of(call) + ("/status" if rest.endswith("_status") else "")
-            key = ("imagebatch.dev", resource)
+            key = (group_of(call), resource)
         else:
             key = API_RESOURCES[rest]
         used.setdefault(key, set()).add(verb)
@@ -460,6 +481,7 @@ def test_every_granted_verb_is_used(helm: Path) -> None:
     for source in (
         operator_api_calls(),
         KOPF_USES,
+        INFORMER_USES,
         permissions([dict(r) for r in strip_names(role["rules"])]),
     ):
         for key, verbs in source.items():
@@ -610,3 +632,80 @@ def test_network_policies(helm: Path) -> None:
         "team": "obs",
     }
     assert not by_kind(render(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def worker_pod(metrics_port: int) -> JSON:
+    """The pod template of a worker Job as the operator builds it."""
+    job = {"metadata": {"name": "cats", "namespace": "team-a", "uid": "u-1"}}
+    spec = ImageBatchJobSpec.model_validate(
+        {"model": {"name": "builtin:tiny"}, "prompts": ["a cat"], "output": {"uri": "s3://b/p"}}
+    )
+    wj = worker_job(job, spec, 1, WorkerSettings(metrics_port=metrics_port))
+    template: JSON = wj["spec"]["template"]
+    return template
+
+
+def test_worker_pod_monitor_selects_the_workers_metrics_port(helm: Path) -> None:
+    assert not by_kind(render(helm), "PodMonitor")  # off by default: needs prometheus-operator's CRD
+    docs = render(helm, "--set", "metrics.podMonitor.enabled=true", "--set", "metrics.podMonitor.labels.r=p")
+    (monitor,) = by_kind(docs, "PodMonitor")
+    assert monitor["metadata"]["namespace"] == "imagebatch-system"
+    assert monitor["metadata"]["labels"]["r"] == "p"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"any": True}
+    # What it selects is what operator/builders.py makes, on the port the chart passes to it.
+    (dep,) = by_kind(docs, "Deployment")
+    (arg,) = [
+        a for a in dep["spec"]["template"]["spec"]["containers"][0]["args"] if "worker-metrics-port" in a
+    ]
+    pod = worker_pod(int(arg.split("=")[1]))
+    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert spec["jobLabel"] == LABEL_JOB and LABEL_JOB in pod["metadata"]["labels"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    (container,) = pod["spec"]["containers"]
+    assert endpoint["port"] in {p["name"] for p in container["ports"]}
+    assert endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
+    # The pods of other components (the operator's own) are not workers.
+    assert (
+        not spec["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+    # Namespaced mode: only the watched namespaces.
+    (monitor,) = by_kind(render(helm, *OTHER_VALUES), "PodMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_worker_pod_monitor_needs_worker_metrics(helm: Path) -> None:
+    proc = run_helm(
+        helm,
+        "template",
+        "rel",
+        str(CHART),
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "worker.metricsPort=0",
+    )
+    assert proc.returncode != 0 and "worker.metricsPort" in proc.stderr
+
+
+def test_grafana_dashboard_config_map(helm: Path) -> None:
+    assert not by_kind(render(helm), "ConfigMap")
+    shipped = json.loads((CHART / "dashboards/imagebatch.json").read_text())
+    docs = render(helm, "--set", "metrics.dashboard.enabled=true")
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "imagebatch-system"
+    assert json.loads(cm["data"]["imagebatch.json"]) == shipped
+    docs = render(
+        helm,
+        "--set",
+        "metrics.dashboard.enabled=true",
+        "--set",
+        "metrics.dashboard.namespace=monitoring",
+        "--set",
+        "metrics.dashboard.annotations.grafana_folder=Batch",
+    )
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Batch"}

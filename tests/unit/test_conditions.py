@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from imagebatch.api import Condition
-from imagebatch.operator.conditions import Outcome, compute_conditions, is_true
+from imagebatch.operator.conditions import Outcome, Reason, Type, compute_conditions, is_true
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "operator.md"
 
 
 def by_type(conds: list[Condition]) -> dict[str, Condition]:
@@ -12,7 +18,7 @@ def by_type(conds: list[Condition]) -> dict[str, Condition]:
 
 def test_running_job_is_reconciling() -> None:
     c = by_type(compute_conditions([], Outcome(progress_reason="Running", message="5/10"), 3, "T1"))
-    assert set(c) == {"Complete", "Failed", "Suspended", "Ready", "Reconciling", "Stalled"}
+    assert set(c) == {t.value for t in Type}
     assert c["Reconciling"].status == "True" and c["Reconciling"].reason == "Running"
     assert c["Complete"].status == c["Failed"].status == c["Stalled"].status == c["Ready"].status == "False"
     assert all(x.observed_generation == 3 for x in c.values())
@@ -47,3 +53,20 @@ def test_transition_time_moves_only_when_status_flips() -> None:
     assert done["Complete"].last_transition_time == "T3"
     assert done["Failed"].last_transition_time == "T1"  # still False
     assert is_true(list(done.values()), "Complete") and not is_true(list(done.values()), "Failed")
+
+
+@pytest.mark.parametrize("name", [*(t.value for t in Type), *(r.value for r in Reason)])
+def test_every_condition_type_and_reason_is_documented(name: str) -> None:
+    """docs/operator.md's Conditions section names every type and reason the operator writes."""
+    text = DOCS.read_text()
+    section = text[text.index("### Conditions") :]
+    assert f"`{name}`" in section, f"docs/operator.md: document condition type or reason `{name}`"
+
+
+def test_state_and_reason_follow_the_outcome() -> None:
+    assert (Outcome(queued=True, progress_reason=Reason.QUEUED).state, Outcome().state) == (
+        "Queued",
+        "Running",
+    )
+    assert Outcome(failed_reason=Reason.SHARDS_FAILED).reason == "ShardsFailed"
+    assert Outcome(suspended=True).state == "Suspended" and Outcome(complete=True).state == "Complete"

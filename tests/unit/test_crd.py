@@ -88,15 +88,17 @@ def test_names_scope_and_subresources(job: dict[str, Any], shard: dict[str, Any]
 def test_printer_columns(job: dict[str, Any], shard: dict[str, Any]) -> None:
     cols = {c["name"]: c["jsonPath"] for c in job["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert cols == {
+        "State": ".status.state",
+        "Reason": ".status.reason",
         "Progress": ".status.progress",
-        "Complete": '.status.conditions[?(@.type=="Complete")].status',
-        "Replicas": ".status.activeReplicas",
+        "Ready": ".status.ready",
         "Img/s": ".status.imagesPerSecond",
         "ETA": ".status.eta",
         "Age": ".metadata.creationTimestamp",
+        "Message": '.status.conditions[?(@.type=="Ready")].message',
     }
     cols = {c["name"]: c["jsonPath"] for c in shard["spec"]["versions"][0]["additionalPrinterColumns"]}
-    assert list(cols) == ["Job", "State", "Attempt", "Holder", "Age"]
+    assert list(cols) == ["Job", "State", "Attempt", "Failures", "Holder", "Age"]
     # Printer columns must point at fields the schema has.
     for doc in (job, shard):
         paths = {p for p, _ in walk(schema_of(doc), "")}

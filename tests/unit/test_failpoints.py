@@ -132,3 +132,30 @@ def test_stop_once_stops_only_the_first_process(tmp_path: Path) -> None:
     finally:
         if first.poll() is None:
             first.kill()
+
+
+def test_hold_once_holds_only_the_first_process(tmp_path: Path) -> None:
+    env = {"IMAGEBATCH_FAILPOINTS": "image-stored=hold-once", "IMAGEBATCH_FAILPOINT_DIR": str(tmp_path)}
+    first, stop = Failpoints.from_env(env), threading.Event()
+    t = threading.Thread(
+        target=first.hit,
+        args=("image-stored",),
+        kwargs={"pod": "a", "shard": "s", "items_done": 1, "stop": stop},
+    )
+    t.start()
+    while not list(tmp_path.glob("image-stored-*.json")):
+        time.sleep(0.01)
+    assert t.is_alive()  # holding
+    # Another process (a fresh Failpoints: its own hit count) goes on at once.
+    Failpoints.from_env(env).hit("image-stored", pod="b", shard="s", items_done=1)
+    stop.set()  # SIGTERM ends the hold
+    t.join(timeout=60)
+    assert not t.is_alive()
+
+
+def test_crash_once_raises_in_the_first_process_only(tmp_path: Path) -> None:
+    env = {"IMAGEBATCH_FAILPOINTS": "shard-done=crash-once", "IMAGEBATCH_FAILPOINT_DIR": str(tmp_path)}
+    with pytest.raises(RuntimeError, match="failpoint shard-done@1: crash-once"):
+        Failpoints.from_env(env).hit("shard-done", pod="a", shard="s", items_done=1)
+    assert list(tmp_path.glob("shard-done-*.json"))  # the mark says who crashed
+    Failpoints.from_env(env).hit("shard-done", pod="b", shard="s", items_done=1)  # goes on

@@ -15,7 +15,7 @@ import pytest
 
 from imagebatch.holders import holder_pod, rank_holder
 from imagebatch.names import EXIT_MODEL_LOAD_ERROR, EXIT_TERMINATED
-from imagebatch.operator.leases import review
+from imagebatch.operator.leases import ClaimClock, review
 from imagebatch.timeutil import format_micro
 from imagebatch.worker import multigpu
 from imagebatch.worker.multigpu import Supervisor, child_env, pod_exit_code, visible_devices
@@ -51,8 +51,11 @@ def test_rank_holders_belong_to_their_pod() -> None:
     assert rank_holder("w-abc", 1) == "w-abc/1"
     assert holder_pod("w-abc/1") == holder_pod("w-abc") == "w-abc"
     # The operator leaves a live pod's rank claims alone, and requeues them when the pod is gone.
-    assert review([claimed("a", "w-abc/1", age=5)], {"w-abc"}, NOW, 30, 3) == []
-    (t,) = review([claimed("a", "w-abc/1", age=5)], {"w-other"}, NOW, 30, 3)
+    shards = [claimed("a", "w-abc/1", age=5)]
+    clock = ClaimClock()
+    clock.observe(shards, 0.0, gap=15)
+    assert review(shards, {"w-abc"}, clock, 0.0, 30, 100, 3) == []
+    (t,) = review(shards, {"w-other"}, clock, 0.0, 30, 100, 3)
     assert t.reason == "HolderGone"
 
 
@@ -102,6 +105,43 @@ def test_a_crashed_child_is_released_reported_and_restarted(
     assert sorted(map(tuple, seen)) == [("0", "4", "1"), ("1", "6", "1"), ("1", "6", "1")]
     assert sup.released == ["pod-x/1"]
     assert any("crashed with signal 9" in r.getMessage() for r in caplog.records)
+
+
+FAILING = """
+import os, sys
+tmp, rank = sys.argv[1], sys.argv[2]
+log = os.environ["IMAGEBATCH_TERMINATION_LOG"]
+if rank == "1":
+    open(log, "w").write(os.environ["MODE"])
+    sys.exit(int(os.environ["CODE"]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "code", "expected"),
+    [
+        (
+            "spec.promptsFrom.uri: /data/p.jsonl line 3: malformed JSON",
+            2,
+            "spec.promptsFrom.uri: /data/p.jsonl line 3",
+        ),
+        (
+            "RuntimeError: CUDA error",
+            1,
+            "RuntimeError: CUDA error\n(rank 1 (pod-x/1) crashed with exit code 1 4 times)",
+        ),
+    ],
+)
+def test_the_pod_reports_the_message_of_its_failed_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, code: int, expected: str
+) -> None:
+    pod_log = tmp_path / "termination-log"
+    monkeypatch.setenv("IMAGEBATCH_TERMINATION_LOG", str(pod_log))
+    monkeypatch.setenv("MODE", mode)
+    monkeypatch.setenv("CODE", str(code))
+    sup = Recording(FAILING, tmp_path, ["0", "1"])
+    assert sup.run() == code
+    assert pod_log.read_text().startswith(expected)
 
 
 def test_sigterm_reaches_every_child(tmp_path: Path) -> None:

@@ -1,11 +1,20 @@
-"""Counts, throughput from shard completions, ETA."""
+"""Counts, throughput from shard completions and from reported items (RateMeter), ETA."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from imagebatch.operator.progress import eta, format_duration, images_per_second, progress_text, tally
+import pytest
+
+from imagebatch.operator.progress import (
+    RateMeter,
+    eta,
+    format_duration,
+    images_per_second,
+    progress_text,
+    tally,
+)
 from imagebatch.timeutil import format_micro
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -57,3 +66,63 @@ def test_eta_and_durations() -> None:
     assert eta(10, 0.0) == ""
     assert format_duration(3 * 3600 + 125) == "3h02m"
     assert format_duration(42) == "42s"
+
+
+def run_meter(samples: list[tuple[float, int]], window: float = 60, max_samples: int = 30) -> list[float]:
+    meter = RateMeter(window=window, max_samples=max_samples)
+    return [meter.observe(t, n) for t, n in samples]
+
+
+def test_meter_big_shard_shows_a_rate_at_every_sample_after_the_first_image() -> None:
+    # One 200-item shard, Claimed throughout (no completion: the old rate read 0), itemsDone
+    # reported every second after 5 s of model loading, one image each 1.5 s.
+    samples = [(float(t), 0 if t < 5 else min(200, int((t - 5) / 1.5) + 1)) for t in range(0, 300)]
+    rates = run_meter(samples)
+    first_image = next(i for i, (_, n) in enumerate(samples) if n > 0)
+    assert all(r == 0 for r in rates[:first_image])
+    assert all(r > 0 for r in rates[first_image:]), rates
+    # Steady state: the rate is the workers' pace (2/3 image/s), not a spike.
+    assert rates[100] == pytest.approx(1 / 1.5, rel=0.1)
+    remaining = 200 - samples[100][1]
+    assert eta(remaining, rates[100]) != ""
+
+
+@pytest.mark.parametrize("max_samples", [30, 1000])  # the window, not the sample cap, forgets
+def test_meter_no_progress_for_the_whole_window_reads_zero(max_samples: int) -> None:
+    # 50 items in the first 10 s, then nothing for longer than the window.
+    samples = [(float(t), min(50, 5 * t)) for t in range(0, 11)]
+    samples += [(float(t), 50) for t in range(11, 80)]
+    rates = run_meter(samples, window=60, max_samples=max_samples)
+    assert rates[10] > 0
+    assert rates[-1] == 0.0
+    assert eta(100 - 50, rates[-1]) == ""
+
+
+def test_meter_one_sample_falls_back_to_the_completion_rate() -> None:
+    # The operator just restarted: one sample has no span; the caller's completion rate is used.
+    meter = RateMeter()
+    assert meter.observe(1000.0, 150, fallback=2.5) == 2.5
+    # The items done before the restart are the base, not a burst of 150 images.
+    assert meter.observe(1010.0, 160, fallback=2.5) == pytest.approx(1.0)
+
+
+def test_meter_items_going_down_never_make_the_rate_negative() -> None:
+    # A shard with 80 items done is requeued (its itemsDone back to 0) while another goes on.
+    samples = [(0.0, 0), (10.0, 100), (20.0, 20), (30.0, 20), (40.0, 40)]
+    rates = run_meter(samples)
+    assert all(r >= 0 for r in rates), rates
+    assert rates[2] == pytest.approx(100 / 20)  # the drop counts as no progress, not -80
+    assert rates[4] == pytest.approx(120 / 40)  # progress after the drop counts from the new base
+
+
+def test_meter_stays_bounded_and_measures_over_the_window() -> None:
+    meter = RateMeter(window=60, max_samples=30)
+    rate = 0.0
+    for i in range(10_000):  # a pass every 0.1 s for 1000 s, 3 images/s
+        rate = meter.observe(i / 10, 3 * i // 10)
+    assert len(meter._samples) <= 30
+    assert rate == pytest.approx(3.0, rel=0.05)
+    # Two passes a moment apart do not divide a stored batch by a tiny span.
+    m = RateMeter(min_span=1.0)
+    m.observe(0.0, 0)
+    assert m.observe(0.01, 8) == pytest.approx(8.0)

@@ -45,14 +45,17 @@ def test_jsonl_objects_and_strings(tmp_path: Path) -> None:
 def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "ok"}\n{"prompt": "ok"}\n{"prompt": broken}\n')
-    with pytest.raises(PromptFileError, match=r"p\.jsonl:3: malformed JSON"):
+    with pytest.raises(PromptFileError) as err:
         load_prompts(spec_for(str(f)))
+    # The field, the file and its line, then what to change.
+    assert str(err.value).startswith(f"spec.promptsFrom.uri: {f} line 3: malformed JSON (")
+    assert 'fix line 3: each line must be one JSON object such as {"prompt": ' in str(err.value)
 
 
 def test_jsonl_bad_field_names_line_and_field(tmp_path: Path) -> None:
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "ok"}\n{"prompt": "ok", "sede": 1}\n')
-    with pytest.raises(PromptFileError, match=r"p\.jsonl:2: sede: unknown field"):
+    with pytest.raises(PromptFileError, match=r"p\.jsonl line 2: sede: unknown field"):
         load_prompts(spec_for(str(f)))
 
 
@@ -69,8 +72,13 @@ def test_csv_with_header(tmp_path: Path) -> None:
 def test_csv_without_prompt_column(tmp_path: Path) -> None:
     f = tmp_path / "p.csv"
     f.write_text("text\nhello\n")
-    with pytest.raises(PromptFileError, match="'prompt' column"):
+    with pytest.raises(PromptFileError) as err:
         load_prompts(spec_for(str(f)))
+    assert str(err.value) == (
+        f"spec.promptsFrom.uri: {f} line 1 (the header): the csv has no 'prompt' column "
+        "(spec.promptsFrom.column); its columns are 'text': set spec.promptsFrom.column to the one "
+        "to use, or name that column 'prompt' in the file"
+    )
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -95,8 +103,11 @@ def test_not_utf8(tmp_path: Path) -> None:
 def test_empty_file(tmp_path: Path) -> None:
     f = tmp_path / "p.txt"
     f.write_text("\n\n")
-    with pytest.raises(PromptFileError, match="holds no prompts"):
+    with pytest.raises(PromptFileError) as err:
         load_prompts(spec_for(str(f)))
+    assert str(err.value).startswith(
+        f"spec.promptsFrom.uri: {f}: the prompt file holds no prompts; add at least one (.txt: a prompt per line"
+    )
 
 
 def test_unknown_extension_needs_format(tmp_path: Path) -> None:
@@ -143,7 +154,7 @@ def test_csv_keeps_quoted_commas_and_drops_the_bom(tmp_path: Path) -> None:
 def test_csv_unquoted_comma_is_an_error_not_a_cut_prompt(tmp_path: Path) -> None:
     f = tmp_path / "p.csv"
     f.write_text("prompt\na cat, in a hat\n")
-    with pytest.raises(PromptFileError, match=r"p\.csv:2: more fields than the header.*quote"):
+    with pytest.raises(PromptFileError, match=r"p\.csv line 2: more fields than the header.*quote"):
         load_prompts(spec_for(str(f)))
 
 
@@ -196,15 +207,16 @@ def test_unknown_column_is_named_with_the_ones_there_are(tmp_path: Path) -> None
     pq.write_table(pa.table({"caption": ["a cat"]}), f)
     with pytest.raises(
         PromptFileError,
-        match=r"promptsFrom.column: the parquet has no 'prompt' column; its columns are 'caption'",
+        match=r"the parquet has no 'prompt' column \(spec.promptsFrom.column\); its columns are 'caption'",
     ):
         load_prompts(spec_for(str(f)))
-    with pytest.raises(PromptFileError, match=r"promptsFrom.seedColumn: .* no 'seed' column"):
+    with pytest.raises(PromptFileError, match=r"no 'seed' column \(spec.promptsFrom.seedColumn\)"):
         load_prompts(spec_with(str(f), column="caption", seedColumn="seed"))
     c = tmp_path / "p.csv"
     c.write_text("text\nhello\n")
     with pytest.raises(
-        PromptFileError, match=r"promptsFrom.column: the csv has no 'txt' column; its columns are 'text'"
+        PromptFileError,
+        match=r"the csv has no 'txt' column \(spec.promptsFrom.column\); its columns are 'text'",
     ):
         load_prompts(spec_with(str(c), column="txt"))
 
@@ -219,7 +231,10 @@ def test_hf_save_to_disk_folder(tmp_path: Path) -> None:
     assert len(list(d.glob("*.arrow"))) > 1  # several Arrow files, read in order
     ps = load_prompts(spec_with(str(d), column="text"))  # found as hf by its state.json
     assert [p.prompt for p in ps] == [f"prompt {i}" for i in range(50)]
-    with pytest.raises(PromptFileError, match="no 'prompt' column; its columns are 'text', 'score'"):
+    with pytest.raises(
+        PromptFileError,
+        match=r"no 'prompt' column \(spec.promptsFrom.column\); its columns are 'text', 'score'",
+    ):
         load_prompts(spec_with(str(d), format="hf"))
 
 

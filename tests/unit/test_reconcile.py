@@ -24,6 +24,8 @@ class FakeKube:
         self.status: JSON | None = None
         self.events: list[tuple[str, str]] = []
         self.deleted: list[str] = []
+        self.local_queue: bool | None = True
+        self.patches: list[JSON] = []
 
     def create(self, obj: JSON) -> bool:
         obj = copy.deepcopy(obj)
@@ -58,7 +60,7 @@ class FakeKube:
             raise NotOwnedError("ImageBatchShard", "ns", obj["metadata"]["name"], "j")
         return self.create(obj)
 
-    def list_shards(self, ns: str, job: str, uid: str) -> list[JSON]:
+    def list_shards(self, ns: str, job: str, uid: str, fresh: bool = False) -> list[JSON]:
         # As the API server's label selection: the shards of every incarnation are stored here.
         return [
             copy.deepcopy(s)
@@ -76,6 +78,7 @@ class FakeKube:
 
     def patch_worker_job(self, ns: str, name: str, patch: JSON) -> None:
         assert self.job is not None
+        self.patches.append(patch)
         self.job["spec"].update(patch["spec"])
 
     def delete_worker_job(self, ns: str, name: str) -> None:
@@ -84,6 +87,9 @@ class FakeKube:
 
     def list_worker_pods(self, ns: str, job: str) -> list[JSON]:
         return self.pods
+
+    def local_queue_exists(self, ns: str, name: str) -> bool | None:
+        return self.local_queue
 
     def read_config_map_key(self, ns: str, name: str, key: str) -> str | None:
         return None
@@ -209,9 +215,217 @@ def test_suspend_scales_to_zero_and_suspends_the_job() -> None:
 def test_deadline_exceeded_fails_the_job() -> None:
     kube = FakeKube()
     body = job(activeDeadlineSeconds=5)
-    body["status"] = {"startTime": "2020-01-01T00:00:00Z"}
+    body["status"] = {"startTime": "2020-01-01T00:00:00Z", "runningSince": "2020-01-01T00:00:00Z"}
     status = passes(kube, body)
     assert cond(status, "Failed")["reason"] == "DeadlineExceeded"
+    assert status["state"] == "Failed" and status["reason"] == "DeadlineExceeded"
+
+
+def admit(kube: FakeKube) -> None:
+    """What Kueue does when it admits the worker Job: unsuspend it."""
+    assert kube.job is not None and kube.job["spec"]["suspend"] is True
+    kube.job["spec"]["suspend"] = False
+
+
+def test_kueue_job_waits_queued_and_its_deadline_clock_stands_still() -> None:
+    kube = FakeKube()
+    body = job(queueName="lq", activeDeadlineSeconds=5)
+    # Created days ago and queued ever since: no deadline time used.
+    body["status"] = {"startTime": "2020-01-01T00:00:00Z", "activeSeconds": 1.0, "state": "Queued"}
+    status = passes(kube, body)
+    assert kube.job is not None and kube.job["spec"]["suspend"] is True
+    assert kube.job["spec"]["parallelism"] == 4  # fixed at creation: Kueue admits this many
+    status = passes(kube, body)
+    assert status["state"] == "Queued" and status["reason"] == "Queued"
+    assert cond(status, "Queued")["status"] == "True" and "lq" in cond(status, "Queued")["message"]
+    assert cond(status, "Failed")["status"] == "False" and status.get("runningSince") is None
+    assert status["activeSeconds"] == 1.0
+    admit(kube)
+    status = passes(kube, body)
+    assert status["state"] == "Running" and status["runningSince"]
+    assert cond(status, "Queued")["status"] == "False"
+    # It had run for a second before (activeSeconds): admitted again, so Resumed.
+    assert ("Resumed", "Kueue admitted the workers") in kube.events
+
+
+def test_kueue_job_parallelism_is_never_patched_after_admission() -> None:
+    kube = FakeKube()
+    body = job(queueName="lq")
+    passes(kube, body)
+    admit(kube)
+    passes(kube, body)
+    assert ("Admitted", "Kueue admitted the workers") in kube.events
+    for i, s in enumerate(kube.shards.values()):  # the backlog shrinks: a plain job would scale down
+        s["status"] = {"state": "Done", "attempt": 1} if i else {"state": "Pending"}
+    passes(kube, body, n=3)
+    assert kube.patches == [] and kube.job is not None and kube.job["spec"]["parallelism"] == 4
+    # Preempted: Kueue suspends the Job; the operator does not fight it.
+    kube.job["spec"]["suspend"] = True
+    status = passes(kube, body)
+    assert status["state"] == "Queued" and kube.patches == []
+    assert any(r == "Preempted" for r, _ in kube.events)
+    admit(kube)
+    passes(kube, body)
+    assert any(r == "Resumed" for r, _ in kube.events)
+
+
+def test_kueue_job_suspended_or_failed_gives_its_quota_back_by_deletion() -> None:
+    kube = FakeKube()
+    passes(kube, job(queueName="lq"))
+    admit(kube)
+    passes(kube, job(queueName="lq"))
+    status = passes(kube, job(queueName="lq", suspend=True))
+    assert kube.deleted == ["j-workers"] and kube.patches == []
+    assert status["state"] == "Suspended"
+
+
+def test_a_missing_local_queue_is_named() -> None:
+    kube = FakeKube()
+    kube.local_queue = False
+    passes(kube, job(queueName="nope"))
+    status = passes(kube, job(queueName="nope"))
+    assert status["reason"] == "LocalQueueNotFound"
+    assert (
+        "spec.queueName: LocalQueue 'nope' does not exist in namespace ns"
+        in cond(status, "Queued")["message"]
+    )
+    assert any(r == "LocalQueueNotFound" for r, _ in kube.events)
+
+
+def failed_pod(name: str, code: int, message: str, reason: str = "Error", **pod: Any) -> JSON:
+    return {
+        "metadata": {"name": name, "uid": f"uid-{name}"},
+        "spec": pod.get("spec") or {"containers": [{"name": "worker"}]},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "state": {
+                        "terminated": {
+                            "exitCode": code,
+                            "reason": reason,
+                            "message": message,
+                            "finishedAt": "2026-01-01T00:00:05Z",
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def test_a_planning_error_reaches_the_failed_condition() -> None:
+    kube = FakeKube()
+    body = job(prompts=None, promptsFrom={"uri": "/data/p.jsonl"})
+    passes(kube, body)
+    msg = "spec.promptsFrom.uri: /data/p.jsonl line 3: not JSON; fix that line"
+    kube.pods = [failed_pod("w-1", 2, msg)]
+    status = passes(kube, body)
+    failed = cond(status, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "PlanningFailed" and failed["message"] == msg
+    assert ("WorkerFailed", f"worker pod w-1 (worker) failed with exit code 2: {msg}") in kube.events
+
+
+@pytest.mark.parametrize(
+    ("pod", "reason", "in_message"),
+    [
+        (
+            {
+                "metadata": {"name": "w-1"},
+                "status": {
+                    "phase": "Pending",
+                    "conditions": [
+                        {
+                            "type": "PodScheduled",
+                            "status": "False",
+                            "reason": "Unschedulable",
+                            "message": "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.",
+                        }
+                    ],
+                },
+            },
+            "Unschedulable",
+            "didn't match Pod's node affinity/selector. Check spec.workers.nodeSelector",
+        ),
+        (
+            {
+                "metadata": {"name": "w-1"},
+                "status": {
+                    "phase": "Pending",
+                    "containerStatuses": [
+                        {
+                            "name": "worker",
+                            "image": "reg/x:1",
+                            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}},
+                        }
+                    ],
+                },
+            },
+            "ImagePullBackOff",
+            "cannot pull reg/x:1",
+        ),
+        (
+            failed_pod(
+                "w-1",
+                137,
+                "",
+                reason="OOMKilled",
+                spec={"containers": [{"name": "worker", "resources": {"limits": {"memory": "2Gi"}}}]},
+            ),
+            "OOMKilled",
+            "OOMKilled at its memory limit 2Gi; raise spec.workers.resources.limits.memory",
+        ),
+        (failed_pod("w-1", 1, "RuntimeError: boom"), "WorkerCrashed", "exit code 1: RuntimeError: boom"),
+    ],
+    ids=["unschedulable", "image-pull", "oom", "crash"],
+)
+def test_worker_pod_problems_are_conditions_and_warnings(pod: JSON, reason: str, in_message: str) -> None:
+    kube = FakeKube()
+    passes(kube, job())
+    kube.pods = [pod]
+    status = passes(kube, job())
+    healthy = cond(status, "WorkersHealthy")
+    assert healthy["status"] == "False" and healthy["reason"] == reason and in_message in healthy["message"]
+    assert status["reason"] == reason and status["state"] == "Running"
+    assert in_message in cond(status, "Ready")["message"]
+    assert any(r == reason and in_message in m for r, m in kube.events)
+    # A pod that started after it is healthy again (the failure stays an Event).
+    kube.pods = [
+        pod,
+        {
+            "metadata": {"name": "w-2"},
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {"name": "worker", "state": {"running": {"startedAt": "2026-01-01T00:01:00Z"}}}
+                ],
+            },
+        },
+    ]
+    if reason in ("OOMKilled", "WorkerCrashed"):
+        assert cond(passes(kube, job()), "WorkersHealthy")["status"] == "True"
+
+
+def test_a_crash_looping_worker_job_is_replaced_a_bounded_number_of_times() -> None:
+    kube = FakeKube()
+    body = job()
+    passes(kube, body)
+    made = 1
+    for _ in range(10):
+        assert kube.job is not None
+        kube.pods = [failed_pod(f"w-{made}", 1, "RuntimeError: boom")]
+        kube.job["status"] = {
+            "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+        }
+        status = passes(kube, body)
+        if cond(status, "Failed")["status"] == "True":
+            break
+        passes(kube, body)  # makes the replacement
+        made += 1
+    assert made == 3  # the first Job and two replacements
+    failed = cond(status, "Failed")
+    assert failed["reason"] == "WorkersFailing" and "RuntimeError: boom" in failed["message"]
 
 
 def test_a_prompt_file_is_planned_by_one_worker() -> None:

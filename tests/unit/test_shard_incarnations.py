@@ -189,6 +189,7 @@ def worker_kube(api: FakeCustomObjects) -> WorkerKube:
 def operator_kube(api: FakeCustomObjects) -> OperatorKube:
     kube = OperatorKube.__new__(OperatorKube)
     kube.custom = api  # type: ignore[assignment]
+    kube.shard_informer = None
     return kube
 
 
@@ -241,3 +242,35 @@ def test_a_pod_of_an_earlier_incarnation_does_not_work_for_the_new_one(
     else:
         with pytest.raises(EarlierIncarnationError, match="re-created"):
             Worker(api, "pod", threading.Event(), expected_uid=expected)  # type: ignore[arg-type]
+
+
+def test_a_plan_of_too_many_shards_is_refused_naming_shard_size() -> None:
+    from imagebatch.api import MAX_SHARDS_PER_JOB
+    from imagebatch.errors import ImageBatchError
+    from imagebatch.shardplan import check_shard_count
+
+    check_shard_count(MAX_SHARDS_PER_JOB * 256, 256)  # at the cap: fine
+    with pytest.raises(ImageBatchError) as e:
+        check_shard_count(1_000_000, 1)
+    assert "spec.batching.shardSize" in str(e.value) and "set spec.batching.shardSize to 50 or more" in str(
+        e.value
+    )
+
+
+def test_inline_prompts_of_too_many_shards_are_an_invalid_spec() -> None:
+    from pydantic import ValidationError
+
+    from imagebatch.api import ImageBatchJobSpec
+
+    spec = {
+        "model": {"name": "builtin:tiny"},
+        "prompts": [f"p{i}" for i in range(400)],
+        "generation": {"imagesPerPrompt": 64},
+        "batching": {"shardSize": 1},
+        "output": {"uri": "/out"},
+    }
+    with pytest.raises(ValidationError) as e:
+        ImageBatchJobSpec.model_validate(spec)
+    assert "25600 ImageBatchShards" in str(e.value) and "spec.batching.shardSize to 2 or more" in str(e.value)
+    spec["batching"] = {"shardSize": 2}
+    ImageBatchJobSpec.model_validate(spec)

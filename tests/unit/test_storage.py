@@ -45,4 +45,7 @@ def test_s3_round_trip(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     assert s3.get("roundtrip", "run1/images/a.png") == b"png-bytes"
     assert st.existing(["images/a.png", "images/b.png"]) == {"images/a.png"}
     assert st.list("images") == ["images/a.png"]
-    assert storage_options(out) == {"client_kwargs": {"endpoint_url": s3.endpoint}}
+    assert storage_options(out) == {
+        "client_kwargs": {"endpoint_url": s3.endpoint},
+        "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 10}},  # backoff on 5xx, throttling
+    }

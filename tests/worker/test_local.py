@@ -182,7 +182,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     (
         "malformed jsonl",
         {"prompts": None, "promptsFrom": {"uri": "bad.jsonl"}},
-        "bad.jsonl:2: malformed JSON",
+        "spec.promptsFrom.uri: bad.jsonl line 2: malformed JSON",
     ),
     (
         "unknown model",

@@ -63,7 +63,8 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 # name is taken (get: is it this job's?); get and patch: workers too (claims read a shard; the
 # joining worker annotates shard 0). They go with their job
 # through owner references (garbage collection), so no delete.
-# watch: granted to workers, whose claims pick from a watch-fed cache (worker/shardcache.py).
+# watch: the operator's shard informer, and granted to workers, whose claims pick from a watch-fed
+# cache (worker/shardcache.py).
 - apiGroups: ["imagebatch.dev"]
   resources: ["imagebatchshards"]
   verbs: ["get", "list", "watch", "create", "patch"]
@@ -106,6 +107,10 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Kueue (spec.queueName): the operator says when the LocalQueue a job names does not exist.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["localqueues"]
+  verbs: ["get"]
 {{- end }}
 
 {{/* Cluster-scoped permissions kopf needs in every mode. */}}
