@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -78,6 +79,8 @@ CLAIM_TRIES = 3
 # Progress reaches the shard's status at most this often, and at least once per lease period.
 # Independent of the lease length, so a shard that takes a few seconds still shows its progress.
 PROGRESS_SECONDS = 1.0
+# Shards created at once by the worker that plans a prompt file.
+PLAN_WRITERS = 8
 
 
 class AbandonError(Exception):
@@ -155,7 +158,10 @@ class Worker:
             return shards
         items = self.items()
         manifests = shard_manifests(self.job, len(items), self.spec.batching.shard_size)
-        made = sum(self.kube.create_shard(m) for m in manifests)
+        # Thousands of small POSTs: a few at a time keep the API server busy instead of waiting on
+        # each round trip (1M prompts, 3,907 shards: planning time was mostly this).
+        with ThreadPoolExecutor(PLAN_WRITERS, thread_name_prefix="plan") as pool:
+            made = sum(pool.map(self.kube.create_shard, manifests))
         log.info("planned %d images in %d shards (%d created here)", len(items), len(manifests), made)
         return self.kube.list_shards(self.uid)
 
