@@ -43,13 +43,14 @@ def test_every_example_completes(
 
     table = kubectl("get", "ibj", "-n", namespace).stdout
     header = table.splitlines()[0].split()
-    assert header[:6] == ["NAME", "PROGRESS", "COMPLETE", "REPLICAS", "IMG/S", "ETA"], table
+    assert header[:8] == ["NAME", "STATE", "REASON", "PROGRESS", "READY", "IMG/S", "ETA", "AGE"], table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
     for name, doc in jobs.items():
         status = ibj(kubectl, namespace, name)["status"]
         total = status["items"]["total"]
         assert total > 0 and status["items"]["done"] == total, status
         assert status["progress"] == f"{total}/{total}"
-        assert f"{name}" in table and f"{total}/{total}" in table
+        assert rows[name][1:4] == ["Complete", "Completed", f"{total}/{total}"], rows[name]
         assert status["observedGeneration"] == 1
         out = doc["spec"]["output"]
         ext = {"png": "png", "webp": "webp", "jpeg": "jpg"}[out.get("format", "png")]
