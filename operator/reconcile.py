@@ -277,7 +277,7 @@ class Reconciler:
                 if complete
                 else Outcome(failed_reason=final.reason, message=final.message)
             )
-            ready = f"0/{prev.desired_replicas}"
+            ready = f"{live}/0"  # leaving workers: none is wanted any more
             self._write_status(
                 job, prev, prev.model_copy(update={"active_replicas": live, "ready": ready}), outcome, now
             )

@@ -23,6 +23,7 @@ from harness import (
     tiny_job,
     wait_condition,
     wait_for,
+    worker_pids,
 )
 
 from imagebatch_testing.kubeapi import STRATEGIC_MERGE_PATCH
@@ -101,11 +102,8 @@ def test_two_engine_processes_per_pod_and_a_killed_child_loses_nothing(
     pod = pods.pop()
     # SIGKILL rank 1 in the middle of its shard; then let everything go on (a restarted rank 1
     # passes the released failpoint).
-    supervisors = [
-        pid
-        for pid, _ in kube_cluster.local.pod_processes()
-        if f"POD_NAME={pod}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    ]
+    # (A process of a pod that has ended may still be listed: worker_pids skips what is gone.)
+    supervisors = worker_pids(kube_cluster.local.pod_processes(), pod)
     assert len(supervisors) == 1, supervisors
     victim = next(m["pid"] for m in marks if m["pod"] == f"{pod}/1")
     assert child_pid(supervisors[0], 1) == victim, "the mark's pid is not rank 1's engine process"
