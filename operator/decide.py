@@ -98,6 +98,11 @@ def annotation(shards: list[JSON], key: str) -> int | None:
     return None
 
 
+def planned(shards: list[JSON]) -> bool:
+    """Every shard of the plan exists (each carries the plan's shard count)."""
+    return bool(shards) and annotation(shards, ANNOTATION_SHARD_COUNT) == len(shards)
+
+
 def job_condition(job: JSON | None, type_: str) -> JSON | None:
     for c in ((job or {}).get("status") or {}).get("conditions") or []:
         if c.get("type") == type_ and c.get("status") == "True":
@@ -159,11 +164,11 @@ def decide(obs: Observed, mem: Memory, settings: Settings | None = None) -> Deci
         for tr in transitions
     ]
 
-    planned = bool(shards) and annotation(shards, ANNOTATION_SHARD_COUNT) == len(shards)
+    is_planned = planned(shards)
     t = progress.tally(shards, annotation(shards, ANNOTATION_ITEM_COUNT) or 0)
     first = next((s for s in shards if int(s["spec"].get("index", -1)) == 0), None)
     joined = first is not None and ANNOTATION_MANIFEST_LINES in (first["metadata"].get("annotations") or {})
-    all_done = planned and t.shards.done == t.shards.total
+    all_done = is_planned and t.shards.done == t.shards.total
     wj = obs.worker_job
 
     # Pod failures: each one a Warning Event once, with the worker's own fatal error.
@@ -192,7 +197,7 @@ def decide(obs: Observed, mem: Memory, settings: Settings | None = None) -> Deci
         )
     active_seconds, running_since, elapsed = active_clock(prev, not spec.suspend and not queued, now)
 
-    outcome = _outcome(obs, t, planned, all_done, joined, elapsed, failures)
+    outcome = _outcome(obs, t, is_planned, all_done, joined, elapsed, failures)
     restarts = prev.worker_job_restarts
     if outcome.failed_reason is None and not outcome.complete:
         if spec.suspend:
@@ -201,7 +206,7 @@ def decide(obs: Observed, mem: Memory, settings: Settings | None = None) -> Deci
             outcome = Outcome(queued=True, progress_reason=queue_reason, message=queue_message)
 
     # -- replicas and the worker Job ---------------------------------------------------------------
-    if not planned:
+    if not is_planned:
         claimable = 0 if obs.waiting_for_prompts else 1  # one worker plans the prompt file
     elif all_done and not joined:
         claimable = 1  # one worker joins the manifest
@@ -260,7 +265,7 @@ def decide(obs: Observed, mem: Memory, settings: Settings | None = None) -> Deci
     elif wj is None:
         if desired > 0:
             # With Kueue the pod count is fixed at admission: ask for what the backlog may use.
-            n = _queued_parallelism(spec.workers.max_replicas, planned, t) if kueue else desired
+            n = _queued_parallelism(spec.workers.max_replicas, is_planned, t) if kueue else desired
             action = JobAction("create", parallelism=n)
             desired = n
     elif kueue:

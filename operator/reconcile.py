@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 from imagebatch.api import Condition, ImageBatchJobSpec, ImageBatchJobStatus
 from imagebatch.errors import ImageBatchError, format_validation_error
-from imagebatch.names import ANNOTATION_SHARD_COUNT
 from imagebatch.operator import builders, conditions, decide, metrics, observe, progress, scaling
 from imagebatch.operator.conditions import Outcome, Reason
 from imagebatch.operator.kube import EarlierIncarnationError, NotOwnedError, OperatorKube
@@ -135,9 +134,10 @@ class Reconciler:
         shards = self.kube.list_shards(ns, name, uid)
         waiting: str | None = None
         operator_plans = spec.prompts_from is None or spec.prompts_from.config_map_key_ref is not None
-        if operator_plans and (
-            not shards or decide.annotation(shards, ANNOTATION_SHARD_COUNT) != len(shards)
-        ):
+        if operator_plans and not decide.planned(shards):
+            # The informer may not have seen shards made a moment ago: ask the API before planning.
+            shards = self.kube.list_shards(ns, name, uid, fresh=True)
+        if operator_plans and not decide.planned(shards):
             try:
                 shards = self._plan(job, spec)
             except PromptsNotReadyError as e:

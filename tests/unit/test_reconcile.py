@@ -25,6 +25,7 @@ class FakeKube:
         self.events: list[tuple[str, str]] = []
         self.deleted: list[str] = []
         self.local_queue: bool | None = True
+        self.informer_behind = False
         self.patches: list[JSON] = []
 
     def create(self, obj: JSON) -> bool:
@@ -61,6 +62,8 @@ class FakeKube:
         return self.create(obj)
 
     def list_shards(self, ns: str, job: str, uid: str, fresh: bool = False) -> list[JSON]:
+        if self.informer_behind and not fresh:
+            return []  # an informer that has not seen the shards yet
         # As the API server's label selection: the shards of every incarnation are stored here.
         return [
             copy.deepcopy(s)
@@ -145,6 +148,17 @@ def test_first_pass_plans_shards_rbac_and_the_worker_job() -> None:
     assert cond(status, "Reconciling")["status"] == "True"
     assert status["observedGeneration"] == 1
     assert [r for r, _ in kube.events] == ["CreatedShards", "ScaledUp"]
+
+
+def test_shards_the_informer_has_not_seen_yet_are_not_planned_again() -> None:
+    kube = FakeKube()
+    body = job()
+    passes(kube, body)
+    kube.informer_behind = True
+    created = len(kube.events)
+    status = passes(kube, body)
+    assert [r for r, _ in kube.events[created:]] == []  # no second CreatedShards (nor ScaledUp)
+    assert status["shards"]["total"] == 5
 
 
 def test_all_done_and_joined_is_complete_with_zero_workers() -> None:
