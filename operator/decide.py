@@ -81,6 +81,7 @@ class Decision:
     scaled_down: bool
     reported: set[str]  # pod failures this decision posts
     tally: progress.Tally
+    active_elapsed: float  # seconds the workers were admitted and not suspended (the deadline's clock)
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,7 @@ def decide(obs: Observed, mem: Memory, settings: Settings | None = None) -> Deci
         scaled_down=scale.scaled_down and action.kind == "patch",
         reported=reported,
         tally=t,
+        active_elapsed=elapsed,
     )
 
 

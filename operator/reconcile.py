@@ -177,10 +177,7 @@ class Reconciler:
 
         # -- status (the one write)
         # Right after a restart the meter has one sample: shard completions, or the average so far.
-        since = d.status.active_seconds + (
-            (now - started).total_seconds() if (started := parse_time(d.status.running_since)) else 0.0
-        )
-        average = d.tally.items.done / since if since >= 1 else 0.0
+        average = d.tally.items.done / d.active_elapsed if d.active_elapsed >= 1 else 0.0
         fallback = max(
             progress.images_per_second(d.tally.completions, now, parse_time(prev.start_time) or now), average
         )
