@@ -12,6 +12,11 @@ from typing import Any
 import kubernetes
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds to read
+# A watch is a long read: the server ends it after WATCH_SECONDS and sends bookmarks meanwhile, so
+# REQUEST_TIMEOUT would cut every quiet watch; a read silent for WATCH_READ_TIMEOUT's second
+# figure means a dead connection (or a stopped server).
+WATCH_SECONDS = 240
+WATCH_READ_TIMEOUT = (5.0, 90.0)
 
 
 class TimeoutApiClient(kubernetes.client.ApiClient):  # type: ignore[misc]

@@ -17,6 +17,7 @@ Until its first list is in, `shards()` says None and the caller lists instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable
@@ -27,11 +28,11 @@ from kubernetes.client.exceptions import ApiException
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
 from imagebatch.api import GROUP, VERSION
+from imagebatch.kubeclient import WATCH_READ_TIMEOUT, WATCH_SECONDS
 from imagebatch.names import LABEL_JOB_UID, SHARD_PLURAL
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
-WATCH_SECONDS = 300  # the server ends a watch after this; the informer watches again from its version
 
 
 class RelistError(Exception):
@@ -128,25 +129,18 @@ class ShardInformer:
             with attempt:
                 self._follow(scope)
 
-    def _list(self, scope: _Scope) -> JSON:
-        import json
-
+    def _lister(self, scope: _Scope) -> tuple[Any, tuple[Any, ...]]:
+        """The list call of the scope (a watch is the same call with watch=true) and its arguments."""
         if scope.namespace:
-            resp = self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, scope.namespace, SHARD_PLURAL, _preload_content=False
-            )
-        else:
-            resp = self.custom.list_cluster_custom_object(
-                GROUP, VERSION, SHARD_PLURAL, _preload_content=False
-            )
-        data: JSON = json.loads(resp.data)
-        return data
+            return self.custom.list_namespaced_custom_object, (GROUP, VERSION, scope.namespace, SHARD_PLURAL)
+        return self.custom.list_cluster_custom_object, (GROUP, VERSION, SHARD_PLURAL)
 
     def _follow(self, scope: _Scope) -> None:
         """Lists if it must, then watches until the server ends the watch; raises to back off."""
         while not self._stop.is_set():
+            func, args = self._lister(scope)
             if scope.resource_version is None or not scope.synced:
-                listed = self._list(scope)
+                listed: JSON = json.loads(func(*args, _preload_content=False).data)
                 with self._lock:
                     replace(scope, listed.get("items") or [], str(listed["metadata"]["resourceVersion"]))
                 log.info(
@@ -157,13 +151,9 @@ class ShardInformer:
             kwargs: JSON = {
                 "resource_version": scope.resource_version,
                 "allow_watch_bookmarks": True,
-                "timeout_seconds": WATCH_SECONDS,
+                "timeout_seconds": WATCH_SECONDS,  # then the informer watches again from its version
+                "_request_timeout": WATCH_READ_TIMEOUT,  # not REQUEST_TIMEOUT: that cut quiet watches
             }
-            if scope.namespace:
-                func: Any = self.custom.list_namespaced_custom_object
-                args: tuple[Any, ...] = (GROUP, VERSION, scope.namespace, SHARD_PLURAL)
-            else:
-                func, args = self.custom.list_cluster_custom_object, (GROUP, VERSION, SHARD_PLURAL)
             try:
                 for event in kubernetes.watch.Watch().stream(func, *args, **kwargs):
                     with self._lock:
@@ -178,4 +168,7 @@ class ShardInformer:
                 if isinstance(e, RelistError) or (isinstance(e, ApiException) and e.status == 410):
                     log.info("shards: watch from %s is gone (%s); listing again", scope.resource_version, e)
                     continue
+                log.warning(
+                    "shards: the watch ended (%s: %s); listing again after a pause", type(e).__name__, e
+                )
                 raise

@@ -37,7 +37,7 @@ from tenacity.stop import stop_base
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.errors import ImageBatchError, PromptFileError
-from imagebatch.kubeclient import api_client
+from imagebatch.kubeclient import WATCH_READ_TIMEOUT, WATCH_SECONDS, api_client
 from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
 from imagebatch.shardplan import of_incarnation, shard_selector
 
@@ -56,11 +56,8 @@ API_RETRY_SECONDS = 900.0
 WAIT_FIRST = 0.5
 WAIT_MAX = 30.0
 RETRY_AFTER_MAX = 60.0
-# A watch is a long read: the server ends it after WATCH_SECONDS (jittered, so 64 workers do not
-# come back at once) and sends bookmarks meanwhile; a read silent for WATCH_READ_SECONDS means a
-# dead connection (or a stopped server): the cache relists.
-WATCH_SECONDS = 240
-WATCH_READ_SECONDS = 90.0
+# The server ends a watch after WATCH_SECONDS (imagebatch.kubeclient), jittered here so 64 workers
+# do not come back at once; a read silent past WATCH_READ_TIMEOUT: the cache relists.
 
 
 def is_transient(err: BaseException) -> bool:
@@ -234,7 +231,7 @@ class WorkerKube:
                 allow_watch_bookmarks=True,
                 timeout_seconds=random.randint(WATCH_SECONDS // 2, WATCH_SECONDS),
                 _preload_content=False,
-                _request_timeout=(5.0, WATCH_READ_SECONDS),
+                _request_timeout=WATCH_READ_TIMEOUT,
             )
 
         resp = self._call(watch_shards, until)
