@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from imagebatch.names import LABEL_JOB
 from imagebatch_testing.cluster import free_port
 from imagebatch_testing.kubeapi import KubeClient
 from imagebatch_testing.kubectl import Kubectl
@@ -263,15 +264,20 @@ def ibj(kubectl: Kubectl, namespace: str, name: str) -> JSON:
     return kubectl.json("get", "ibj", name, "-n", namespace)
 
 
-def shards(kubectl: Kubectl, namespace: str) -> list[JSON]:
-    """Every ImageBatchShard of the namespace (a test's namespace holds its own jobs only)."""
-    items: list[JSON] = kubectl.json("get", "ibs", "-n", namespace)["items"]
+def _of_job(job: str | None) -> list[str]:
+    return ["-l", f"{LABEL_JOB}={job}"] if job else []
+
+
+def shards(kubectl: Kubectl, namespace: str, job: str | None = None) -> list[JSON]:
+    """The ImageBatchShards of the namespace (a test's namespace holds its own jobs only), or of
+    one job of it."""
+    items: list[JSON] = kubectl.json("get", "ibs", "-n", namespace, *_of_job(job))["items"]
     return items
 
 
-def live_pods(kubectl: Kubectl, namespace: str) -> list[JSON]:
-    """The namespace's pods that have not ended."""
-    pods: list[JSON] = kubectl.json("get", "pods", "-n", namespace)["items"]
+def live_pods(kubectl: Kubectl, namespace: str, job: str | None = None) -> list[JSON]:
+    """The pods of the namespace (or of one job's workers) that have not ended."""
+    pods: list[JSON] = kubectl.json("get", "pods", "-n", namespace, *_of_job(job))["items"]
     return [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed")]
 
 

@@ -22,12 +22,14 @@ from harness import (
     check_output_dir,
     condition,
     ibj,
+    live_pods,
+    shards,
     tiny_job,
     wait_condition,
     wait_for,
 )
 
-from imagebatch.names import LABEL_JOB, worker_job_name
+from imagebatch.names import worker_job_name
 from imagebatch_testing.kueue import KueueController
 from imagebatch_testing.kueueconfig import MISMATCH_MESSAGES, PRIORITY_LABEL
 from imagebatch_testing.kueuequeues import TestQueues, admitted, workload_condition, workload_of_job
@@ -96,16 +98,6 @@ def column(kubectl: Kubectl, namespace: str, name: str, header: str) -> str:
     assert f" {header} " in f" {head} ", f"no {header} column in {head!r}"
     at = f" {head} ".index(f" {header} ")
     return lines[1][at:].split()[0] if len(lines[1]) > at else ""
-
-
-def live_pods(kubectl: Kubectl, namespace: str, job: str) -> list[JSON]:
-    pods: list[JSON] = kubectl.json("get", "pods", "-n", namespace, "-l", f"{LABEL_JOB}={job}")["items"]
-    return [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed")]
-
-
-def shards_of(kubectl: Kubectl, namespace: str, job: str) -> list[JSON]:
-    items: list[JSON] = kubectl.json("get", "ibs", "-n", namespace, "-l", f"{LABEL_JOB}={job}")["items"]
-    return items
 
 
 def worker_job(kube_cluster: TestCluster, namespace: str, job: str) -> JSON:
@@ -245,9 +237,9 @@ def test_higher_priority_job_preempts_and_the_preempted_one_resumes(
     wait_for("the low job's workers gone", lambda: not live_pods(kubectl, namespace, "low"), timeout=300)
 
     def claims_back() -> bool:
-        shards = {s["metadata"]["name"]: s.get("status") or {} for s in shards_of(kubectl, namespace, "low")}
-        return all(st.get("state") != "Claimed" for st in shards.values()) and all(
-            shards[name].get("state") == "Pending" for name in held
+        by_name = {s["metadata"]["name"]: s.get("status") or {} for s in shards(kubectl, namespace, "low")}
+        return all(st.get("state") != "Claimed" for st in by_name.values()) and all(
+            by_name[name].get("state") == "Pending" for name in held
         )
 
     wait_for("the low job's claims back to Pending", claims_back, timeout=300)
@@ -257,7 +249,7 @@ def test_higher_priority_job_preempts_and_the_preempted_one_resumes(
     assert not admitted(workload(kube_cluster, namespace, "low"))
     assert is_queued(ibj(kubectl, namespace, "low")) and not live_pods(kubectl, namespace, "low")
     assert not [
-        s for s in shards_of(kubectl, namespace, "low") if (s.get("status") or {}).get("state") == "Failed"
+        s for s in shards(kubectl, namespace, "low") if (s.get("status") or {}).get("state") == "Failed"
     ]
 
     fail.release()  # the low job's workers after the resume run through
@@ -266,7 +258,7 @@ def test_higher_priority_job_preempts_and_the_preempted_one_resumes(
     wait_condition(kubectl, namespace, "low", "Complete", timeout=900)
     check_output_dir(out_high, {f"p{i:07d}" for i in range(50)})
     check_output_dir(out_low, {f"p{i:07d}" for i in range(n_low)})
-    low_shards = shards_of(kubectl, namespace, "low")
+    low_shards = shards(kubectl, namespace, "low")
     assert all(s["status"]["state"] == "Done" for s in low_shards)
     # The held shards were taken back from SIGTERMed workers, not lost: no error on them.
     assert not [s["metadata"]["name"] for s in low_shards if s["status"].get("error")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from harness import (
@@ -15,6 +14,7 @@ from harness import (
     check_output_dir,
     condition,
     ibj,
+    live_pods,
     tiny_job,
     wait_condition,
     wait_for,
@@ -60,11 +60,7 @@ def test_suspend_then_resume(
     )
     wait_condition(kubectl, namespace, "pause", "Suspended", timeout=300)
 
-    def live_pods() -> list[dict[str, Any]]:
-        pods: list[dict[str, Any]] = kubectl.json("get", "pods", "-n", namespace)["items"]
-        return [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed")]
-
-    wait_for("workers gone", lambda: not live_pods(), timeout=300)
+    wait_for("workers gone", lambda: not live_pods(kubectl, namespace), timeout=300)
 
     def parallelism_now() -> str:
         return kubectl(
@@ -91,7 +87,7 @@ def test_suspend_then_resume(
     assert 50 <= paused_at <= 100, paused_at
     # Suspended stays suspended: after more passes of the operator, nothing moved.
     running_operator.wait_passes(namespace, "pause")
-    assert done() == paused_at and not live_pods()
+    assert done() == paused_at and not live_pods(kubectl, namespace)
     assert parallelism_now() == "0"
 
     fail.release()  # the workers of the resumed job run through
