@@ -128,8 +128,9 @@ def test_a_hung_engine_with_a_renewed_lease_loses_its_claim_at_the_progress_dead
     # sample of the shard may come too late to read it).
     events = kubectl.json("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=hung")
     deadline = [e for e in events["items"] if e.get("reason") == "ProgressDeadlineExceeded"]
-    assert deadline, [e.get("reason") for e in events["items"]]
-    assert f"shard {hung_shard}: worker {hung_pod} made no progress" in deadline[0]["message"], deadline[0]
+    # (On a slow machine another shard's slow batch may meet the deadline too: look for this one.)
+    why = f"shard {hung_shard}: worker {hung_pod} made no progress"
+    assert any(why in e["message"] for e in deadline), [e["message"] for e in deadline]
     # The hung pod was alive the whole time (its lease renewed): not a HolderGone or LeaseExpired.
     status = ibj(kubectl, namespace, "hung")["status"]
     assert status["state"] == "Complete" and status["items"]["done"] == n
