@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from imagebatch.podschema import reserved_env_error
+
 GROUP = "imagebatch.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -19,6 +21,12 @@ KIND = "ImageBatchJob"
 SHARD_KIND = "ImageBatchShard"
 
 BUILTIN_PREFIX = "builtin:"
+# Bounds the API server enforces on what a tenant writes (the CRD carries them too): a string
+# without a bound of its own, one prompt, and the inline prompt lists (etcd holds at most 1.5 MiB
+# per object anyway; a larger job names a file in spec.promptsFrom).
+MAX_STRING_LENGTH = 4096
+MAX_PROMPT_LENGTH = 4096
+MAX_INLINE_PROMPTS = 10_000
 # Ids become object keys and label values: keep them to a safe, sortable alphabet.
 ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -26,7 +34,14 @@ ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class Model(BaseModel):
     """Base: camelCase aliases, unknown fields rejected (a typo must not be silently ignored)."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    # str_max_length mirrors the CRD's default bound on every string (imagebatch/crd.py).
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        str_max_length=MAX_STRING_LENGTH,
+    )
 
 
 class ModelCache(Model):
@@ -121,8 +136,10 @@ class PromptItem(Overrides):
         default=None,
         description="Stable id of this prompt; its images are stored as images/<id>.<ext>. Default: p<index>.",
     )
-    prompt: str = Field(min_length=1, description="The text prompt.")
-    negative_prompt: str | None = Field(default=None, description="What the image should not show.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="The text prompt.")
+    negative_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_LENGTH, description="What the image should not show."
+    )
     seed: int | None = Field(
         default=None,
         ge=0,
@@ -203,7 +220,9 @@ class Generation(Model):
     seed: int = Field(
         default=0, ge=0, lt=2**63, description="Job seed; each image's seed is derived from it and its id."
     )
-    negative_prompt: str = Field(default="", description="Default negative prompt.")
+    negative_prompt: str = Field(
+        default="", max_length=MAX_PROMPT_LENGTH, description="Default negative prompt."
+    )
 
     @field_validator("width", "height")
     @classmethod
@@ -346,6 +365,14 @@ class Workers(Model):
         default=None, description="Worker container volumeMounts, as in a Pod spec."
     )
 
+    @field_validator("env")
+    @classmethod
+    def _no_reserved_env(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        error = reserved_env_error([str(e.get("name", "")) for e in v or []])
+        if error:
+            raise ValueError(error)
+        return v
+
     @model_validator(mode="after")
     def _min_le_max(self) -> Workers:
         if self.min_replicas > self.max_replicas:
@@ -374,14 +401,26 @@ def too_many_shards(n_items: int, shard_size: int) -> str | None:
     )
 
 
-PromptEntry = Annotated[str, Field(min_length=1)] | PromptItem
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_LENGTH)]
 
 
 class ImageBatchJobSpec(Model):
     model: ModelSpec = Field(description="The diffusion model to run.")
-    prompts: list[PromptEntry] | None = Field(
+    prompts: list[PromptText] | None = Field(
         default=None,
-        description="Inline prompts: strings or objects with id, prompt, negativePrompt, seed and overrides.",
+        max_length=MAX_INLINE_PROMPTS,
+        description=(
+            "Inline prompts, one string each (ids p0000000, p0000001, ... by position; promptItems "
+            "come after them)."
+        ),
+    )
+    prompt_items: list[PromptItem] | None = Field(
+        default=None,
+        max_length=MAX_INLINE_PROMPTS,
+        description=(
+            "Inline prompts as objects: prompt and optionally id, negativePrompt, seed and per-prompt "
+            "overrides (width, height, steps, guidanceScale); after spec.prompts, if both are set."
+        ),
     )
     prompts_from: PromptsFrom | None = Field(
         default=None,
@@ -408,19 +447,45 @@ class ImageBatchJobSpec(Model):
         default=None, ge=0, description="Delete the job this long after it finishes."
     )
 
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _objects_go_to_items(cls, v: Any) -> Any:
+        # An old manifest mixed strings and objects in one list; the API server now types the list
+        # (so it can bound it), and the objects have a field of their own.
+        if isinstance(v, list):
+            for i, entry in enumerate(v):
+                if isinstance(entry, dict):
+                    raise ValueError(
+                        f"entry {i} is an object: prompts with an id, seed or overrides go in "
+                        "spec.promptItems (a list of objects); spec.prompts holds strings only"
+                    )
+        return v
+
+    def inline_prompts(self) -> list[str | PromptItem] | None:
+        """The inline prompts in order, the strings first; None for a prompt file or ConfigMap."""
+        if self.prompts is None and self.prompt_items is None:
+            return None
+        return [*(self.prompts or []), *(self.prompt_items or [])]
+
     @model_validator(mode="after")
     def _one_prompt_source(self) -> ImageBatchJobSpec:
-        if self.prompts is None and self.prompts_from is None:
-            raise ValueError("set spec.prompts (a list) or spec.promptsFrom (a file or ConfigMap)")
-        if self.prompts is not None and self.prompts_from is not None:
-            raise ValueError("set only one of spec.prompts and spec.promptsFrom")
-        if self.prompts is not None and not self.prompts:
+        inline = self.inline_prompts()
+        if inline is None and self.prompts_from is None:
+            raise ValueError(
+                "set spec.prompts (strings) and/or spec.promptItems (objects), or spec.promptsFrom "
+                "(a file or ConfigMap)"
+            )
+        if inline is not None and self.prompts_from is not None:
+            raise ValueError(
+                "set inline prompts (spec.prompts, spec.promptItems) or spec.promptsFrom, not both"
+            )
+        if inline is not None and not inline:
             raise ValueError("spec.prompts is empty: give at least one prompt")
-        if self.prompts is not None:
+        if inline is not None:
             # Refused before anything is made (the operator's InvalidSpec, `imagebatch validate`);
             # a prompt file's count is checked when it is planned (shardplan.check_shard_count).
             too_many = too_many_shards(
-                len(self.prompts) * self.generation.images_per_prompt, self.batching.shard_size
+                len(inline) * self.generation.images_per_prompt, self.batching.shard_size
             )
             if too_many:
                 raise ValueError(too_many)

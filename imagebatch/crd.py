@@ -13,15 +13,16 @@ The models are the one source of the schema; this module turns their JSON Schema
   i.e. it means "unset", exactly what `None` means in the models (a nullable field would keep the
   `null` and every CEL rule would have to handle it);
 - `int | Literal["auto"]` becomes `x-kubernetes-int-or-string` with a CEL rule for the range;
-- `list[str | PromptItem]` (inline prompts): an entry is a string or an object, which no
-  structural type that CEL can see allows; the entries have no type, keep unknown fields and are
-  checked by OpenAPI value validations (see `_prompt_item_schema`), and "exactly one of prompts and
-  promptsFrom" is an OpenAPI `oneOf` (CEL cannot see `spec.prompts`);
-- cross-field checks (multiples of 8, minReplicas <= maxReplicas, promptsFrom's one source) and
-  immutability of the fields that decide the images already made are CEL rules
-  (`x-kubernetes-validations`), so the API server refuses a bad manifest with a message that names
-  the field and says what to change. Edits of `spec.prompts` itself cannot be refused by CEL (see
-  above): the operator has to catch them.
+- every node of a spec is typed and bounded: no `x-kubernetes-preserve-unknown-fields`, a
+  `maxLength` on every string (`bound_strings`), `maxItems`/`maxProperties` on every list and map.
+  A tenant's object is decoded by the operator (and kopf's watch) for every tenant: a value nested
+  thousands of levels deep in an untyped field once crashed that watch for all. So inline prompts
+  are two typed lists (`prompts`: strings, `promptItems`: objects), and the Pod-spec pieces of
+  `spec.workers` have schemas of their own (imagebatch/podschema.py);
+- cross-field checks (multiples of 8, minReplicas <= maxReplicas, one prompt source, reserved
+  environment names) and immutability of the fields that decide the images already made
+  (the inline prompts included) are CEL rules (`x-kubernetes-validations`), so the API server
+  refuses a bad manifest with a message that names the field and says what to change.
 
 Defaults come from the models (the API server fills them in, so `kubectl get -o yaml` shows the
 settings a job really runs with); status schemas carry no defaults (the operator writes status).
@@ -39,7 +40,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from imagebatch import api
+from imagebatch import api, podschema
 
 Schema = dict[str, Any]
 
@@ -63,6 +64,8 @@ FALLBACK_DESCRIPTIONS = {
     "status.shards.done": "Shards finished.",
     "status.shards.failed": "Shards that failed all attempts.",
     "status.conditions[].status": "True, False or Unknown.",
+    "spec.prompts[]": "A text prompt.",
+    "spec.promptItems[]": "A prompt with, optionally, its own id, seed, negative prompt and generation overrides.",
     "spec.workers.env[]": "An environment variable, as in a container's env: name and value or valueFrom.",
     "spec.workers.volumes[]": "A volume, as in a Pod spec: name and one volume source.",
     "spec.workers.volumeMounts[]": "A volume mount, as in a container: name, mountPath, readOnly, subPath.",
@@ -289,121 +292,51 @@ def _add_rules(node: Schema, *rules: Schema) -> None:
 # --- ImageBatchJob ---------------------------------------------------------------------------------
 
 
-def _prompt_item_schema() -> Schema:
-    """One entry of spec.prompts: a string, or a PromptItem object.
-
-    The API server has no structural form for "string or object" that CEL can see (a node with
-    no type is invisible to CEL, and x-kubernetes-int-or-string refuses objects), so the entry has
-    no type and keeps unknown fields, and plain OpenAPI value validations do the checks:
-    `minLength` applies to strings only, `required` and `properties` to objects only. (Numbers,
-    booleans or unknown keys in an entry get past the API server; the operator refuses them.)
-    """
-    schema, defs = _model_schema(api.PromptItem)
-    item = to_structural(schema, defs, defaults=False, path="spec.prompts[]")
-    props = item["properties"]
+def _bound_prompt_items(items: Schema) -> None:
+    """spec.promptItems[]: a typed object with known fields only (unknown ones are pruned or, with
+    kubectl's strict validation, refused), each bounded."""
+    props = items["properties"]
     props["id"]["pattern"] = api.ITEM_ID_RE.pattern
     props["id"]["maxLength"] = MAX_ID_LENGTH
     props["seed"]["format"] = "int64"
     for name in ("width", "height"):
-        props[name].update(minimum=8, maximum=8192, multipleOf=8)
-    props["steps"].update(minimum=1, maximum=1000)
-    props["guidanceScale"].update(minimum=0, maximum=100)
-    allowed = ", ".join(k for k in props if k != "prompt")
-    return {
-        "description": (
-            f"A prompt: a string, or an object with prompt and optionally {allowed} "
-            "(per-prompt overrides of spec.generation)."
-        ),
-        "minLength": 1,
-        "required": item["required"],
-        "properties": {k: _ordered(v) for k, v in props.items()},
-        "x-kubernetes-preserve-unknown-fields": True,
-    }
+        props[name].update(multipleOf=8)
+
+
+def bound_strings(node: Schema, default: int = api.MAX_STRING_LENGTH) -> None:
+    """Gives every string without a bound of its own (maxLength or enum) `maxLength: default`, the
+    same bound pydantic's str_max_length puts on the models."""
+    textual = node.get("type") == "string" or node.get("x-kubernetes-int-or-string")
+    if textual and "maxLength" not in node and "enum" not in node:
+        node["maxLength"] = default
+    for key in ("properties",):
+        for sub in node.get(key, {}).values():
+            bound_strings(sub, default)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            bound_strings(node[key], default)
 
 
 def _multiple_of_8(path: str) -> Schema:
     return rule("self % 8 == 0", f"{path} must be a multiple of 8 (e.g. 512, 768 or 1024)")
 
 
-def _resources_schema(description: str) -> Schema:
-    quantity: Schema = {
-        "anyOf": [{"type": "integer"}, {"type": "string"}],
-        "x-kubernetes-int-or-string": True,
-        "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
-    }
-    return {
-        "type": "object",
-        "description": description,
-        "properties": {
-            "limits": {
-                "type": "object",
-                "description": "Most compute resources allowed, e.g. {cpu: 4, memory: 16Gi, nvidia.com/gpu: 1}.",
-                "additionalProperties": copy.deepcopy(quantity),
-            },
-            "requests": {
-                "type": "object",
-                "description": "Compute resources asked for when scheduling, e.g. {cpu: 2, memory: 8Gi}.",
-                "additionalProperties": copy.deepcopy(quantity),
-            },
-            "claims": {
-                "type": "array",
-                "description": "Dynamic resource claims, as in a Pod's container resources.",
-                "items": {
-                    "type": "object",
-                    "description": "A claim: name (of an entry in the Pod's resourceClaims) and request.",
-                    "x-kubernetes-preserve-unknown-fields": True,
-                },
-            },
-        },
-    }
-
-
-def _tolerations_schema(description: str) -> Schema:
-    return {
-        "type": "array",
-        "description": description,
-        "items": {
-            "type": "object",
-            "description": "A toleration, as in a Pod spec.",
-            "properties": {
-                "key": {"type": "string", "description": "Taint key; empty with operator Exists: all."},
-                "operator": {
-                    "type": "string",
-                    "enum": ["Exists", "Equal"],
-                    "description": "Exists or Equal (default).",
-                },
-                "value": {"type": "string", "description": "Taint value (operator Equal)."},
-                "effect": {
-                    "type": "string",
-                    "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"],
-                    "description": "Taint effect to tolerate; empty: all.",
-                },
-                "tolerationSeconds": {
-                    "type": "integer",
-                    "format": "int64",
-                    "description": "How long a NoExecute taint is tolerated.",
-                },
-            },
-        },
-    }
-
-
 def job_spec_schema() -> Schema:
     schema, defs = _model_schema(api.ImageBatchJobSpec)
-    overrides = {"spec.prompts[]": _prompt_item_schema()}
-    spec = to_structural(schema, defs, defaults=True, path="spec", overrides=overrides)
+    spec = to_structural(schema, defs, defaults=True, path="spec")
     _object_defaults(api.ImageBatchJobSpec, spec)
     spec["description"] = "What to generate, with which model, where to store it and on how many workers."
     props = spec["properties"]
 
-    # prompts: strings or objects; CEL cannot see this field (see _prompt_item_schema), so the
-    # spec-level checks on it are OpenAPI ones, and the operator's fingerprint guards its changes.
-    prompts = props["prompts"]
-    prompts["minItems"] = 1
-    prompts["description"] += (
-        " Set exactly one of prompts and promptsFrom; for more than a few thousand prompts use "
-        "promptsFrom. Do not change after creation."
-    )
+    # prompts (strings) and promptItems (objects): typed, bounded and, like promptsFrom, immutable.
+    for field in ("prompts", "promptItems"):
+        props[field]["minItems"] = 1
+        props[field]["description"] += (
+            " Inline prompts (prompts, promptItems) or promptsFrom, not both; for more than a few "
+            "thousand prompts use promptsFrom. Immutable after creation."
+        )
+        _add_rules(props[field], immutable(f"spec.{field}"))
+    _bound_prompt_items(props["promptItems"]["items"])
     prompts_from = props["promptsFrom"]
     prompts_from["description"] += " Immutable after creation."
     _add_rules(
@@ -414,13 +347,22 @@ def job_spec_schema() -> Schema:
         ),
         immutable("spec.promptsFrom"),
     )
-    spec["oneOf"] = [{"required": ["prompts"]}, {"required": ["promptsFrom"]}]
     _add_rules(
         spec,
         rule(
-            "has(self.promptsFrom) == has(oldSelf.promptsFrom)",
-            "spec.promptsFrom cannot be added or removed after creation (nor spec.prompts): they decide "
-            f"the images already made; {NEW_JOB}",
+            "has(self.prompts) || has(self.promptItems) || has(self.promptsFrom)",
+            "set spec.prompts (strings) and/or spec.promptItems (objects), or spec.promptsFrom (a file or ConfigMap)",
+        ),
+        rule(
+            "!((has(self.prompts) || has(self.promptItems)) && has(self.promptsFrom))",
+            "set inline prompts (spec.prompts, spec.promptItems) or spec.promptsFrom, not both",
+            field_path=".promptsFrom",
+        ),
+        rule(
+            "has(self.prompts) == has(oldSelf.prompts) && has(self.promptItems) == has(oldSelf.promptItems)"
+            " && has(self.promptsFrom) == has(oldSelf.promptsFrom)",
+            "spec.prompts, spec.promptItems and spec.promptsFrom cannot be added or removed after creation: "
+            f"they decide the images already made; {NEW_JOB}",
             field_path=".promptsFrom",
         ),
     )
@@ -457,8 +399,12 @@ def job_spec_schema() -> Schema:
     # workers: Pod-spec dicts get real schemas.
     workers = props["workers"]
     wp = workers["properties"]
-    wp["resources"] = _resources_schema(wp["resources"]["description"])
-    wp["tolerations"] = _tolerations_schema(wp["tolerations"]["description"])
+    wp["resources"] = podschema.resources_schema(wp["resources"]["description"])
+    wp["tolerations"] = podschema.tolerations_schema(wp["tolerations"]["description"])
+    wp["nodeSelector"] = podschema.node_selector_schema(wp["nodeSelector"]["description"])
+    wp["env"] = podschema.env_schema(wp["env"]["description"])
+    wp["volumes"] = podschema.volumes_schema(wp["volumes"]["description"])
+    wp["volumeMounts"] = podschema.volume_mounts_schema(wp["volumeMounts"]["description"])
     _add_rules(
         workers,
         rule(
@@ -468,6 +414,7 @@ def job_spec_schema() -> Schema:
             field_path=".minReplicas",
         ),
     )
+    bound_strings(spec)
     return spec
 
 
@@ -491,6 +438,7 @@ def shard_spec_schema() -> Schema:
     schema, defs = _model_schema(api.ImageBatchShardSpec)
     spec = to_structural(schema, defs, defaults=True, path="spec")
     spec["description"] = "The items of this shard, set by the operator when it plans the job."
+    bound_strings(spec)
     _add_rules(
         spec,
         rule(

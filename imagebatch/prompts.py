@@ -388,8 +388,9 @@ def iter_prompts(
     config_map_reader: Callable[[str, str], str] | None = None,
 ) -> Iterator[PromptItem]:
     """All prompts of a job, in order, one at a time. A ConfigMap source needs a reader (cluster mode)."""
-    if spec.prompts is not None:
-        yield from (PromptItem(prompt=p) if isinstance(p, str) else p for p in spec.prompts)
+    inline = spec.inline_prompts()
+    if inline is not None:
+        yield from (PromptItem(prompt=p) if isinstance(p, str) else p for p in inline)
         return
     src = spec.prompts_from
     assert src is not None  # the spec's validator guarantees one source

@@ -92,13 +92,36 @@ def shard_selector(job_name: str, uid: str) -> str:
     return f"{LABEL_JOB}={job_name},{LABEL_JOB_UID}={uid}"
 
 
-def of_incarnation(shard: dict[str, Any], uid: str) -> bool:
-    """True for a shard of the job with this UID: labelled with it and owned by it. A shard that
-    has the label but not the owner reference (made by hand, or by someone else) is not adopted."""
+def forgery(shard: dict[str, Any], uid: str) -> str | None:
+    """Why a shard that claims to be of the job with this UID is not (None: it is).
+
+    A shard is a job's only when everything that names a job names this one: the job-uid label,
+    the job label, exactly one owner reference (kind ImageBatchJob, this UID, the same name) and
+    the name prefix the plan gives this job's shards. A worker token of another job may
+    have made one that agrees in some of these only (a second owner, another job's UID label):
+    counting it would let one job fail another.
+    """
     meta = shard.get("metadata") or {}
-    return (meta.get("labels") or {}).get(LABEL_JOB_UID) == uid and any(
-        r.get("uid") == uid and r.get("kind") == "ImageBatchJob" for r in meta.get("ownerReferences") or []
-    )
+    labels = meta.get("labels") or {}
+    if labels.get(LABEL_JOB_UID) != uid:
+        return f"its {LABEL_JOB_UID} label is not {uid}"
+    job = labels.get(LABEL_JOB)
+    owners = meta.get("ownerReferences") or []
+    if len(owners) != 1:
+        return f"it has {len(owners)} owner references, not exactly one"
+    owner = owners[0]
+    if owner.get("kind") != "ImageBatchJob" or owner.get("uid") != uid or owner.get("name") != job:
+        return f"its owner reference is not ImageBatchJob {job} with UID {uid}"
+    prefix = shard_name(str(job), uid, 0)[: -len("00000")]
+    if not str(meta.get("name", "")).startswith(prefix):
+        return f"its name does not start with {prefix}, the plan's prefix for this job's shards"
+    return None
+
+
+def of_incarnation(shard: dict[str, Any], uid: str) -> bool:
+    """True for a shard of the job with this UID, by every name it carries (see `forgery`). A
+    shard made by hand or by someone else is never adopted."""
+    return forgery(shard, uid) is None
 
 
 def initial_status() -> dict[str, Any]:

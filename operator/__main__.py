@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     kube = OperatorKube()
     kube.start_informers(args.namespace)
     reconciler = Reconciler(kube, settings)
-    register(reconciler, Resync(reconciler, kube, args.namespace, args.interval), registry)
+    resync = Resync(reconciler, kube, args.namespace, args.interval)
+    if kube.shard_informer is not None:
+        kube.shard_informer.on_change = resync.poke  # a shard changed state: its job's pass now
+    register(reconciler, resync, registry)
     metrics.serve(args.metrics_port)
     kopf.run(
         registry=registry,

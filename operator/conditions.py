@@ -52,6 +52,7 @@ class Reason(StrEnum):
     SHARD_NOT_OWNED = "ShardNotOwned"
     WORKER_JOB_NOT_OWNED = "WorkerJobNotOwned"
     WORKER_RBAC_NOT_OWNED = "WorkerRBACNotOwned"
+    CANNOT_RECONCILE = "CannotReconcile"  # passes kept raising: the operator cannot process this job
     # worker pods (WorkersHealthy)
     WORKERS_RUNNING = "WorkersRunning"
     IMAGE_PULL_BACK_OFF = "ImagePullBackOff"

@@ -1,8 +1,9 @@
 """kopf handlers: every trigger runs the same level-based reconcile (see reconcile.py).
 
-A resync loop (resync.py) passes over every job each `--interval` seconds and drives progress
-(leases, scaling, status); create/update/resume make the first pass come at once instead of on
-the next tick. No handler needs a finalizer, so deleting a job never waits for the operator; a
+Handlers only queue the job (resync.py: a per-job work queue, so a handler never waits for a
+pass and no job waits for another); a resync loop queues every job each `--interval` seconds and
+drives progress (leases, scaling, status); create/update/resume and a shard changing state make
+the next pass come at once instead of on the next tick. No handler needs a finalizer, so deleting a job never waits for the operator; a
 job's metric series go on its DELETED watch event (a raw-event handler, which needs no finalizer).
 """
 
@@ -57,12 +58,16 @@ def register(reconciler: Reconciler, resync: Resync, registry: kopf.OperatorRegi
     @kopf.on.update(*RESOURCE, id="reconcile-on-update", field="spec", registry=registry)
     @kopf.on.resume(*RESOURCE, id="reconcile-on-resume", registry=registry)
     def _on_change(body: kopf.Body, **_: Any) -> None:
-        reconciler.reconcile(body)
+        resync.enqueue(body)
 
     # Not kopf.on.delete: without a finalizer the job is gone at once, and kopf calls no delete
     # handler for an object that is already gone; the raw DELETED event always comes.
     @kopf.on.event(*RESOURCE, id="forget-metrics-on-delete", registry=registry)
-    def _on_event(type: str | None, name: str | None, namespace: str | None, **_: Any) -> None:
+    def _on_event(
+        type: str | None, name: str | None, namespace: str | None, uid: str | None = None, **_: Any
+    ) -> None:
         if type == "DELETED" and name and namespace:
+            if uid:
+                resync.forget(uid)
             metrics.forget_job(namespace, name)
             log.info("%s/%s deleted: its metric series are removed", namespace, name)

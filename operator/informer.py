@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import kubernetes
@@ -55,8 +55,16 @@ def _slim(shard: JSON) -> JSON:
     return {**shard, "metadata": meta}
 
 
-def apply_event(scope: _Scope, event: JSON) -> None:
-    """One watch event into the scope (pure but for the scope it changes; tested as a table)."""
+def _state(shard: JSON | None) -> str | None:
+    return None if shard is None else str((shard.get("status") or {}).get("state") or "Pending")
+
+
+def apply_event(scope: _Scope, event: JSON) -> str | None:
+    """One watch event into the scope (pure but for the scope it changes; tested as a table).
+
+    Returns the job UID whose shards changed state (added, deleted, claimed, done, ...): that job
+    needs a pass now. A lease renewal or a progress report changes no state and returns None, so
+    the operator's passes do not grow with the workers' writes."""
     kind, obj = event.get("type"), event.get("object") or {}
     if kind == "ERROR":
         raise RelistError(str(obj.get("message") or obj))
@@ -64,19 +72,23 @@ def apply_event(scope: _Scope, event: JSON) -> None:
     if rv:
         scope.resource_version = str(rv)
     if kind == "BOOKMARK":
-        return
+        return None
     meta = obj.get("metadata") or {}
     uid = (meta.get("labels") or {}).get(LABEL_JOB_UID)
     name = meta.get("name")
     if not uid or not name:
-        return
+        return None
     shards = scope.by_uid.setdefault(uid, {})
+    before = _state(shards.get(name))
     if kind == "DELETED":
         shards.pop(name, None)
         if not shards:
             scope.by_uid.pop(uid, None)
-    elif kind in ("ADDED", "MODIFIED"):
+        return str(uid)
+    if kind in ("ADDED", "MODIFIED"):
         shards[name] = _slim(obj)
+        return str(uid) if _state(obj) != before else None
+    return None
 
 
 def replace(scope: _Scope, items: Iterable[JSON], resource_version: str) -> None:
@@ -94,6 +106,8 @@ class ShardInformer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Called (from the watch thread) with the UID of a job whose shards changed state.
+        self.on_change: Callable[[str], None] | None = None
 
     def start(self) -> None:
         for scope in self.scopes:
@@ -157,7 +171,9 @@ class ShardInformer:
             try:
                 for event in kubernetes.watch.Watch().stream(func, *args, **kwargs):
                     with self._lock:
-                        apply_event(scope, event)
+                        changed = apply_event(scope, event)
+                    if changed is not None and self.on_change is not None:
+                        self.on_change(changed)
                     if self._stop.is_set():
                         return
             except Exception as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
 from typing import Any
 
@@ -18,9 +19,9 @@ from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
 from imagebatch.kubeclient import api_client, replace_status_if_unchanged
-from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, SHARD_PLURAL
+from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, LABEL_JOB_UID, SHARD_PLURAL
 from imagebatch.operator.informer import ShardInformer
-from imagebatch.shardplan import of_incarnation, ownership, shard_selector
+from imagebatch.shardplan import forgery, of_incarnation, ownership, shard_selector
 from imagebatch.timeutil import format_micro, now_utc
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,30 @@ class OperatorKube:
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(self.api)
         self.shard_informer: ShardInformer | None = None
+        # Shards labelled with a job's UID that are not that job's by every other name (see
+        # shardplan.forgery): {uid: {shard name: why}}, for the pass to report (never adopt).
+        self._forged: dict[str, dict[str, str]] = {}
+        self._forged_lock = threading.Lock()
+
+    def _ours(self, shards: list[JSON], uid: str) -> list[JSON]:
+        ours, forged = [], {}
+        for s in shards:
+            why = forgery(s, uid)
+            if why is None:
+                ours.append(s)
+            elif (s.get("metadata", {}).get("labels") or {}).get(LABEL_JOB_UID) == uid:
+                forged[str(s["metadata"].get("name"))] = why
+        with self._forged_lock:
+            if forged:
+                self._forged[uid] = forged
+            else:
+                self._forged.pop(uid, None)
+        return ours
+
+    def forged_shards(self, uid: str) -> dict[str, str]:
+        """Shards the last listing of this job ignored as forged: {name: why}."""
+        with self._forged_lock:
+            return dict(self._forged.get(uid, {}))
 
     def start_informers(self, namespaces: list[str]) -> None:
         """Follows the shards of the watched namespaces (all when empty) by watch from now on."""
@@ -128,12 +153,12 @@ class OperatorKube:
         if self.shard_informer is not None and not fresh:
             cached = self.shard_informer.shards(ns, uid)
             if cached is not None:
-                return [s for s in cached if of_incarnation(s, uid)]
+                return self._ours(cached, uid)
         resp = self.custom.list_namespaced_custom_object(
             GROUP, VERSION, ns, SHARD_PLURAL, label_selector=shard_selector(job, uid), _preload_content=False
         )
         items: list[JSON] = _json(resp).get("items", [])
-        return [s for s in items if of_incarnation(s, uid)]
+        return self._ours(items, uid)
 
     def create_shard(self, obj: JSON) -> bool:
         """Creates a planned shard; False if this job's shard of that name exists already (planned

@@ -108,6 +108,22 @@ class Reconciler:
             finally:
                 metrics.count_pass(meta["namespace"], meta["name"])
 
+    def cannot_reconcile(self, body: Mapping[str, Any], error: BaseException) -> None:
+        """Ends a job whose passes keep raising Failed, saying so (resync.py decides when). The
+        message names the error's type only: its text may quote the job's own content."""
+        job = plain(body)
+        meta = job["metadata"]
+        mem = self.memories.of(meta["uid"])
+        with mem.lock:
+            prev = previous_status(job)
+            message = (
+                f"the operator cannot process this job: its passes keep failing with {type(error).__name__}; "
+                "it keeps serving every other job. Check the job's spec against `kubectl explain ibj.spec` "
+                "and re-create it, or ask the cluster admin (the operator's log has the details)"
+            )
+            outcome = Outcome(failed_reason=Reason.CANNOT_RECONCILE, message=message)
+            self._write_status(job, prev, prev.model_copy(), outcome, now_utc())
+
     # -- the pass --------------------------------------------------------------------------------
     def _reconcile(self, job: JSON, mem: JobMemory) -> None:
         """observe -> decide (pure: decide.py) -> apply -> write status (once)."""
@@ -149,6 +165,7 @@ class Reconciler:
                     job, prev, prev.model_copy(), Outcome(failed_reason=reason, message=str(e)), now
                 )
                 return
+        self._report_forged(job, mem)
         obs = observe.observe(self.kube, job, spec, prev, shards, now, mono, waiting)
         # A pass long after the last one (the API server was away) holds no silence against a worker.
         mem.clock.observe(shards, mono, gap=spec.retries.lease_seconds / 2)
@@ -192,6 +209,21 @@ class Reconciler:
         metrics.publish_job(ns, name, d.tally.items, rate, status.desired_replicas, status.active_replicas)
 
     # -- pieces ----------------------------------------------------------------------------------
+    def _report_forged(self, job: JSON, mem: JobMemory) -> None:
+        """One Warning Event per shard that carries this job's UID label but is not its shard by
+        its other names (shardplan.forgery): it was ignored, never counted or adopted."""
+        for name, why in sorted(self.kube.forged_shards(job["metadata"]["uid"]).items()):
+            key = f"forged/{name}"
+            if key not in mem.reported:
+                self.kube.post_event(
+                    job,
+                    "Warning",
+                    "ForgedShardIgnored",
+                    f"ImageBatchShard {name} carries this job's UID label but {why}; it is not counted, "
+                    "claimed or adopted (neither this job's operator nor its workers made it)",
+                )
+                mem.reported.add(key)
+
     def _plan(self, job: JSON, spec: ImageBatchJobSpec) -> list[JSON]:
         """Plans inline or ConfigMap prompts into shards (a prompt file is planned by a worker)."""
         meta = job["metadata"]

@@ -202,6 +202,19 @@ class KubeClient:
         decoded = json.loads(raw)
         return decoded if isinstance(decoded, dict) else {"value": decoded}
 
+    def send_raw(
+        self, method: str, path: str, data: bytes, query: Mapping[str, str | int | bool] | None = None
+    ) -> tuple[int, str]:
+        """Sends bytes as they are (JSON this client could not encode, e.g. nested deeper than
+        Python's recursion limit) and returns the status and the answer as text."""
+        conn = self._connection(None)
+        try:
+            conn.request(method, self._url(path, query), body=data, headers=self._headers("application/json"))
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode("utf-8", "replace")
+        finally:
+            conn.close()
+
     def get_raw(self, path: str, *, timeout: float | None = None) -> tuple[int, str]:
         """A GET that returns the status and the body as text, for health endpoints."""
         conn = self._connection(timeout)

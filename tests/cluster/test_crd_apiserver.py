@@ -65,7 +65,10 @@ def good_job(name: str = "") -> JSON:
         "metadata": {"name": name} if name else {"generateName": "job-"},
         "spec": {
             "model": {"name": "builtin:tiny"},
-            "prompts": ["a lighthouse at dawn", {"id": "fox", "prompt": "a fox", "seed": 7, "width": 96}],
+            "promptItems": [
+                {"prompt": "a lighthouse at dawn"},
+                {"id": "fox", "prompt": "a fox", "seed": 7, "width": 96},
+            ],
             "generation": {"width": 64, "height": 64, "steps": 4},
             "batching": {"batchSize": 8, "shardSize": 4},
             "output": {"uri": "out/crd-test"},
@@ -97,7 +100,7 @@ def test_explain_reads_the_descriptions(kubectl: Kubectl) -> None:
     text = explain("ibj.spec.generation")
     assert "Generation defaults" in text and "Immutable after creation" in text
     assert "a multiple of 8" in text and "Denoising steps" in text
-    text = explain("ibj.spec.prompts")
+    text = explain("ibj.spec.promptItems")
     assert "promptsFrom" in text and "prompt TAB <string> -required-" in text
     assert "kubectl wait --for=condition=Complete" in explain("ibj")
     assert "the unit a worker claims" in explain("ibs")
@@ -117,7 +120,7 @@ def test_good_job_gets_defaults(kubectl: Kubectl, namespace: str) -> None:
         "terminationGracePeriodSeconds": 30,
     }
     assert spec["output"]["format"] == "png" and spec["retries"]["maxAttempts"] == 3
-    assert spec["prompts"][1] == {"id": "fox", "prompt": "a fox", "seed": 7, "width": 96}
+    assert spec["promptItems"][1] == {"id": "fox", "prompt": "a fox", "seed": 7, "width": 96}
     # The stored spec is one the models accept unchanged.
     from imagebatch.api import ImageBatchJobSpec
 
@@ -148,31 +151,100 @@ def _delete(name: str) -> Callable[[JSON], None]:
     return lambda spec: spec.pop(name)
 
 
+def _strings(prompts: list[Any]) -> Callable[[JSON], None]:
+    """The job with inline prompt strings (spec.prompts) instead of its promptItems."""
+
+    def change(spec: JSON) -> None:
+        spec.pop("promptItems")
+        spec["prompts"] = prompts
+
+    return change
+
+
 BAD: list[tuple[str, Callable[[JSON], None], list[str]]] = [
     # (case, change to the spec, every one of these must be in kubectl's message)
     ("unknown field", _set("generation.widht", 512), ['unknown field "spec.generation.widht"']),
     ("width not a multiple of 8", _set("generation.width", 100), ["spec.generation.width", "multiple of 8"]),
     ("steps 0", _set("generation.steps", 0), ["spec.generation.steps", "greater than or equal to 1"]),
-    ("empty prompts", _set("prompts", []), ["spec.prompts", "at least 1 item"]),
-    ("empty prompt string", _set("prompts", ["a", ""]), ["spec.prompts[1]", "at least 1 chars"]),
-    ("prompt object without prompt", _set("prompts", [{"id": "x"}]), ["spec.prompts[0].prompt", "Required"]),
+    ("empty prompts", _set("promptItems", []), ["spec.promptItems", "at least 1 item"]),
+    ("empty prompt string", _strings(["a", ""]), ["spec.prompts[1]", "at least 1 chars"]),
+    (
+        "prompt object in prompts",
+        _strings(["a", {"prompt": "b"}]),
+        ["spec.prompts[1]"],
+    ),
+    (
+        "prompt object without prompt",
+        _set("promptItems", [{"id": "x"}]),
+        ["spec.promptItems[0].prompt", "Required"],
+    ),
     (
         "prompt override width",
-        _set("prompts", [{"prompt": "x", "width": 100}]),
-        ["spec.prompts[0].width", "multiple of 8"],
+        _set("promptItems", [{"prompt": "x", "width": 100}]),
+        ["spec.promptItems[0].width", "multiple of 8"],
     ),
-    ("bad prompt id", _set("prompts", [{"prompt": "x", "id": "-x"}]), ["spec.prompts[0].id", "should match"]),
-    # "both" can only be an OpenAPI oneOf (see imagebatch/crd.py): the server names spec.
+    (
+        "bad prompt id",
+        _set("promptItems", [{"prompt": "x", "id": "-x"}]),
+        ["spec.promptItems[0].id", "should match"],
+    ),
+    (
+        "unknown prompt field",
+        _set("promptItems", [{"prompt": "x", "deep": {"a": 1}}]),
+        ['unknown field "spec.promptItems[0].deep"'],
+    ),
+    ("oversized prompt", _strings(["x" * 5000]), ["spec.prompts[0]", "Too long", "4096"]),
+    ("too many prompts", _strings(["x"] * 10_001), ["spec.prompts", "Too many", "10000"]),
+    (
+        "seed not a number",
+        _set("promptItems", [{"prompt": "x", "seed": {"a": [1]}}]),
+        ["spec.promptItems[0].seed"],
+    ),
+    (
+        "reserved env name",
+        _set("workers", {"env": [{"name": "JOB_UID", "value": "x"}]}),
+        ["spec.workers.env[0]", "JOB_UID is set by the operator", "may not be overridden"],
+    ),
+    (
+        "reserved env prefix",
+        _set("workers", {"env": [{"name": "IMAGEBATCH_GPUS", "value": "9"}]}),
+        ["IMAGEBATCH_GPUS is set by the operator"],
+    ),
+    (
+        "unknown env field",
+        _set("workers", {"env": [{"name": "A", "value": "x", "nested": {"b": {"c": 1}}}]}),
+        ['unknown field "spec.workers.env[0].nested"'],
+    ),
+    (
+        "volume with two sources",
+        _set(
+            "workers",
+            {"volumes": [{"name": "v", "emptyDir": {}, "persistentVolumeClaim": {"claimName": "c"}}]},
+        ),
+        ["spec.workers.volumes[0]", "exactly one volume source"],
+    ),
+    (
+        "volume of an unknown source",
+        _set("workers", {"volumes": [{"name": "v", "projected": {"sources": []}}]}),
+        ['unknown field "spec.workers.volumes[0].projected"'],
+    ),
     (
         "both prompts and promptsFrom",
         _set("promptsFrom", {"uri": "s3://b/p.txt"}),
-        ['"spec"', "oneOf", "Found 2"],
+        [
+            "spec.promptsFrom",
+            "set inline prompts (spec.prompts, spec.promptItems) or spec.promptsFrom, not both",
+        ],
     ),
-    ("neither prompts nor promptsFrom", _delete("prompts"), ["spec.prompts: Required value"]),
+    (
+        "no prompt source",
+        _delete("promptItems"),
+        ["spec", "set spec.prompts (strings) and/or spec.promptItems"],
+    ),
     (
         "promptsFrom with uri and configMapKeyRef",
         lambda s: (
-            s.pop("prompts"),
+            s.pop("promptItems"),
             s.update(promptsFrom={"uri": "a", "configMapKeyRef": {"name": "c", "key": "k"}}),
         ),
         ["spec.promptsFrom", "exactly one of spec.promptsFrom.uri"],
@@ -226,7 +298,8 @@ IMMUTABLE: list[tuple[JSON, str]] = [
     ({"output": {"format": "webp"}}, "spec.output.format is immutable"),
     ({"output": {"quality": 50}}, "spec.output.quality is immutable"),
     ({"batching": {"shardSize": 2}}, "spec.batching.shardSize is immutable"),
-    ({"prompts": None, "promptsFrom": {"uri": "p.txt"}}, "spec.promptsFrom cannot be added or removed"),
+    ({"promptItems": None, "promptsFrom": {"uri": "p.txt"}}, "cannot be added or removed"),
+    ({"promptItems": [{"prompt": "another"}]}, "spec.promptItems is immutable"),
 ]
 
 

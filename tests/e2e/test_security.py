@@ -12,6 +12,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from harness import (
     wait_for,
 )
 
+from imagebatch.names import shard_name
 from imagebatch_testing.cluster import build_binaries, create_namespace, free_port
 from imagebatch_testing.kubeapi import ApiError, KubeClient
 from imagebatch_testing.pytest_plugin import TestCluster
@@ -273,6 +275,28 @@ def test_a_job_grants_nothing_its_creator_lacks(
         assert "ValidatingAdmissionPolicy" in proc.stderr and field in proc.stderr, proc.stderr
         assert "user alice" in proc.stderr and f"(missing: {missing})" in proc.stderr, proc.stderr
         assert kubectl("get", "ibj", name, "-n", ns, check=False).returncode != 0
+    # A CSI volume of a driver the admin did not open (a secrets-store SecretProviderClass would
+    # read a vault for her) is refused too: csi is open by driver name only.
+    vault = tiny_job(
+        "vault",
+        "/nowhere",
+        prompts=["x"],
+        workers={
+            "volumes": [
+                {
+                    "name": "v",
+                    "csi": {
+                        "driver": "secrets-store.csi.k8s.io",
+                        "volumeAttributes": {"secretProviderClass": "team-b-vault"},
+                    },
+                }
+            ],
+            "volumeMounts": [{"name": "v", "mountPath": "/mnt/v"}],
+        },
+    )
+    proc = team.as_user("alice", vault, "--dry-run=server")
+    assert proc.returncode != 0 and "spec.workers.volumes[v]" in proc.stderr, proc.stderr
+    assert "admission.openCsiDrivers" in proc.stderr and "(missing: create pods)" in proc.stderr, proc.stderr
     # bob may do each of those things directly: the same manifests pass and run.
     for name, doc in manifests.items():
         proc = team.as_user("bob", doc)
@@ -297,6 +321,22 @@ def test_a_job_grants_nothing_its_creator_lacks(
 
 
 # -- 2. workers are fenced to their own job -------------------------------------------------------
+
+
+def shards_and_worker_account(client: KubeClient, ns: str, b: str, a: str) -> list[JSON]:
+    """Job B's planned shards, once job A's worker ServiceAccount exists too."""
+    shards_path = f"/apis/imagebatch.dev/v1alpha1/namespaces/{ns}/imagebatchshards"
+    b_shards: list[JSON] = wait_for(
+        "job B's shards",
+        lambda: client.get(shards_path, labelSelector=f"imagebatch.dev/job={b}")["items"],
+        timeout=600,
+    )
+    wait_for(
+        "job A's worker ServiceAccount",
+        lambda: client.get_or_none(f"/api/v1/namespaces/{ns}/serviceaccounts/{a}-worker"),
+        timeout=600,
+    )
+    return b_shards
 
 
 def test_a_workers_token_cannot_touch_another_jobs_shards(
@@ -324,16 +364,7 @@ def test_a_workers_token_cannot_touch_another_jobs_shards(
         ],
         ns,
     )
-    b_shards = wait_for(
-        "job B's shards",
-        lambda: client.get(shards_path, labelSelector="imagebatch.dev/job=fence-b")["items"],
-        timeout=600,
-    )
-    wait_for(
-        "job A's worker ServiceAccount",
-        lambda: client.get_or_none(f"/api/v1/namespaces/{ns}/serviceaccounts/fence-a-worker"),
-        timeout=600,
-    )
+    b_shards = shards_and_worker_account(client, ns, "fence-b", "fence-a")
     worker_a = client.with_token(token_of(client, ns, "fence-a-worker"))
 
     def rbac_allows(verb: str, subresource: str = "") -> bool:
@@ -591,3 +622,232 @@ def test_watch_namespaces_operator_reconciles_there_and_cannot_act_elsewhere(
         kubectl("delete", "-f", "-", "--ignore-not-found", input=yaml.safe_dump_all(docs), check=False)
         for name in (home, watched):
             kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+# -- 4. one tenant cannot stop, fail or delay another --------------------------------------------
+
+
+def nested(depth: int) -> str:
+    """JSON nested `depth` levels deep, written by hand (json.dumps would hit Python's recursion
+    limit, as kopf's watch decoder once did on such an object)."""
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def test_a_hostile_job_is_refused_or_pruned_and_the_operator_serves_everyone(
+    kube_cluster: TestCluster,
+    kubectl: Kubectl,
+    running_operator: Operator,
+    team: Team,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    client = kube_cluster.client
+    jobs = f"/apis/imagebatch.dev/v1alpha1/namespaces/{team.namespace}/imagebatchjobs"
+    starts = running_operator.starts
+
+    def post(name: str, spec_json: str, validation: str) -> tuple[int, str]:
+        doc = (
+            '{"apiVersion": "imagebatch.dev/v1alpha1", "kind": "ImageBatchJob", '
+            f'"metadata": {{"name": "{name}"}}, "spec": {spec_json}}}'
+        )
+        return client.send_raw("POST", jobs, doc.encode(), {"fieldValidation": validation})
+
+    base = '"model": {"name": "builtin:tiny"}, "output": {"uri": "/nowhere"}, "suspend": true'
+    deep = nested(2500)
+    hostile = {
+        # Unknown fields anywhere: refused under strict validation (kubectl's default) ...
+        "deep-extra-strict": (f'{{{base}, "promptItems": [{{"prompt": "x", "extra": {deep}}}]}}', "Strict"),
+        # ... a value of the wrong type, however deep: refused whatever the validation.
+        "deep-seed": (f'{{{base}, "promptItems": [{{"prompt": "x", "seed": {deep}}}]}}', "Ignore"),
+        "deep-env": (
+            f'{{{base}, "prompts": ["x"], "workers": {{"env": [{{"name": "A", "valueFrom": {deep}}}]}}}}',
+            "Ignore",
+        ),
+        "deep-prompt": (f'{{{base}, "prompts": [{deep}]}}', "Ignore"),
+        "huge-prompt": (f'{{{base}, "prompts": ["{"x" * 100_000}"]}}', "Ignore"),
+    }
+    for name, (spec, validation) in hostile.items():
+        status, answer = post(name, spec, validation)
+        assert status == 422, f"{name}: {status} {answer[:300]}"
+    # Without strict validation an unknown field is pruned: what is stored holds no nesting at all.
+    status, answer = post(
+        "deep-extra", f'{{{base}, "promptItems": [{{"prompt": "x", "extra": {deep}}}]}}', "Ignore"
+    )
+    assert status == 201, answer[:300]
+    stored = client.get(f"{jobs}/deep-extra")
+    assert stored["spec"]["promptItems"] == [{"prompt": "x"}]
+
+    # Another tenant's job, created after, completes; the operator process never restarted.
+    out = tmp_path / "bob"
+    kubectl.apply([tiny_job("bob-after", str(out), prompts=["a", "b"])], namespace)
+    wait_condition(kubectl, namespace, "bob-after", "Complete", timeout=600)
+    check_output_dir(out, 2)
+    assert running_operator.starts == starts and running_operator.proc is not None
+    assert running_operator.proc.poll() is None, "the operator exited"
+    suspended = ibj(kubectl, team.namespace, "deep-extra")
+    assert condition(suspended, "Suspended") is not None, suspended.get("status")
+
+
+def test_a_workers_token_cannot_forge_a_shard_even_with_rbac_out_of_the_way(
+    kube_cluster: TestCluster, kubectl: Kubectl, running_operator: Operator, team: Team, tmp_path: Path
+) -> None:
+    """The fence's own rules (RBAC widened to every shard verb for job A's workers), and the
+    operator, which ignores a forged shard (an admin's, say) instead of counting it."""
+    ns = team.namespace
+    client = kube_cluster.client
+    shards_path = f"/apis/imagebatch.dev/v1alpha1/namespaces/{ns}/imagebatchshards"
+    kubectl.apply(
+        [
+            tiny_job(
+                "forge-b", str(tmp_path / "b"), prompts=["b0", "b1"], batching={"shardSize": 1}, suspend=True
+            )
+        ],
+        ns,
+    )
+    kubectl.apply([tiny_job("forge-a", str(tmp_path / "a"), prompts=["a0"], workers={"maxReplicas": 1})], ns)
+    b_shards = shards_and_worker_account(client, ns, "forge-b", "forge-a")
+    a_uid = ibj(kubectl, ns, "forge-a")["metadata"]["uid"]
+    b = ibj(kubectl, ns, "forge-b")
+    b_uid = b["metadata"]["uid"]
+    # RBAC out of the way: A's workers may do anything to shards; only the fence is left.
+    kubectl.apply(
+        [
+            role(
+                "shards-all",
+                ns,
+                [
+                    rule("imagebatch.dev", "imagebatchshards", "*"),
+                    rule("imagebatch.dev", "imagebatchshards/status", "*"),
+                ],
+            ),
+            {
+                **binding("forge-a-shards-all", ns, "shards-all", "x"),
+                "subjects": [{"kind": "ServiceAccount", "name": "forge-a-worker", "namespace": ns}],
+            },
+        ],
+        ns,
+    )
+    worker_a = client.with_token(token_of(client, ns, "forge-a-worker"))
+    fence = "may write only its own shards"
+
+    def shard(name: str, job: str, uid_label: str, owners: list[tuple[str, str]]) -> JSON:
+        b0 = b_shards[0]
+        return {
+            "apiVersion": "imagebatch.dev/v1alpha1",
+            "kind": "ImageBatchShard",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "imagebatch.dev/job": job,
+                    "imagebatch.dev/job-uid": uid_label,
+                    "imagebatch.dev/component": "shard",
+                },
+                "annotations": b0["metadata"].get("annotations", {}),
+                "ownerReferences": [
+                    {"apiVersion": "imagebatch.dev/v1alpha1", "kind": "ImageBatchJob", "name": n, "uid": u}
+                    for n, u in owners
+                ],
+            },
+            "spec": {**b0["spec"], "jobName": job, "index": 7},
+        }
+
+    a_name = shard_name("forge-a", a_uid, 7)
+    forgeries = {
+        "a second owner": shard(a_name, "forge-a", a_uid, [("forge-a", a_uid), ("forge-b", b_uid)]),
+        "another job's UID label": shard(a_name, "forge-a", b_uid, [("forge-a", a_uid)]),
+        "another job's name prefix": shard(
+            shard_name("forge-b", b_uid, 7), "forge-a", a_uid, [("forge-a", a_uid)]
+        ),
+        "another job's owner": shard(a_name, "forge-a", a_uid, [("forge-b", b_uid)]),
+    }
+    # RBAC allows the create now (a dry run as A's workers of A's own shard proves it) ...
+    wait_for(
+        "the widened Role in force",
+        lambda: worker_a.request(
+            "POST",
+            shards_path,
+            shard(shard_name("forge-a", a_uid, 8), "forge-a", a_uid, [("forge-a", a_uid)]),
+            query={"dryRun": "All"},
+        ),
+        timeout=600,
+    )
+    # ... and the fence refuses every forgery.
+    for what, doc in forgeries.items():
+        err = refused(lambda doc=doc: worker_a.create(shards_path, doc))  # type: ignore[misc]
+        assert err.status == 403 and fence in err.message, (what, err)
+    b0_path = f"{shards_path}/{b_shards[0]['metadata']['name']}"
+    err = refused(
+        lambda: worker_a.patch(f"{b0_path}/status", {"status": {"state": "Failed", "error": "forged"}})
+    )
+    assert err.status == 403 and fence in err.message, err
+
+    # A forged shard that exists anyway (made by someone the fence does not hold, the admin here):
+    # labelled as B's, Failed, with a second owner. A restarted operator lists every shard afresh
+    # (that is when the forgery once counted); B ignores it, says so, and completes.
+    forged = shard(
+        shard_name("forge-b", b_uid, 9), "forge-b", b_uid, [("forge-a", a_uid), ("forge-b", b_uid)]
+    )
+    client.create(shards_path, forged)
+    client.patch(
+        f"{shards_path}/{forged['metadata']['name']}/status",
+        {"status": {"state": "Failed", "error": "forged by A"}},
+    )
+    running_operator.kill()
+    running_operator.start()
+    kubectl("patch", "ibj", "forge-b", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_condition(kubectl, ns, "forge-b", "Complete", timeout=600)
+    check_output_dir(tmp_path / "b", 2)
+    done = ibj(kubectl, ns, "forge-b")["status"]
+    assert done["items"] == {"total": 2, "done": 2, "failed": 0} and done["shards"]["failed"] == 0, done
+    events = kubectl.json("get", "events", "-n", ns, "--field-selector", "involvedObject.name=forge-b")[
+        "items"
+    ]
+    assert any(
+        e["reason"] == "ForgedShardIgnored" and forged["metadata"]["name"] in e["message"] for e in events
+    )
+
+
+def test_a_huge_plan_in_one_namespace_does_not_delay_another(
+    kube_cluster: TestCluster,
+    kubectl: Kubectl,
+    running_operator: Operator,
+    team: Team,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    client = kube_cluster.client
+
+    def run_small(name: str) -> float:
+        out = tmp_path / name
+        started = time.monotonic()
+        kubectl.apply([tiny_job(name, str(out), prompts=["a", "b"], workers={"maxReplicas": 1})], namespace)
+        wait_condition(kubectl, namespace, name, "Complete", timeout=900)
+        check_output_dir(out, 2)
+        return time.monotonic() - started
+
+    idle = run_small("small-idle")
+    # Alice's suspended job plans 20,000 one-item shards (10,000 prompts, 2 images each).
+    kubectl.apply(
+        [
+            tiny_job(
+                "huge",
+                "/nowhere",
+                prompts=[f"p{i}" for i in range(10_000)],
+                generation={"imagesPerPrompt": 2},
+                batching={"shardSize": 1},
+                suspend=True,
+            )
+        ],
+        team.namespace,
+    )
+    shards = f"/apis/imagebatch.dev/v1alpha1/namespaces/{team.namespace}/imagebatchshards"
+
+    def planned() -> int:
+        return len(client.get(shards, labelSelector="imagebatch.dev/job=huge", limit=20_000)["items"])
+
+    wait_for("the huge plan under way", lambda: planned() >= 100, timeout=600)
+    busy = run_small("small-busy")
+    during = planned()
+    assert during < 20_000, "the huge plan ended before the small job: this run shows nothing"
+    assert busy <= 2 * idle, f"a small job took {busy:.0f} s beside a huge plan, {idle:.0f} s alone"
+    kubectl("delete", "ibj", "huge", "-n", team.namespace, "--wait=false")

@@ -81,7 +81,7 @@ def test_both_prompt_sources() -> None:
 
 
 def test_bad_item_id() -> None:
-    assert "must start with a letter or digit" in error_of(job(prompts=[{"id": "../x", "prompt": "p"}]))
+    assert "must start with a letter or digit" in error_of(job(promptItems=[{"id": "../x", "prompt": "p"}]))
 
 
 def test_batch_size_bounds() -> None:
@@ -111,6 +111,6 @@ def test_load_job_yaml_errors(tmp_path: Any) -> None:
 
 
 def test_per_prompt_overrides_are_checked_like_the_defaults() -> None:
-    msg = error_of(job(prompts=["ok", {"prompt": "x", "width": 100, "steps": 0}]))
-    assert "spec.prompts.1.width: must be a multiple of 8 (got 100; try 96)" in msg
-    assert "spec.prompts.1.steps" in msg
+    msg = error_of(job(promptItems=[{"prompt": "ok"}, {"prompt": "x", "width": 100, "steps": 0}]))
+    assert "spec.promptItems.1.width: must be a multiple of 8 (got 100; try 96)" in msg
+    assert "spec.promptItems.1.steps" in msg

@@ -207,7 +207,8 @@ def test_cel_rules(job: dict[str, Any], shard: dict[str, Any]) -> None:
         for path, node in walk(schema_of(doc), ""):
             for r in node.get("x-kubernetes-validations", []):
                 assert r["rule"].strip(), path
-                assert "spec" in r["message"] or "status" in r["message"], (path, r)
+                message = r.get("message") or r["messageExpression"]
+                assert "spec" in message or "status" in message, (path, r)
 
 
 IMMUTABLE = [
@@ -243,17 +244,62 @@ def test_mutable_fields(job: dict[str, Any], path: str) -> None:
     assert not [r for r in rules_at(job, path) if "oldSelf" in r["rule"]]
 
 
-def test_prompts_accept_strings_and_objects(job: dict[str, Any]) -> None:
-    prompts = dict(walk(schema_of(job), ""))["spec.prompts"]
-    assert prompts["type"] == "array" and prompts["minItems"] == 1
-    item = prompts["items"]
-    assert "type" not in item and item["x-kubernetes-preserve-unknown-fields"] is True
-    assert item["minLength"] == 1 and item["required"] == ["prompt"]
+def test_inline_prompts_are_typed_lists(job: dict[str, Any]) -> None:
+    nodes = dict(walk(schema_of(job), ""))
+    strings, objects = nodes["spec.prompts"], nodes["spec.promptItems"]
+    assert strings["items"]["type"] == "string" and strings["items"]["maxLength"] == api.MAX_PROMPT_LENGTH
+    assert strings["maxItems"] == objects["maxItems"] == api.MAX_INLINE_PROMPTS
+    item = objects["items"]
+    assert item["type"] == "object" and item["required"] == ["prompt"]
     assert item["properties"]["width"]["multipleOf"] == 8
     assert item["properties"]["id"]["pattern"] == api.ITEM_ID_RE.pattern
     assert set(item["properties"]) == {(f.alias or n) for n, f in api.PromptItem.model_fields.items()}
     spec = schema_of(job)["properties"]["spec"]
-    assert spec["oneOf"] == [{"required": ["prompts"]}, {"required": ["promptsFrom"]}]
+    assert "oneOf" not in spec, "CEL sees the typed lists: the prompt-source rules name the fields"
+    rules = " ".join(r["rule"] for r in spec["x-kubernetes-validations"])
+    assert "has(self.promptItems)" in rules and "has(self.promptsFrom)" in rules
+
+
+def unbounded(node: dict[str, Any], path: str) -> Iterator[str]:
+    """What a tenant could make as large or as deep as they like at this node."""
+    for where, n in walk(node, path):
+        if n.get("x-kubernetes-preserve-unknown-fields"):
+            yield f"{where}: keeps unknown fields"
+        kind = n.get("type")
+        if kind is None and not n.get("x-kubernetes-int-or-string"):
+            yield f"{where}: has no type"
+        if (
+            (kind == "string" or n.get("x-kubernetes-int-or-string"))
+            and "maxLength" not in n
+            and "enum" not in n
+        ):
+            yield f"{where}: string without maxLength"
+        if kind == "array" and "maxItems" not in n:
+            yield f"{where}: list without maxItems"
+        if kind == "object" and "additionalProperties" in n and "maxProperties" not in n:
+            yield f"{where}: map without maxProperties"
+
+
+@pytest.mark.parametrize(
+    "kind", ["imagebatch.dev_imagebatchjobs.yaml", "imagebatch.dev_imagebatchshards.yaml"]
+)
+def test_every_field_a_tenant_writes_is_typed_and_bounded(docs: dict[str, dict[str, Any]], kind: str) -> None:
+    """The operator decodes every tenant's objects: nothing in a spec may be unbounded or untyped
+    (a value nested 2,500 levels deep in an untyped prompt once crashed the operator's watch)."""
+    spec = schema_of(docs[kind])["properties"]["spec"]
+    assert list(unbounded(spec, "spec")) == []
+
+
+def test_the_bound_walker_finds_an_unbounded_field() -> None:
+    spec = {
+        "type": "object",
+        "properties": {"a": {"type": "string"}, "b": {"x-kubernetes-preserve-unknown-fields": True}},
+    }
+    assert list(unbounded(spec, "spec")) == [
+        "spec.a: string without maxLength",
+        "spec.b: keeps unknown fields",
+        "spec.b: has no type",
+    ]
 
 
 def test_status_conditions_are_a_map_list(job: dict[str, Any]) -> None:

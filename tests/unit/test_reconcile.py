@@ -10,7 +10,7 @@ import pytest
 from imagebatch.names import ANNOTATION_MANIFEST_LINES, LABEL_JOB, LABEL_JOB_UID
 from imagebatch.operator.kube import NotOwnedError, check_owned
 from imagebatch.operator.reconcile import Reconciler
-from imagebatch.shardplan import of_incarnation, shard_manifests
+from imagebatch.shardplan import forgery, of_incarnation, shard_manifests
 
 JSON = dict[str, Any]
 
@@ -60,6 +60,15 @@ class FakeKube:
         ):
             raise NotOwnedError("ImageBatchShard", "ns", obj["metadata"]["name"], "j")
         return self.create(obj)
+
+    def forged_shards(self, uid: str) -> dict[str, str]:
+        """As OperatorKube: shards with the job's UID label that are not its shards by their other names."""
+        out = {}
+        for name, s in self.shards.items():
+            why = forgery(s, uid)
+            if why is not None and (s["metadata"].get("labels") or {}).get(LABEL_JOB_UID) == uid:
+                out[name] = why
+        return out
 
     def list_shards(self, ns: str, job: str, uid: str, fresh: bool = False) -> list[JSON]:
         if self.informer_behind and not fresh:

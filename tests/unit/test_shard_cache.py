@@ -12,7 +12,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from imagebatch.errors import ImageBatchError
-from imagebatch.names import LABEL_JOB, LABEL_JOB_UID
+from imagebatch.names import LABEL_JOB, LABEL_JOB_UID, shard_name
 from imagebatch.worker.shardcache import RelistError, ShardCache
 
 JSON = dict[str, Any]
@@ -27,7 +27,7 @@ def shard(i: int, rv: int, state: str = "Pending", holder: str | None = None, ui
         "apiVersion": "imagebatch.dev/v1alpha1",
         "kind": "ImageBatchShard",
         "metadata": {
-            "name": f"j-s{i:05d}",
+            "name": shard_name("j", uid, i),
             "namespace": "ns",
             "resourceVersion": str(rv),
             "labels": {LABEL_JOB: "j", LABEL_JOB_UID: uid},
@@ -88,7 +88,7 @@ def test_each_watch_event_changes_the_cache_and_wakes_waiters_only_when_it_chang
     assert cache.version == before
     cache.replace([shard(3, 30)], "31")  # the relist replaces everything
     assert names(cache.pending()) == [3] and not cache.claimed_by_others("pod-a")
-    assert [s["metadata"]["name"] for s in cache.shards()] == ["j-s00003"]
+    assert [s["metadata"]["name"] for s in cache.shards()] == [shard_name("j", UID, 3)]
 
 
 def test_a_write_answer_is_seen_at_once_and_not_undone_by_an_older_event() -> None:

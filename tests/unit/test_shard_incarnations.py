@@ -35,7 +35,8 @@ def incarnation(uid: str, **meta: Any) -> JSON:
 def a_shard(uid: str | None, owner_uid: str | None, kind: str = "ImageBatchJob", **meta: Any) -> JSON:
     labels = {LABEL_JOB: "j"} | ({LABEL_JOB_UID: uid} if uid is not None else {})
     owners = [{"kind": kind, "name": "j", "uid": owner_uid}] if owner_uid is not None else []
-    return {"metadata": {"name": "j-x-s00000", "labels": labels, "ownerReferences": owners, **meta}}
+    name = shard_name("j", uid or NEW, 0)
+    return {"metadata": {"name": name, "labels": labels, "ownerReferences": owners, **meta}}
 
 
 @pytest.mark.parametrize(
@@ -50,6 +51,11 @@ def a_shard(uid: str | None, owner_uid: str | None, kind: str = "ImageBatchJob",
         (a_shard(NEW, None), False),  # labelled, owned by nobody
         (a_shard(NEW, NEW, kind="Deployment"), False),  # the UID of an object of another kind
         ({"metadata": {"name": "bare"}}, False),
+        # Forged by another job's worker token: it agrees in some names only.
+        (a_shard(NEW, NEW, ownerReferences=[{"kind": "ImageBatchJob", "name": "j", "uid": NEW}] * 2), False),
+        (a_shard(NEW, NEW, ownerReferences=[{"kind": "ImageBatchJob", "name": "fa", "uid": NEW}]), False),
+        (a_shard(NEW, NEW, name=shard_name("fa", NEW, 0)), False),  # another job's name prefix
+        (a_shard(NEW, NEW, name=shard_name("j", OLD, 0)), False),  # another incarnation's prefix
     ],
 )
 def test_which_shards_are_this_incarnations(shard: JSON, ours: bool) -> None:
@@ -190,6 +196,7 @@ def operator_kube(api: FakeCustomObjects) -> OperatorKube:
     kube = OperatorKube.__new__(OperatorKube)
     kube.custom = api  # type: ignore[assignment]
     kube.shard_informer = None
+    kube._forged, kube._forged_lock = {}, threading.Lock()
     return kube
 
 

@@ -160,7 +160,7 @@ def test_each_pod_has_its_own_order_and_keeps_it_as_shards_are_taken() -> None:
 def test_an_idle_worker_waits_on_its_cache_and_lists_once_to_leave() -> None:
     """Nothing Pending, a claim held by another worker: the worker sleeps on the cache (no LIST);
     when the watch brings that shard Done it lists once, to be sure, and leaves."""
-    from imagebatch.names import LABEL_JOB_UID
+    from imagebatch.names import LABEL_JOB, LABEL_JOB_UID, shard_name
     from imagebatch.worker.shardcache import ShardCache
 
     api = FakeShardApi(1)
@@ -168,8 +168,10 @@ def test_an_idle_worker_waits_on_its_cache_and_lists_once_to_leave() -> None:
     listed = api.list_shards
     api.list_shards = lambda uid="u": (lists.__setitem__(0, lists[0] + 1), listed(uid))[1]  # type: ignore[method-assign]
     shard = api.shards["j-s00000"]
-    shard["metadata"]["labels"] = {LABEL_JOB_UID: "u"}
-    shard["metadata"]["ownerReferences"] = [{"kind": "ImageBatchJob", "uid": "u"}]
+    # Of job j (UID u) by every name it carries (shardplan.forgery).
+    shard["metadata"]["name"] = shard_name("j", "u", 0)
+    shard["metadata"]["labels"] = {LABEL_JOB_UID: "u", LABEL_JOB: "j"}
+    shard["metadata"]["ownerReferences"] = [{"kind": "ImageBatchJob", "uid": "u", "name": "j"}]
     shard["status"] = {"state": "Claimed", "holder": "pod-b", "attempt": 1}
 
     waiting = threading.Event()
