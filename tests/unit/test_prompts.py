@@ -461,3 +461,24 @@ def test_a_library_error_is_named_by_its_kind_only(monkeypatch: pytest.MonkeyPat
     assert message.endswith(
         "cannot read prompt file " + repr(str(f)) + ": PermissionError EACCES: Permission denied"
     )
+
+
+def test_a_storage_servers_words_are_not_quoted() -> None:
+    """What answers at an S3 endpoint may send anything as its error code and message."""
+    from imagebatch import storage_errors
+
+    class ClientError(Exception):
+        def __init__(self, code: str, message: str) -> None:
+            super().__init__(f"An error occurred ({code}): {message}")
+            self.response = {"Error": {"Code": code, "Message": message}}
+
+    refused = storage_errors.credentials_refused(
+        "spec.promptsFrom.uri", "s3://b/p.txt", ClientError("AccessDenied", f"{JWT} {CANARY}"), "keys"
+    )
+    assert "(spec.promptsFrom.uri s3://b/p.txt; S3 error AccessDenied)" in str(refused)
+    odd = PermissionError(f"{JWT} {CANARY}")
+    odd.__cause__ = ClientError(f"{CANARY}", f"{JWT}")
+    for err in (odd, ClientError(JWT, CANARY)):
+        message = str(storage_errors.credentials_refused("spec.output.uri", "s3://b/o", err, None))
+        assert leaks(message) == [], message
+    assert storage_errors.describe(OSError(errno.EIO, f"{JWT}")) == "OSError EIO: Input/output error"
