@@ -28,7 +28,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -63,6 +63,7 @@ _SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*$")
 _SCHEME_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 # Where botocore takes an endpoint from the environment (the job's credentials Secret, envFrom).
 SECRET_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 S3_SCHEMES = frozenset({"s3", "s3a"})
 HTTP_SCHEMES = frozenset({"http", "https"})
 
@@ -153,7 +154,6 @@ class Target:
     uri: str
     scheme: str | None  # None: a local path
     local_path: str | None = None
-    mounts: tuple[Mount, ...] = field(default=())
 
 
 def declared_mounts(spec: ImageBatchJobSpec) -> list[Mount]:
@@ -176,7 +176,8 @@ def _mount_list(mounts: Iterable[Mount]) -> str:
 
 
 def _scheme_of(uri: str) -> str | None:
-    """The URI's scheme, lower-cased; None for a plain path. Raises for what is no URI at all."""
+    """The URI's scheme, lower-cased (as fsspec splits it: before the first "://"); None for a
+    plain path."""
     if "://" in uri:
         return uri.split("://", 1)[0].lower()
     if _SCHEME_PREFIX_RE.match(uri):
@@ -227,6 +228,14 @@ def check_uri(
             f"nothing was read. A cluster admin allows more with the chart value {CHART_SCHEMES}"
         )
     if scheme in HTTP_SCHEMES:
+        netloc = urlsplit(uri).netloc
+        # Parsers disagree about a user part, a backslash or an odd host: the one that checks
+        # and the one that fetches must see the same host, so those are refused outright.
+        if "@" in netloc or "\\" in uri or not _HOST_RE.match(netloc):
+            raise AccessError(
+                f"{field_name}: an http(s) URI must name a plain host (no user part, no backslash); "
+                "nothing was read"
+            )
         host = (urlsplit(uri).hostname or "").lower()
         port = urlsplit(uri).port if _port_ok(uri) else None
         hosts = policy.http_hosts
@@ -310,7 +319,7 @@ def _check_local(
             "nothing was read"
         )
     if policy.local_paths == "any":
-        return Target(uri, None, real, tuple(mounts))
+        return Target(uri, None, real)
     # The innermost mount holding the path decides: a declared one, or one the operator adds.
     best: tuple[int, Mount | None] = (-1, None)
     for m in mounts:
@@ -333,7 +342,7 @@ def _check_local(
             f"{field_name}: {uri!r} is on the volume mounted read-only at {mount.path}; set readOnly: "
             "false on that volumeMount, or point the output at a writable volume; nothing was written"
         )
-    return Target(uri, None, real, tuple(mounts))
+    return Target(uri, None, real)
 
 
 def check_job(

@@ -229,8 +229,15 @@ def test_an_admin_may_allow_http_to_listed_hosts_only() -> None:
     assert "the host 169.254.169.254 is not an allowed http host" in msg
     assert "worker.access.httpHosts" in msg
     assert "http:// is not allowed" in refusal("http://prompts.example.com/p.txt", policy=policy)
-    # A user name before the host does not make another host look like the listed one.
-    assert "the host 10.0.0.1 is not" in refusal("https://prompts.example.com@10.0.0.1/p", policy=policy)
+    # A user part, a backslash or an IPv6 literal: refused, whatever host a parser would see.
+    for uri in (
+        "https://prompts.example.com@10.0.0.1/p",
+        "https://prompts.example.com:443@10.0.0.1/p",
+        "https://10.0.0.1\\@prompts.example.com/p",
+        "https://[fd00:ec2:0:0:0:0:0:254]/p",
+    ):
+        assert "must name a plain host" in refusal(uri, policy=policy), uri
+    check_uri("f", "https://prompts.example.com:443/p.txt#x@10.0.0.1", job_spec(), policy)
 
 
 # -- S3 endpoints ------------------------------------------------------------------------------------
