@@ -66,6 +66,8 @@ def _claimer(kubeconfig: str, ns: str, job: str, pod: str, barrier: Any, out: An
     kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
     conf.retries = False  # as the worker's own client (worker/kube.py)
     kube = CountingKube(ns, job, api=TimeoutApiClient(conf))
+    # The bench's job writes to a local folder outside any volume (no pods here).
+    os.environ["IMAGEBATCH_ACCESS_POLICY"] = '{"localPaths":"any"}'
     worker = Worker(kube, pod, threading.Event())
     cache = worker.start_cache()
     barrier.wait()

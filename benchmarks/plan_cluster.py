@@ -113,6 +113,8 @@ def main() -> int:
                     "--interval=1",
                     f"--metrics-port={free_port()}",
                     "--worker-metrics-port=0",
+                    # The test node cannot mount volumes: the bench's prompt files are local.
+                    "--worker-local-paths=any",
                 ],
                 cwd=work,
                 env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},

@@ -58,6 +58,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from imagebatch.storage import storage_options
 
     job = load_job(args.job)
+    if args.cluster:
+        from imagebatch.access import AccessPolicy, check_job
+
+        # As the workers will judge it (the chart's defaults, or IMAGEBATCH_ACCESS_POLICY), as
+        # far as this machine can tell: the volumes are the workers', so paths are taken as written.
+        check_job(job.spec, AccessPolicy.from_env(), resolve=False)
+        if job.spec.prompts_from is not None:
+            print(f"{args.job}: valid for a cluster's workers; they read the prompts")
+            return 0
     items = expand_items(iter_prompts(job.spec, storage_options(job.spec.output)), job.spec.generation)
     print(f"{args.job}: valid; {len(items)} images")
     return 0
@@ -312,6 +321,15 @@ def build_parser(prog: str = "imagebatch") -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a manifest and its prompts without running anything")
     val.add_argument("job")
+    val.add_argument(
+        "--cluster",
+        action="store_true",
+        help=(
+            "check the locations as a cluster's workers would with the chart's default access rules "
+            "(local paths inside spec.workers.volumeMounts, s3:// only; docs/security.md); the "
+            "prompt file, on the workers' volumes, is not read"
+        ),
+    )
     val.set_defaults(func=_cmd_validate)
 
     wk = sub.add_parser(

@@ -22,7 +22,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from imagebatch import storage_errors
 from imagebatch.api import ImageBatchJobSpec, PromptItem, PromptsFrom
-from imagebatch.errors import PromptFileError, SpecError, format_validation_error
+from imagebatch.errors import ImageBatchError, PromptFileError, SpecError
 
 TEXT_FORMATS = ("txt", "jsonl", "csv")
 FORMATS = (*TEXT_FORMATS, "parquet", "hf")
@@ -55,6 +55,11 @@ def file_format(uri: str, declared: str | None) -> str:
     )
 
 
+class PromptReadError(Exception):
+    """The prompt file could not be read for a passing reason (after READ_ATTEMPTS tries): not the
+    user's error, so the attempt is retried; its text names the failure's kind only."""
+
+
 class _RefusedError(PromptFileError):
     """Refused credentials reading the prompt file; iter_prompts names the job's Secret in it."""
 
@@ -70,6 +75,7 @@ def _open_error(uri: str, e: BaseException) -> PromptFileError:
             "(relative paths are read from the current directory)"
         )
     if isinstance(e, UnicodeDecodeError):
+        # reason is the codec's own words ("invalid start byte"), never the bytes themselves
         return PromptFileError(f"{URI_FIELD}: {uri!r} is not UTF-8 text ({e.reason} at byte {e.start})")
     if isinstance(e, IsADirectoryError):
         return PromptFileError(
@@ -78,7 +84,7 @@ def _open_error(uri: str, e: BaseException) -> PromptFileError:
         )
     if storage_errors.classify(e, remote="://" in uri) is storage_errors.Kind.CREDENTIALS:
         return _RefusedError(uri, e)
-    return PromptFileError(f"{URI_FIELD}: cannot read prompt file {uri!r}: {e}")
+    return PromptFileError(f"{URI_FIELD}: cannot read prompt file {uri!r}: {storage_errors.describe(e)}")
 
 
 def _retrying() -> Retrying:
@@ -182,19 +188,84 @@ def _text_lines(uri: str, storage_options: dict[str, Any] | None) -> Iterator[st
             yield from text
         except UnicodeDecodeError as e:
             raise _open_error(uri, e) from None
-        except (OSError, EOFError) as e:  # a truncated gzip stream
-            raise PromptFileError(f"spec.promptsFrom.uri: cannot read prompt file {uri!r}: {e}") from None
+        except (OSError, EOFError) as e:  # a truncated or not-gzip stream
+            raise PromptFileError(_gzip_error(uri, e)) from None
+
+
+def _gzip_error(uri: str, e: BaseException) -> str:
+    # gzip's own messages quote the file's first bytes ("Not a gzipped file (b'ey')"): not these.
+    if uri.endswith(".gz") and isinstance(e, gzip.BadGzipFile | EOFError):
+        what = "is not gzip data" if isinstance(e, gzip.BadGzipFile) else "ends before its gzip stream does"
+        return f"{URI_FIELD}: {uri!r} {what}; give the file gzip'd whole, or drop the .gz from its name"
+    return f"{URI_FIELD}: cannot read prompt file {uri!r}: {storage_errors.describe(e)}"
 
 
 def read_text(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     return "".join(_text_lines(uri, storage_options))
 
 
-def _item(where: str, data: dict[str, Any]) -> PromptItem:
+def _item(where: str, data: dict[str, Any], keys: Iterable[str] = ()) -> PromptItem:
+    """`keys`: the row's own field names in the file's order, to tell which one is wrong."""
     try:
         return PromptItem.model_validate(data)
     except ValidationError as e:
-        raise PromptFileError(f"{where}: {format_validation_error(e)}") from None
+        raise PromptFileError(f"{where}: {describe_row_errors(e, list(keys))}") from None
+
+
+# pydantic error types whose message holds only our own words and limits, never the input
+# ("Input should be greater than or equal to 8"); any other (a validator's "got ...") is
+# replaced by what the field expects.
+_SAFE_ERROR_TYPES = frozenset(
+    {
+        "missing",
+        "string_type",
+        "string_too_short",
+        "string_too_long",
+        "int_type",
+        "int_parsing",
+        "int_from_float",
+        "float_type",
+        "float_parsing",
+        "finite_number",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+    }
+)
+_EXPECTED = {
+    "id": (
+        "must start with a letter or digit and hold only letters, digits, '.', '_' and '-' "
+        "(at most 128 characters)"
+    ),
+    "width": "must be a multiple of 8",
+    "height": "must be a multiple of 8",
+}
+_FIELD_LIST = "id, prompt, negativePrompt, seed, width, height, steps, guidanceScale"
+
+
+def describe_row_errors(err: ValidationError, keys: list[str]) -> str:
+    """A prompt row's problems by field and by what was expected; never a value from the file,
+    nor a field name the file made up (it may be anything: a header row of a token)."""
+    lines: list[str] = []
+    for e in err.errors():
+        loc = e["loc"][0] if e["loc"] else None
+        name = loc if isinstance(loc, str) and loc in _FIELDS else None
+        if e["type"] == "extra_forbidden" or name is None:
+            src = {_ALIASES.get(k, k): i for i, k in reversed(list(enumerate(keys, 1)))}
+            pos = src.get(loc) if isinstance(loc, str) else None
+            which = f"field {pos}" if pos else "a field"
+            size = f" (a name of {len(loc.encode())} bytes)" if isinstance(loc, str) else ""
+            line = f"{which}{size} is not a prompt field; the fields are {_FIELD_LIST}"
+        elif e["type"] == "missing":
+            line = f"{name}: required field is missing"
+        elif e["type"] in _SAFE_ERROR_TYPES:
+            line = f"{name}: {e['msg']}"
+        else:
+            line = f"{name}: {_EXPECTED.get(name, 'has a value of the wrong kind')}"
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines)
 
 
 class Columns:
@@ -209,7 +280,7 @@ class Columns:
         }
 
     def check(self, where: str, available: Iterable[str], fmt: str) -> None:
-        """An unknown column is named in the error, with the ones there are."""
+        """A missing column is named (its name is the spec's); the file's own are only counted."""
         have = list(available)
         wanted = [("promptsFrom.column", self.prompt)] + [
             (f"promptsFrom.{f}Column" if f != "negativePrompt" else "promptsFrom.negativePromptColumn", c)
@@ -220,9 +291,10 @@ class Columns:
             if col not in have:
                 what = "field" if fmt == "jsonl" else "column"
                 rename = f", or name that {what} {col!r} in the file" if field == "promptsFrom.column" else ""
+                count = f"{len(have)} {what}{'' if len(have) == 1 else 's'}"
                 raise PromptFileError(
-                    f"{where}: the {fmt} has no {col!r} {what} (spec.{field}); its {what}s are "
-                    f"{', '.join(map(repr, have)) or 'none'}: set spec.{field} to the one to use{rename}"
+                    f"{where}: the {fmt} has no {col!r} {what} (spec.{field}) among its {count}: "
+                    f"set spec.{field} to the one to use{rename}"
                 )
 
     def row(self, row: dict[str, Any], strict: bool = True) -> dict[str, Any]:
@@ -264,9 +336,16 @@ def iter_jsonl(lines: Iterable[str], where: str, cols: Columns) -> Iterator[Prom
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
+            # e.msg is the parser's own ("Expecting value"); str(e) and e.doc would hold the line.
             raise PromptFileError(
-                f"{where} line {n}: malformed JSON ({e.msg} at column {e.colno}); fix line {n}: each "
-                'line must be one JSON object such as {"prompt": "a red bicycle"}, or a JSON string'
+                f"{where} line {n}: malformed JSON ({e.msg} at column {e.colno} of "
+                f"{len(line.rstrip(chr(10)).encode())} bytes); fix line {n}: each line must be one "
+                'JSON object such as {"prompt": "a red bicycle"}, or a JSON string'
+            ) from None
+        except RecursionError:
+            raise PromptFileError(
+                f"{where} line {n}: the JSON is nested too deeply; each line must be one flat JSON "
+                'object such as {"prompt": "a red bicycle"}, or a JSON string'
             ) from None
         if isinstance(obj, str):
             obj = {cols.prompt: obj}
@@ -278,7 +357,7 @@ def iter_jsonl(lines: Iterable[str], where: str, cols: Columns) -> Iterator[Prom
         if not checked:
             cols.check(f"{where} line {n}", obj.keys(), "jsonl")
             checked = True
-        yield _item(f"{where} line {n}", cols.row(obj))
+        yield _item(f"{where} line {n}", cols.row(obj), obj)
 
 
 def iter_csv(lines: Iterable[str], where: str, cols: Columns) -> Iterator[PromptItem]:
@@ -294,7 +373,7 @@ def iter_csv(lines: Iterable[str], where: str, cols: Columns) -> Iterator[Prompt
                 f"{where} line {reader.line_num}: more fields than the header has columns; quote a "
                 'prompt that holds a comma ("a cat, in a hat")'
             )
-        yield _item(f"{where} line {reader.line_num}", cols.row(row))
+        yield _item(f"{where} line {reader.line_num}", cols.row(row), fields)
 
 
 def _iter_batches(
@@ -305,7 +384,7 @@ def _iter_batches(
     for batch in batches:
         for row in batch.to_pylist():
             n += 1
-            yield _item(f"{where}: row {n}", cols.row(row, strict=False))
+            yield _item(f"{where}: row {n}", cols.row(row, strict=False), names)
 
 
 def _wanted_columns(cols: Columns, names: list[str]) -> list[str]:
@@ -322,7 +401,11 @@ def iter_parquet(uri: str, storage_options: dict[str, Any] | None, cols: Columns
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises ArrowInvalid and friends for a non-Parquet file
-            raise PromptFileError(f"spec.promptsFrom.uri: {uri!r} is not a Parquet file: {e}") from None
+            # pyarrow's messages may quote the file's bytes: only the kind of error is named.
+            raise PromptFileError(
+                f"{URI_FIELD}: {uri!r} is not a Parquet file that can be read ({type(e).__name__}); "
+                "write it with pyarrow or pandas (to_parquet), or set spec.promptsFrom.format"
+            ) from None
         names = pf.schema_arrow.names
         where = f"{URI_FIELD}: {uri}"
         cols.check(where, names, "parquet")
@@ -331,12 +414,22 @@ def iter_parquet(uri: str, storage_options: dict[str, Any] | None, cols: Columns
         )
 
 
-def iter_hf(uri: str, storage_options: dict[str, Any] | None, cols: Columns) -> Iterator[PromptItem]:
-    """A `Dataset.save_to_disk` folder: state.json lists Arrow stream files, read batch by batch."""
+def iter_hf(
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    cols: Columns,
+    guard: Callable[[str], None] | None = None,
+) -> Iterator[PromptItem]:
+    """A `Dataset.save_to_disk` folder: state.json lists Arrow stream files, read batch by batch.
+
+    `guard` is asked about every local file before it is opened: a member may be a link."""
     import pyarrow as pa
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     root = root.rstrip("/")
+    local = "://" not in uri
+    if guard is not None and local:
+        guard(f"{root}/state.json")
     try:
         state = json.loads(fs.cat_file(f"{root}/state.json"))
     except FileNotFoundError:
@@ -348,13 +441,35 @@ def iter_hf(uri: str, storage_options: dict[str, Any] | None, cols: Columns) -> 
         raise PromptFileError(
             f"spec.promptsFrom.uri: {uri!r} is not a Hugging Face save_to_disk folder (no state.json)"
         ) from None
-    files = [f["filename"] for f in state.get("_data_files", [])]
+    except (ValueError, RecursionError):
+        raise PromptFileError(
+            f"{URI_FIELD}: {uri!r}: state.json is not the JSON that Dataset.save_to_disk writes"
+        ) from None
+    entries = state.get("_data_files") if isinstance(state, dict) else None
+    files = [f.get("filename") for f in entries or [] if isinstance(f, dict)]
     if not files:
         raise PromptFileError(f"spec.promptsFrom.uri: {uri!r}: state.json lists no data files")
-    for name in files:
+    for i, name in enumerate(files, 1):
+        # A name is the file's own data: it must be a plain file name of the folder, and it is
+        # never quoted (only its place in the list).
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise PromptFileError(
+                f"{URI_FIELD}: {uri!r}: data file {i} of state.json is not a plain file name in the "
+                "folder; the folder must be the one Dataset.save_to_disk wrote"
+            )
+        where = f"{URI_FIELD}: {uri} (data file {i} of state.json)"
+        if guard is not None and local:
+            guard(f"{root}/{name}")
         with fs.open(f"{root}/{name}", "rb") as f:
-            reader = pa.ipc.open_stream(f)
-            yield from _iter_batches(reader, f"{URI_FIELD}: {uri}/{name}", cols, reader.schema.names)
+            try:
+                reader = pa.ipc.open_stream(f)
+                names = reader.schema.names
+            except Exception as e:  # ArrowInvalid's text may quote the bytes
+                raise PromptFileError(
+                    f"{where}: not an Arrow stream ({type(e).__name__}); the folder must be the one "
+                    "Dataset.save_to_disk wrote"
+                ) from None
+            yield from _iter_batches(reader, where, cols, names)
 
 
 TEXT_READERS: dict[str, Callable[[Iterable[str], str, Columns], Iterator[PromptItem]]] = {
@@ -386,8 +501,15 @@ def iter_prompts(
     spec: ImageBatchJobSpec,
     storage_options: dict[str, Any] | None = None,
     config_map_reader: Callable[[str, str], str] | None = None,
+    guard: Callable[[str], None] | None = None,
 ) -> Iterator[PromptItem]:
-    """All prompts of a job, in order, one at a time. A ConfigMap source needs a reader (cluster mode)."""
+    """All prompts of a job, in order, one at a time. A ConfigMap source needs a reader (cluster mode).
+
+    `guard` (cluster mode: imagebatch.access) is called with the prompt file's URI, and with
+    every local file of a data set folder, before anything is opened; it raises to refuse.
+    Whatever goes wrong in reading or parsing ends as a PromptFileError that names the input
+    by field, line and size, never by its content.
+    """
     inline = spec.inline_prompts()
     if inline is not None:
         yield from (PromptItem(prompt=p) if isinstance(p, str) else p for p in inline)
@@ -403,23 +525,49 @@ def iter_prompts(
             )
         fmt = src.format or file_format(ref.key, None)
         where = f"spec.promptsFrom.configMapKeyRef: ConfigMap {ref.name} key {ref.key}"
-        yield from parse_prompts(config_map_reader(ref.name, ref.key), fmt, where, src)
+        text = config_map_reader(ref.name, ref.key)
+        yield from _described(lambda: iter(parse_prompts(text, fmt, where, src)), where)
         return
     uri = src.uri
     assert uri is not None
-    fmt = src.format or ("hf" if _is_hf_folder(uri, storage_options) else file_format(uri, None))
-    if fmt == "parquet":
-        rows = iter_parquet(uri, storage_options, cols)
-    elif fmt == "hf":
-        rows = iter_hf(uri, storage_options, cols)
-    else:
-        rows = TEXT_READERS[fmt](_text_lines(uri, storage_options), f"{URI_FIELD}: {uri}", cols)
+    if guard is not None:
+        guard(uri)
+    where = f"{URI_FIELD}: {uri}"
+
+    def rows() -> Iterator[PromptItem]:
+        fmt = src.format or ("hf" if _is_hf_folder(uri, storage_options) else file_format(uri, None))
+        if fmt == "parquet":
+            yield from iter_parquet(uri, storage_options, cols)
+        elif fmt == "hf":
+            yield from iter_hf(uri, storage_options, cols, guard)
+        else:
+            yield from TEXT_READERS[fmt](_text_lines(uri, storage_options), where, cols)
+
     try:
-        yield from _non_empty(rows, f"{URI_FIELD}: {uri}")
+        yield from _described(lambda: _non_empty(rows(), where), where)
     except _RefusedError as e:
         secret = spec.output.credentials_secret.name if spec.output.credentials_secret else None
         raise PromptFileError(
             str(storage_errors.credentials_refused(URI_FIELD, e.uri, e.err, secret))
+        ) from None
+
+
+def _described(make: Callable[[], Iterator[PromptItem]], where: str) -> Iterator[PromptItem]:
+    """The prompts `make` yields; an error no reader turned into a PromptFileError (a library's
+    exception, whose text may quote the input) becomes one that names only its kind."""
+    try:
+        yield from make()
+    except ImageBatchError:
+        raise
+    except RecursionError:
+        raise PromptFileError(f"{where}: the prompt file is nested too deeply to parse") from None
+    except Exception as e:
+        if storage_errors.transient(e):
+            # Not the user's error: the worker's attempt fails and is retried, as before.
+            raise PromptReadError(f"{where}: {storage_errors.describe(e)}; to be retried") from None
+        raise PromptFileError(
+            f"{where}: cannot parse the prompt file ({type(e).__name__}); check that it is the "
+            "format its name or spec.promptsFrom.format says"
         ) from None
 
 

@@ -22,7 +22,7 @@ from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from imagebatch.api import Output
+from imagebatch.api import ImageBatchJobSpec, Output
 from imagebatch.errors import ImageBatchError
 from imagebatch.storage_errors import S3_RETRIES, user_error
 
@@ -115,6 +115,19 @@ def storage_options(output: Output) -> dict[str, Any]:
     if output.endpoint_url:
         options["client_kwargs"] = {"endpoint_url": output.endpoint_url}
     return options
+
+
+def read_options(spec: ImageBatchJobSpec, follow_redirects: bool = True) -> dict[str, Any]:
+    """fsspec options for reading spec.promptsFrom.uri: the output's S3 settings for an s3://
+    file. `follow_redirects` False (cluster mode): an allowed http host cannot send the worker
+    on to one that is not (a redirect to a metadata address)."""
+    uri = spec.prompts_from.uri if spec.prompts_from and spec.prompts_from.uri else ""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        return {} if follow_redirects else {"allow_redirects": False}
+    if scheme in ("s3", "s3a") or not scheme:
+        return storage_options(spec.output)
+    return {}
 
 
 P = ParamSpec("P")

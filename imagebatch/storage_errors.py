@@ -10,6 +10,7 @@ file system (a flaky NFS mount) are worth another try.
 from __future__ import annotations
 
 import errno
+import os
 from enum import Enum
 from typing import Any
 
@@ -108,14 +109,26 @@ def error_code(err: BaseException) -> str | None:
     return None
 
 
-def error_text(err: BaseException) -> str:
+def known_code(err: BaseException) -> str | None:
+    """The S3 error code when it is one of the codes this module knows; a store (or anything
+    that answers at the endpoint) may send any text as a code, and that is never quoted."""
+    code = error_code(err)
+    known = CREDENTIAL_CODES | TRANSIENT_CODES | {"NoSuchBucket", "NoSuchKey", "404"}
+    return code if code in known else None
+
+
+def describe(err: BaseException) -> str:
+    """An error by its kind, never by its text: a library's message may quote what it read (a
+    line of the file, a server's answer). The S3 code when known, else the exception's type and,
+    for an OS error, the system's own words for its errno."""
+    code = known_code(err)
+    if code:
+        return f"S3 error {code}"
     for e in _chain(err):
-        response: Any = getattr(e, "response", None)
-        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
-            message = response["Error"].get("Message")
-            if message:
-                return str(message)
-    return str(err)
+        if isinstance(e, OSError) and e.errno:
+            name = errno.errorcode.get(e.errno, str(e.errno))
+            return f"{type(e).__name__} {name}: {os.strerror(e.errno)}"
+    return type(err).__name__
 
 
 def classify(err: BaseException, remote: bool = False) -> Kind:
@@ -171,15 +184,14 @@ def credentials_refused(field: str, uri: str, err: BaseException, secret: str | 
             "environment): set it to a Secret with an AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             f"that may use s3://{bucket}"
         )
-    code = error_code(err) or type(err).__name__
     return StorageError(
         f"spec.output.credentialsSecret: the credentials were refused for bucket {bucket!r} "
-        f"({field} {uri}; {code}: {error_text(err)}); {fix}"
+        f"({field} {uri}; {describe(err)}); {fix}"
     )
 
 
 def not_writable(field: str, path: str, err: OSError) -> StorageError:
-    why = err.strerror or str(err)
+    why = os.strerror(err.errno) if err.errno else type(err).__name__
     return StorageError(
         f"{field}: cannot write to {path!r} ({why}); mount a volume there that the worker pods may "
         "write (read-write, and writable for the pods' user: spec.workers.volumes and "

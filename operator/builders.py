@@ -6,10 +6,12 @@ worker count; each pod claims shards until none is left and then exits 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 from typing import Any
 
+from imagebatch.access import ENV_VAR as ACCESS_POLICY_ENV
+from imagebatch.access import AccessPolicy
 from imagebatch.api import BUILTIN_PREFIX, ImageBatchJobSpec
 from imagebatch.names import (
     EXIT_MODEL_LOAD_ERROR,
@@ -53,6 +55,8 @@ class WorkerSettings:
     fetch_command: tuple[str, ...] = ("python", "-m", "imagebatch.cli", "fetch-model")
     metrics_port: int = 0  # 0: workers serve no metrics
     run_as_user: int = 1000
+    # What workers may read and write (the chart's worker.access): the strictest by default.
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
 
 def labels(job_name: str, component: str) -> dict[str, str]:
@@ -130,7 +134,7 @@ def worker_rbac(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, 
     ]
 
 
-def _env(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
+def _env(job: dict[str, Any], spec: ImageBatchJobSpec, s: WorkerSettings) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -141,8 +145,11 @@ def _env(job: dict[str, Any], spec: ImageBatchJobSpec) -> list[dict[str, Any]]:
     ]
     env.append({"name": GPUS_ENV, "value": str(spec.workers.gpus_per_worker)})
     env += model_env(spec, read_only=True)
-    # The user's env comes last so that it can set e.g. OMP_NUM_THREADS or HF_HOME.
+    # The user's env comes after ours so that it can set e.g. OMP_NUM_THREADS or HF_HOME...
     env += [dict(e) for e in spec.workers.env or []]
+    # ...but not the admin's access rules: of two entries with one name the last one counts, so
+    # an entry of the job's own with this name changes nothing.
+    env.append({"name": ACCESS_POLICY_ENV, "value": s.access.to_env()})
     return env
 
 
@@ -317,7 +324,7 @@ def worker_job(
         "image": spec.workers.image or s.image,
         "command": list(s.command),
         "args": args,
-        "env": _env(job, spec),
+        "env": _env(job, spec, s),
         "resources": _resources(spec),
         "securityContext": _container_security(),
         # The worker writes its fatal error there (worker/termination.py); the operator copies it

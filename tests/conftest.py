@@ -28,6 +28,17 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture(autouse=True)
+def _test_node_access(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Workers built in-process here read and write plain local folders (the test node cannot
+    # mount volumes) and the session's S3 server: what the chart's worker.access would allow with
+    # localPaths=any and s3Endpoints=["*"]. Worker pods get the operator's policy instead, and
+    # tests/unit/test_access.py removes this to test the defaults.
+    from imagebatch.access import ENV_VAR, AccessPolicy
+
+    monkeypatch.setenv(ENV_VAR, AccessPolicy(local_paths="any", s3_endpoints=frozenset({"*"})).to_env())
+
+
+@pytest.fixture(autouse=True)
 def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     # No test may reach a model hub: loading must fail fast and say so.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

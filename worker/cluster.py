@@ -34,6 +34,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from pydantic import ValidationError
 
 from imagebatch import shardstate
+from imagebatch.access import PROMPTS_FIELD, AccessPolicy, check_job, local_guard
 from imagebatch.api import ImageBatchJobSpec, ImageBatchShardStatus
 from imagebatch.errors import ImageBatchError, ModelLoadError, format_validation_error
 from imagebatch.manifest import BatchInfo, join_outputs
@@ -49,7 +50,7 @@ from imagebatch.names import (
 from imagebatch.planning import Item, expand_items, fingerprint, image_fields, shard_id
 from imagebatch.prompts import iter_prompts
 from imagebatch.shardplan import shard_manifests
-from imagebatch.storage import MANIFEST, Storage, storage_options
+from imagebatch.storage import MANIFEST, Storage, read_options
 from imagebatch.timeutil import now_utc
 from imagebatch.worker import claims, termination
 from imagebatch.worker.failpoints import Failpoints
@@ -137,6 +138,10 @@ class Worker:
         # job is deleted and re-created under the same name while the worker runs.
         self.uid = str(job["metadata"]["uid"])
         self.spec = ImageBatchJobSpec.model_validate(job["spec"])
+        # Where the job may read and write is the admin's rule (the operator's env): checked
+        # before any byte moves, so a refused location fails the job with nothing fetched.
+        self.access = AccessPolicy.from_env()
+        check_job(self.spec, self.access, environ=os.environ)
         self.storage = Storage.for_output(self.spec.output)
         self.failpoints = Failpoints.from_env()
 
@@ -144,7 +149,10 @@ class Worker:
     def items(self) -> list[Item]:
         if self._items is None:
             prompts = iter_prompts(
-                self.spec, storage_options(self.spec.output), config_map_reader=self.kube.read_config_map
+                self.spec,
+                read_options(self.spec, follow_redirects=False),
+                config_map_reader=self.kube.read_config_map,
+                guard=local_guard(PROMPTS_FIELD, self.spec, self.access),
             )
             self._items = expand_items(prompts, self.spec.generation)
         return self._items

@@ -123,6 +123,9 @@ def release(kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory)
         f"health.port={free_port()}",
         "--set",
         "logLevel=debug",
+        # The node agent cannot mount volumes: the jobs here use local folders (docs/security.md).
+        "--set",
+        "worker.access.localPaths=any",
         *wait,
         "--timeout",
         "3m",

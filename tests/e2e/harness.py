@@ -93,12 +93,20 @@ def operator_kubeconfig(client: KubeClient, kubectl: Kubectl, helm: Path, path: 
     return path
 
 
+# The test node runs pods as local processes and cannot mount volumes, so the tests' jobs read and
+# write plain local folders, and their S3 server listens on a port of its own: the operator lets
+# workers do that (the chart's worker.access.localPaths=any, s3Endpoints=["*"]).
+# tests/e2e/test_confinement.py runs an operator with the chart's own defaults instead.
+TEST_NODE_ACCESS = ("--worker-local-paths=any", "--worker-s3-endpoints=*")
+
+
 class Operator:
     """`python -m imagebatch.operator` as a subprocess; kill() and start() again to test restarts."""
 
-    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_dir: Path, access: tuple[str, ...] = TEST_NODE_ACCESS) -> None:
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
+        self.access = access
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.metrics_port = 0
@@ -119,6 +127,7 @@ class Operator:
                 f"--metrics-port={self.metrics_port}",
                 "--worker-metrics-port=0",
                 "--scale-down-cool-down=3",
+                *self.access,
             ],
             cwd=self.log_dir,
             env=env,

@@ -175,10 +175,12 @@ def test_a_bad_prompt_file_fails_with_the_file_the_line_and_what_to_change(
 
 
 def test_an_unwritable_output_location_fails_naming_spec_output_uri(
-    kubectl: Kubectl, running_operator: Operator, namespace: str
+    kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
 ) -> None:
-    # sysfs refuses new folders to everyone, root included: the worker cannot write there.
-    out = f"/sys/imagebatch-{uuid.uuid4().hex[:8]}"
+    # A folder under a plain file cannot be made by anyone, root included (ENOTDIR). (Not /sys:
+    # the worker's access rules refuse it before any write, imagebatch/access.py.)
+    (tmp_path / "a-file").write_text("")
+    out = str(tmp_path / "a-file" / f"imagebatch-{uuid.uuid4().hex[:8]}")
     name = "bad-output"
     job = tiny_job(name, out, prompts=[f"prompt {i}" for i in range(20)], batching={"shardSize": 10})
     kubectl.apply([job], namespace)

@@ -529,6 +529,7 @@ class NamespacedOperator(Operator):
                 "--interval=1",
                 f"--metrics-port={self.metrics_port}",
                 "--worker-metrics-port=0",
+                *self.access,
             ],
             cwd=self.log_dir,
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},

@@ -3,15 +3,20 @@ that name the file, line and column."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from imagebatch import prompts
 from imagebatch.api import ImageBatchJobSpec
 from imagebatch.errors import PromptFileError, SpecError
 from imagebatch.prompts import iter_prompts, load_prompts
@@ -55,7 +60,10 @@ def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
 def test_jsonl_bad_field_names_line_and_field(tmp_path: Path) -> None:
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "ok"}\n{"prompt": "ok", "sede": 1}\n')
-    with pytest.raises(PromptFileError, match=r"p\.jsonl line 2: sede: unknown field"):
+    # The field by its place and size, never by the name the file gave it.
+    with pytest.raises(
+        PromptFileError, match=r"p\.jsonl line 2: field 2 \(a name of 4 bytes\) is not a prompt field"
+    ):
         load_prompts(spec_for(str(f)))
 
 
@@ -76,7 +84,7 @@ def test_csv_without_prompt_column(tmp_path: Path) -> None:
         load_prompts(spec_for(str(f)))
     assert str(err.value) == (
         f"spec.promptsFrom.uri: {f} line 1 (the header): the csv has no 'prompt' column "
-        "(spec.promptsFrom.column); its columns are 'text': set spec.promptsFrom.column to the one "
+        "(spec.promptsFrom.column) among its 1 column: set spec.promptsFrom.column to the one "
         "to use, or name that column 'prompt' in the file"
     )
 
@@ -202,12 +210,12 @@ def test_parquet_with_named_columns(tmp_path: Path) -> None:
     ]
 
 
-def test_unknown_column_is_named_with_the_ones_there_are(tmp_path: Path) -> None:
+def test_a_missing_column_is_named_and_the_files_own_only_counted(tmp_path: Path) -> None:
     f = tmp_path / "p.parquet"
     pq.write_table(pa.table({"caption": ["a cat"]}), f)
     with pytest.raises(
         PromptFileError,
-        match=r"the parquet has no 'prompt' column \(spec.promptsFrom.column\); its columns are 'caption'",
+        match=r"the parquet has no 'prompt' column \(spec.promptsFrom.column\) among its 1 column: set",
     ):
         load_prompts(spec_for(str(f)))
     with pytest.raises(PromptFileError, match=r"no 'seed' column \(spec.promptsFrom.seedColumn\)"):
@@ -216,7 +224,7 @@ def test_unknown_column_is_named_with_the_ones_there_are(tmp_path: Path) -> None
     c.write_text("text\nhello\n")
     with pytest.raises(
         PromptFileError,
-        match=r"the csv has no 'txt' column \(spec.promptsFrom.column\); its columns are 'text'",
+        match=r"the csv has no 'txt' column \(spec.promptsFrom.column\) among its 1 column: set",
     ):
         load_prompts(spec_with(str(c), column="txt"))
 
@@ -233,7 +241,8 @@ def test_hf_save_to_disk_folder(tmp_path: Path) -> None:
     assert [p.prompt for p in ps] == [f"prompt {i}" for i in range(50)]
     with pytest.raises(
         PromptFileError,
-        match=r"no 'prompt' column \(spec.promptsFrom.column\); its columns are 'text', 'score'",
+        match=r"\(data file 1 of state.json\): the data set has no 'prompt' column \(spec.promptsFrom.column\) "
+        r"among its 2 columns",
     ):
         load_prompts(spec_with(str(d), format="hf"))
 
@@ -278,3 +287,198 @@ def test_parquet_gzip_and_save_to_disk_from_s3(
     assert [p.prompt for p in load_prompts(spec_for("s3://prompts/p.parquet"), opts)] == ["a cat", "a dog"]
     assert [p.prompt for p in load_prompts(spec_for("s3://prompts/p.csv.gz"), opts)] == ["a cat, in a hat"]
     assert [p.prompt for p in load_prompts(spec_with("s3://prompts/ds", column="text"), opts)] == ["a bird"]
+
+
+# -- error messages describe the input, never quote it (issue 18) -------------------------------
+
+# A file at a worker's token path holds a JWT; the canary marks anything else the file holds.
+JWT = (
+    "eyJhbGciOiJSUzI1NiIsImtpZCI6IkNBTkFSWSJ9."
+    "eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6dGVhbS1hOmZhLXdvcmtlciJ9.c2lnbmF0dXJlLWNhbmFyeQ"
+)
+CANARY = "zq-canary-5e1f"
+SECRETS = (JWT, *JWT.split("."), "eyJ", CANARY, "canary", "7777")
+
+
+def leaks(message: str) -> list[str]:
+    return [s for s in SECRETS if s.lower() in message.lower()]
+
+
+def refusal(spec: ImageBatchJobSpec, **kw: Any) -> str:
+    with pytest.raises(PromptFileError) as err:
+        load_prompts(spec, **kw)
+    return str(err.value)
+
+
+def _hf_folder(root: Path, state: bytes, arrow: bytes | None = None) -> Path:
+    root.mkdir()
+    (root / "state.json").write_bytes(state)
+    (root / "dataset_info.json").write_text("{}")
+    if arrow is not None:
+        (root / "data-00000-of-00001.arrow").write_bytes(arrow)
+    return root
+
+
+def secret_files(d: Path) -> list[tuple[str, ImageBatchJobSpec]]:
+    """One file (or folder) per parse error path, each holding the JWT and the canary."""
+    cases: list[tuple[str, Path, dict[str, str]]] = []
+
+    def file(name: str, data: bytes, **src: str) -> None:
+        p = d / name
+        p.write_bytes(data)
+        cases.append((name, p, src))
+
+    secret = f"{JWT} {CANARY}".encode()
+    file("csv-header.csv", f"{JWT},{CANARY}\nx,y\n".encode())
+    file("csv-extra-fields.csv", f"prompt\n{JWT},{CANARY}\n".encode())
+    file("csv-bad-id.csv", f'id,prompt\n"{JWT}/{CANARY}",{CANARY}\n'.encode())
+    file("csv-unknown-column.csv", f"prompt,{JWT}\n{CANARY},x\n".encode())
+    file("csv-named-column.csv", f"{JWT}\n{CANARY}\n".encode(), column="text")
+    file("jsonl-malformed.jsonl", b'{"prompt": "' + secret + b'" ' + secret + b"}\n")
+    file("jsonl-not-object.jsonl", b"7777\n")
+    file("jsonl-unknown-key.jsonl", json.dumps({"prompt": "x", JWT: CANARY}).encode())
+    file("jsonl-first-keys.jsonl", json.dumps({JWT: CANARY}).encode())
+    file("jsonl-bad-id.jsonl", json.dumps({"prompt": CANARY, "id": f"{JWT}/{CANARY}"}).encode())
+    file("jsonl-bad-width.jsonl", json.dumps({"prompt": CANARY, "width": 7777}).encode())
+    file("jsonl-bad-seed.jsonl", json.dumps({"prompt": CANARY, "seed": JWT}).encode())
+    file("jsonl-bad-prompt.jsonl", json.dumps({"prompt": {JWT: CANARY}}).encode())
+    file("jsonl-deep.jsonl", b"[" * 100_000 + secret + b"]" * 100_000)
+    file("txt-not-utf8.txt", secret + b"\n" + secret + b"\xff\xfe" + secret + b"\n")
+    file("txt-not-gzip.txt.gz", secret)
+    file("jsonl-truncated.jsonl.gz", gzip.compress(secret * 50)[:40])
+    file("parquet-not-parquet.parquet", b"PAR1" + secret + b"PAR1")
+    file("parquet-garbage.parquet", secret * 3)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({JWT: [CANARY]}), buf)
+    file("parquet-columns.parquet", buf.getvalue())
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": [CANARY], "id": [f"{JWT}/{CANARY}"]}), buf)
+    file("parquet-bad-id.parquet", buf.getvalue())
+    file("txt-as-hf", secret, format="hf")
+    specs = [(name, spec_with(str(p), **src)) for name, p, src in cases]
+    hf = [
+        ("hf-state-not-json", _hf_folder(d / "hf1", secret)),
+        (
+            "hf-state-names",
+            _hf_folder(d / "hf2", json.dumps({"_data_files": [{"filename": f"../{JWT}"}]}).encode()),
+        ),
+        ("hf-state-shape", _hf_folder(d / "hf3", json.dumps({"_data_files": JWT}).encode())),
+        (
+            "hf-arrow-garbage",
+            _hf_folder(
+                d / "hf4",
+                json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}).encode(),
+                secret,
+            ),
+        ),
+    ]
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, pa.schema([(JWT, pa.string())])) as w:
+        w.write_batch(pa.record_batch([pa.array([CANARY])], names=[JWT]))
+    hf.append(
+        (
+            "hf-arrow-columns",
+            _hf_folder(
+                d / "hf5",
+                json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}).encode(),
+                sink.getvalue(),
+            ),
+        )
+    )
+    specs += [(name, spec_with(str(p), format="hf")) for name, p in hf]
+    return specs
+
+
+def test_no_parse_error_quotes_the_file(tmp_path: Path) -> None:
+    cases = secret_files(tmp_path)
+    assert len(cases) >= 25
+    for name, spec in cases:
+        message = refusal(spec)
+        assert message.startswith("spec.promptsFrom.uri: "), (name, message)
+        assert leaks(message) == [], f"{name}: the message quotes the file: {message}"
+
+
+def test_parse_errors_say_where_and_what_was_expected(tmp_path: Path) -> None:
+    """Described by line, place and size: still enough to find and fix the line."""
+    by_name = dict(secret_files(tmp_path))
+    assert "line 1: field 2 (a name of " in refusal(by_name["jsonl-unknown-key.jsonl"])
+    assert "is not a prompt field; the fields are id, prompt" in refusal(by_name["jsonl-unknown-key.jsonl"])
+    assert "line 2: id: must start with a letter or digit" in refusal(by_name["csv-bad-id.csv"])
+    assert "line 1: width: must be a multiple of 8" in refusal(by_name["jsonl-bad-width.jsonl"])
+    assert "line 1: seed: Input should be a valid integer" in refusal(by_name["jsonl-bad-seed.jsonl"])
+    malformed = refusal(by_name["jsonl-malformed.jsonl"])
+    assert re.search(
+        r"line 1: malformed JSON \(Expecting ',' delimiter at column \d+ of \d+ bytes\)", malformed
+    )
+    assert "line 2: more fields than the header has columns" in refusal(by_name["csv-extra-fields.csv"])
+    assert "is not gzip data" in refusal(by_name["txt-not-gzip.txt.gz"])
+    assert "is not UTF-8 text (invalid start byte at byte " in refusal(by_name["txt-not-utf8.txt"])
+    assert "data file 1 of state.json is not a plain file name" in refusal(by_name["hf-state-names"])
+
+
+def test_a_config_map_is_described_the_same_way() -> None:
+    for key, text in [
+        ("p.csv", f"{JWT}\n{CANARY}\n"),
+        ("p.jsonl", f'{{"prompt": "{CANARY}", "{JWT}": 1}}\n'),
+        ("p.jsonl", f"{JWT} {CANARY}\n"),
+        ("p.csv", f'id,prompt\n"{JWT}/{CANARY}",{CANARY}\n'),
+    ]:
+        spec = ImageBatchJobSpec.model_validate(
+            {
+                "model": {"name": "builtin:tiny"},
+                "promptsFrom": {"configMapKeyRef": {"name": "prompts", "key": key}},
+                "output": {"uri": "/tmp/o"},
+            }
+        )
+        message = refusal(spec, config_map_reader=lambda name, k, text=text: text)
+        assert message.startswith(f"spec.promptsFrom.configMapKeyRef: ConfigMap prompts key {key}"), message
+        assert leaks(message) == [], message
+
+
+def test_a_library_error_is_named_by_its_kind_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\n")
+
+    def boom(lines: Any, where: str, cols: Any) -> Any:
+        raise ValueError(f"unexpected {JWT} {CANARY}")
+        yield  # a generator, as the readers are
+
+    monkeypatch.setitem(prompts.TEXT_READERS, "txt", boom)
+    message = refusal(spec_for(str(f)))
+    assert message == (
+        f"spec.promptsFrom.uri: {f}: cannot parse the prompt file (ValueError); check that it is "
+        "the format its name or spec.promptsFrom.format says"
+    )
+
+    monkeypatch.undo()
+
+    def gone(uri: str, options: Any) -> Any:
+        raise OSError(errno.EACCES, f"{JWT} {CANARY}")
+
+    monkeypatch.setattr(prompts, "_open_raw", gone)
+    message = refusal(spec_for(str(f)))
+    assert leaks(message) == [], message
+    assert message.endswith(
+        "cannot read prompt file " + repr(str(f)) + ": PermissionError EACCES: Permission denied"
+    )
+
+
+def test_a_storage_servers_words_are_not_quoted() -> None:
+    """What answers at an S3 endpoint may send anything as its error code and message."""
+    from imagebatch import storage_errors
+
+    class ClientError(Exception):
+        def __init__(self, code: str, message: str) -> None:
+            super().__init__(f"An error occurred ({code}): {message}")
+            self.response = {"Error": {"Code": code, "Message": message}}
+
+    refused = storage_errors.credentials_refused(
+        "spec.promptsFrom.uri", "s3://b/p.txt", ClientError("AccessDenied", f"{JWT} {CANARY}"), "keys"
+    )
+    assert "(spec.promptsFrom.uri s3://b/p.txt; S3 error AccessDenied)" in str(refused)
+    odd = PermissionError(f"{JWT} {CANARY}")
+    odd.__cause__ = ClientError(f"{CANARY}", f"{JWT}")
+    for err in (odd, ClientError(JWT, CANARY)):
+        message = str(storage_errors.credentials_refused("spec.output.uri", "s3://b/o", err, None))
+        assert leaks(message) == [], message
+    assert storage_errors.describe(OSError(errno.EIO, f"{JWT}")) == "OSError EIO: Input/output error"

@@ -141,6 +141,12 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 - --metrics-port={{ if .Values.metrics.enabled }}{{ .Values.metrics.port }}{{ else }}0{{ end }}
 - --worker-image={{ include "imagebatch.workerImage" . }}
 - --worker-metrics-port={{ .Values.worker.metricsPort }}
+{{- with .Values.worker.access }}
+- --worker-local-paths={{ .localPaths }}
+- {{ printf "--worker-uri-schemes=%s" (join "," .schemes) | quote }}
+- {{ printf "--worker-http-hosts=%s" (join "," .httpHosts) | quote }}
+- {{ printf "--worker-s3-endpoints=%s" (join "," .s3Endpoints) | quote }}
+{{- end }}
 - --interval={{ .Values.reconcileInterval }}
 - --scale-down-cool-down={{ .Values.scaleDownCoolDown }}
 {{- if eq .Values.logLevel "debug" }}
