@@ -10,7 +10,7 @@ we stopped costs no attempt, a crash still does.
    manifest then holds every item once.
 3. A worker whose main thread is blocked in one native call (it cannot run Python's SIGTERM
    handler) for longer than terminationGracePeriodSeconds is suspended, then scaled in, then
-   deleted (and, in a second test, preempted by Kueue): no shard's `failures` moves, with
+   deleted, and (a second test) preempted by Kueue: no shard's `failures` moves, with
    `maxAttempts: 1`, and the job completes with every image once.
 4. A worker that SIGKILLs itself (no deletion) every time fails its shard after `maxAttempts`.
 """
@@ -40,8 +40,12 @@ from harness import (
     wait_condition,
     wait_for,
 )
+from test_kueue import assert_no_mismatch_evictions, evictions, queued_job, workload
 
 from imagebatch.names import worker_job_name
+from imagebatch_testing.kueue import KueueController
+from imagebatch_testing.kueuequeues import TestQueues
+from imagebatch_testing.pytest_plugin import TestCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -181,10 +185,17 @@ def test_a_worker_blocked_in_a_native_call_is_suspended_scaled_in_and_deleted_wi
     )
     kubectl.apply([job], namespace)
 
+    seen: set[int] = set()
+
     def blocked(k: int) -> JSON:
-        found: list[JSON] = wait_for(
-            f"worker {k} blocked", lambda: fail.marks("image-stored")[k - 1 :], 600, 0.2
-        )
+        """The mark of the next worker process that blocked (marks are named by pid, not by time)."""
+
+        def new() -> list[JSON]:
+            return [m for m in fail.marks("image-stored") if m["pid"] not in seen]
+
+        found: list[JSON] = wait_for(f"worker {k} blocked", new, 600, 0.2)
+        assert len(found) == 1, found  # one worker at a time (maxReplicas 1)
+        seen.add(found[0]["pid"])
         return found[0]
 
     def gone(pod: str) -> None:
@@ -261,3 +272,77 @@ def test_a_worker_that_crashes_every_time_still_fails_its_shard_after_max_attemp
     assert st["state"] == "Failed" and st["failures"] == 2, st
     assert "is gone" in st["error"], st
     assert len(fail.marks("image-stored")) >= 2  # two processes crashed (SIGKILL, no deletion)
+
+
+def test_a_worker_blocked_in_a_native_call_preempted_by_kueue_uses_no_attempt(
+    kube_cluster: TestCluster,
+    kubectl: Kubectl,
+    running_operator: Operator,
+    kueue: KueueController,
+    kueue_queues: TestQueues,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    out_low, out_high = tmp_path / "low", tmp_path / "high"
+    n_low = 100
+    # Both low workers block in libc at their first image, past their 4 s grace period;
+    # maxAttempts 1: a preemption that cost an attempt would fail the job.
+    fail = Failpoints(tmp_path / "failpoints")
+    low = queued_job(
+        "low",
+        out_low,
+        kueue_queues,
+        n_low,
+        env=fail.env("image-stored@1=block"),
+        cpu="250m",
+        max_replicas=2,
+        priority=kueue_queues.low_priority,
+        retries={"maxAttempts": 1},
+    )
+    low["spec"]["workers"]["terminationGracePeriodSeconds"] = 4
+    kubectl.apply([low], namespace)
+    fail.wait("image-stored")
+    parallelism = int(
+        kube_cluster.client.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{worker_job_name('low')}")[
+            "spec"
+        ]["parallelism"]
+    )
+    wait_for(
+        f"all {parallelism} low workers blocked", lambda: len(fail.marks("image-stored")) >= parallelism, 600
+    )
+    held = {m["shard"] for m in fail.marks("image-stored")}
+
+    fail_high = Failpoints(tmp_path / "failpoints-high")
+    high = queued_job(
+        "high",
+        out_high,
+        kueue_queues,
+        50,
+        env=fail_high.env("shard-done@1=hold"),
+        priority=kueue_queues.high_priority,
+    )
+    kubectl.apply([high], namespace)
+    wait_for(
+        "Kueue to preempt the low job",
+        lambda: any(
+            e.get("reason") == "Preempted" for e in evictions(workload(kube_cluster, namespace, "low"))
+        ),
+        timeout=300,
+    )
+    wait_for("the low job's workers gone", lambda: not live_pods(kubectl, namespace, "low"), timeout=300)
+
+    def claims_back() -> bool:
+        by_name = no_failures(kubectl, namespace, "low")
+        return all(st.get("state") != "Claimed" for st in by_name.values()) and all(
+            by_name[name].get("state") == "Pending" for name in held
+        )
+
+    wait_for("the low job's claims back to Pending, no failure counted", claims_back, timeout=300)
+    fail.release()
+    fail_high.release()
+    wait_condition(kubectl, namespace, "high", "Complete", timeout=900)
+    wait_condition(kubectl, namespace, "low", "Complete", timeout=900)
+    check_output_dir(out_low, ids(n_low))
+    check_output_dir(out_high, ids(50))
+    assert all(st["state"] == "Done" for st in no_failures(kubectl, namespace, "low").values())
+    assert_no_mismatch_evictions(kubectl, kueue, namespace)
