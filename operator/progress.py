@@ -58,7 +58,9 @@ def tally(shards: Iterable[dict[str, Any]], total_items: int) -> Tally:
             done += size - lost
             failed += lost
             t.item_failures += lost
-            t.failed_items += [i for i in st.failed_items or [] if ITEM_ID_RE.match(i)][: 5 - len(t.failed_items)]
+            t.failed_items += [i for i in st.failed_items or [] if ITEM_ID_RE.match(i)][
+                : 5 - len(t.failed_items)
+            ]
             when = parse_time(st.lease_renew_time)
             if when is not None:
                 t.completions.append((when, size))
