@@ -303,13 +303,50 @@ class Output(Model):
     )
 
 
+# A count of items, or a percentage of the job's items ("1%", "0.5%").
+FAILED_ITEMS_RE = re.compile(r"^(100|[0-9]{1,2})(\.[0-9]{1,3})?%$")
+DEFAULT_MAX_FAILED_ITEMS = "1%"
+
+
+def allowed_failed_items(limit: int | str, total: int) -> int:
+    """How many failed items `retries.maxFailedItems` allows in a job of `total` items: a count as
+    it is; a percentage of the items, rounded up, so "1%" lets any job lose at least one item."""
+    if isinstance(limit, int):
+        return limit
+    milli = round(float(limit.removesuffix("%")) * 1000)  # thousandths of a percent
+    return min(total, -(-milli * total // 100_000))  # rounded up
+
+
 class Retries(Model):
     max_attempts: int = Field(
         default=3, ge=1, le=100, description="Attempts per shard before it is marked Failed."
     )
+    max_failed_items: int | str = Field(
+        default=DEFAULT_MAX_FAILED_ITEMS,
+        description=(
+            "Items that may fail (the engine raised for them alone; each is listed in errors.jsonl "
+            "beside manifest.jsonl) while the job still ends Complete: a count (0: any failed item "
+            "fails the job), or a percentage of the job's items rounded up (default 1%: at least "
+            "one item in any job). More failed items end the job Failed, naming the first ones."
+        ),
+    )
     lease_seconds: int = Field(
         default=120, ge=10, le=86_400, description="A claim not renewed for this long goes back to pending."
     )
+
+    @field_validator("max_failed_items")
+    @classmethod
+    def _count_or_percent(cls, v: int | str) -> int | str:
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError(f"must be 0 or more, or a percentage such as 1% (got {v})")
+            return v
+        if not FAILED_ITEMS_RE.match(v) or float(v.removesuffix("%")) > 100:
+            raise ValueError(
+                "must be a count of items (0 or more) or a percentage from 0% to 100% such as 1% or 0.5%"
+            )
+        return v
+
     progress_deadline_seconds: int = Field(
         default=1800,
         ge=10,
@@ -528,7 +565,13 @@ class Condition(Model):
 class ItemCounts(Model):
     total: int = Field(default=0, description="Images the job makes in all.")
     done: int = Field(default=0, description="Images stored.")
-    failed: int = Field(default=0, description="Images of shards that failed all attempts.")
+    failed: int = Field(
+        default=0,
+        description=(
+            "Images that were not made: items the engine failed on (listed in errors.jsonl) and the "
+            "items of shards that failed all attempts."
+        ),
+    )
 
 
 class ShardCounts(Model):
@@ -572,6 +615,9 @@ class ImageBatchJobStatus(Model):
     start_time: str | None = Field(default=None, description="When work started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
     manifest: str | None = Field(default=None, description="URI of manifest.jsonl once complete.")
+    errors: str | None = Field(
+        default=None, description="URI of errors.jsonl (the failed items and why) when items failed."
+    )
     fingerprint: str | None = Field(
         default=None, description="Digest of the settings that decide the images."
     )
@@ -608,4 +654,12 @@ class ImageBatchShardStatus(Model):
     lease_renew_time: str | None = Field(default=None, description="Last lease renewal (RFC 3339).")
     items_done: int = Field(default=0, ge=0, description="Images stored by the current attempt.")
     seconds: float | None = Field(default=None, description="Time the completing attempt took.")
+    items_failed: int = Field(
+        default=0,
+        ge=0,
+        description="Items of a Done shard that the engine could not make (in errors/<shard>.jsonl).",
+    )
+    failed_items: list[Annotated[str, Field(description="An item id.")]] | None = Field(
+        default=None, max_length=5, description="The first failed items' ids, for the job's message."
+    )
     error: str | None = Field(default=None, description="Last error, if an attempt failed.")

@@ -300,6 +300,16 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retry_failed(args: argparse.Namespace) -> int:
+    client = _client(args)
+    job = client.retry_failed(args.name, args.new_name, source=args.source, endpoint_url=args.endpoint_url)
+    n = len(job.applied["spec"]["prompts"])
+    print(f"{job.name}: makes the {n} failed items of {args.name} into its output")
+    if not args.wait:
+        return 0
+    return _cmd_wait(argparse.Namespace(**{**vars(args), "name": job.name, "timeout": args.timeout}))
+
+
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--namespace", help="the job's namespace; default: the kubeconfig context's")
     p.add_argument("--kubeconfig", help="kubeconfig file; default: $KUBECONFIG or ~/.kube/config")
@@ -397,6 +407,18 @@ def build_parser(prog: str = "imagebatch") -> argparse.ArgumentParser:
     fe.add_argument("--endpoint-url", help="S3 endpoint seen from here, if not spec.output.endpointUrl")
     _cluster_flags(fe)
     fe.set_defaults(func=_cmd_fetch)
+
+    rf = sub.add_parser(
+        "retry-failed", help="cluster: a new job that makes a finished job's failed items (errors.jsonl)"
+    )
+    rf.add_argument("name")
+    rf.add_argument("--name", dest="new_name", help="the new job's name; default: <name>-retry")
+    rf.add_argument("--from", dest="source", help="where the output is seen from here, if not its uri")
+    rf.add_argument("--endpoint-url", help="S3 endpoint seen from here, if not spec.output.endpointUrl")
+    rf.add_argument("--wait", action="store_true", help="follow the new job; exit 0 when Complete")
+    rf.add_argument("--timeout", type=float, help="with --wait: give up (exit 1) after this many seconds")
+    _cluster_flags(rf)
+    rf.set_defaults(func=_cmd_retry_failed)
 
     fm = sub.add_parser(
         "fetch-model",

@@ -35,6 +35,9 @@ FIELD_MANAGER = "imagebatch-cli"
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 JSON = dict[str, Any]
+# retry-failed puts the failed items' prompts into the new job's spec: etcd takes objects of a
+# few MB at most, so this many bytes of them at most.
+RETRY_PROMPT_BYTES = 1_000_000
 
 
 class JobFailedError(ImageBatchError):
@@ -329,6 +332,88 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"ImageBatchJob {name} is still {p.state} after {timeout:.0f}s")
             time.sleep(poll_seconds)
+
+    def retry_failed(
+        self,
+        name: str,
+        new_name: str | None = None,
+        source: str | None = None,
+        endpoint_url: str | None = None,
+    ) -> SubmittedJob:
+        """Submits a new job that makes the failed items of a finished job (its errors.jsonl) into
+        the same output, with each item's own prompt, seed and sizes; the output's job.json lets
+        it in because its settings and items are those recorded. Once it is Complete, the joined
+        manifest holds every item of the first job once. `source`/`endpoint_url`: as in fetch."""
+        from imagebatch.manifest import ERRORS, read_errors
+        from imagebatch.planning import expand_items
+        from imagebatch.prompts import iter_prompts
+
+        job = self.get(name)
+        p = Progress.of(job)
+        if p.state not in ("Complete", "Failed"):
+            raise ImageBatchError(
+                f"{name} is {p.state}: retry its failed items once it is Complete or Failed"
+            )
+        failed = {str(e["id"]) for e in read_errors(self.output_storage(name, source, endpoint_url))}
+        if not failed:
+            raise ImageBatchError(f"{name} has no failed items (its output holds no {ERRORS} lines)")
+        spec = parse_job(job, name).spec
+        src = spec.prompts_from
+        if src is not None and src.uri is not None and "://" not in src.uri and not os.path.exists(src.uri):
+            raise ImageBatchError(
+                f"spec.promptsFrom.uri {src.uri!r} of {name} is a path on the workers' volume that this "
+                "machine does not see; run retry-failed where the volume is mounted"
+            )
+
+        def config_map(cm: str, key: str) -> str:
+            obj = self._call(
+                f"reading ConfigMap {cm}", lambda: self.core.read_namespaced_config_map(cm, self.namespace)
+            )
+            return str((obj.data or {})[key])
+
+        items = [
+            it
+            for it in expand_items(iter_prompts(spec, config_map_reader=config_map), spec.generation)
+            if it.id in failed
+        ]
+        prompts = [
+            {
+                "id": it.id,
+                "prompt": it.prompt,
+                "negativePrompt": it.negative_prompt,
+                "seed": it.seed,
+                "width": it.width,
+                "height": it.height,
+                "steps": it.steps,
+                "guidanceScale": it.guidance_scale,
+            }
+            for it in items
+        ]
+        if len(json.dumps(prompts)) > RETRY_PROMPT_BYTES:
+            raise ImageBatchError(
+                f"{name} has {len(items)} failed items, too many to retry as inline prompts "
+                f"(over {RETRY_PROMPT_BYTES} bytes); fix the cause and re-run the job instead"
+            )
+        body = json.loads(json.dumps(job["spec"]))
+        body.pop("promptsFrom", None)
+        body.update(prompts=prompts, suspend=False)
+        # Each prompt is one item with its own seed: one image per prompt.
+        body["generation"] = {**body.get("generation", {}), "imagesPerPrompt": 1}
+        target = new_name or self._free_name(f"{name}-retry")
+        doc = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": target, "namespace": self.namespace},
+            "spec": body,
+        }
+        return self.submit(doc)
+
+    def _free_name(self, base: str) -> str:
+        name, n = base, 1
+        while self.get_or_none(name) is not None:
+            n += 1
+            name = f"{base}{n}"
+        return name
 
     # -- worker pods ---------------------------------------------------------------------------
     def pods(self, name: str) -> list[JSON]:

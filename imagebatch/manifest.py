@@ -1,8 +1,16 @@
-"""The manifest: one JSON line per image saying how it was made. Builders are pure."""
+"""The manifest: one JSON line per image saying how it was made. Builders are pure.
+
+Items the engine could not make are not in it: each shard lists them in `errors/<shard>.jsonl`
+(id, shard, error type and message, worker, and a digest of the item's settings), and the join
+writes `errors.jsonl` beside manifest.jsonl and adds them to manifest.parquet as rows whose
+`error` column is set. A later job that makes them (`imagebatch retry-failed`) writes its own
+parts into the same output; the join then counts an item made by any part as made.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,6 +19,42 @@ from typing import Any
 from imagebatch import contact_sheet
 from imagebatch.planning import Item
 from imagebatch.storage import HF_METADATA, MANIFEST, MANIFEST_PARQUET, Storage, manifest_part_key
+
+ERRORS = "errors.jsonl"
+ERROR_PARTS = "errors"
+
+
+def error_part_key(shard: str) -> str:
+    return f"{ERROR_PARTS}/{shard}.jsonl"
+
+
+def item_digest(item: Item) -> str:
+    """A digest of everything that decides an item's image: a job that retries the item must
+    give it exactly these settings (its prompt is not in errors.jsonl, only this)."""
+    return hashlib.sha256(json.dumps(item.to_dict(), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def error_line(item: Item, shard: str, worker: str, error_type: str, message: str) -> dict[str, Any]:
+    """The errors.jsonl line of an item that could not be made. `message` must quote no prompt."""
+    return {
+        "id": item.id,
+        "shard": shard,
+        "error": error_type,
+        "message": message,
+        "worker": worker,
+        "item": item_digest(item),
+    }
+
+
+def write_errors_part(storage: Storage, shard: str, lines: list[dict[str, Any]]) -> None:
+    storage.write_bytes(error_part_key(shard), dumps_lines(lines))
+
+
+def read_errors(storage: Storage, key: str = ERRORS) -> list[dict[str, Any]]:
+    """The lines of errors.jsonl (or of one part); none when there is no such file."""
+    if not storage.exists(key):
+        return []
+    return [json.loads(x) for x in storage.read_bytes(key).decode().splitlines() if x.strip()]
 
 
 @dataclass(frozen=True)
@@ -151,8 +195,10 @@ def join_outputs(
     Part by part, in two passes, so that the whole manifest is never in memory (a million lines
     are a few GB as Python objects): the first concatenates the parts into manifest.jsonl and
     learns the line count and the Parquet schema (every field any line has, types unified), the
-    second writes the rest. With `expected`, a manifest of another line count raises before
-    anything but manifest.jsonl is written."""
+    second writes the rest. With `expected` (the job's items), a manifest whose lines and failed
+    items do not add up to it raises before anything but manifest.jsonl is written. The failed
+    items (errors parts, less those that another part made) go to errors.jsonl and, with an
+    `error` column, to manifest.parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -160,6 +206,12 @@ def join_outputs(
     count = 0
     names: dict[str, None] = {}  # every field, in the order lines first have it
     schemas: list[pa.Schema] = []
+    # The failed items (few, by design): those a part of a later job made are not failed any more.
+    errors: dict[str, dict[str, Any]] = {}
+    found = storage.existing(error_part_key(s) for s in shards)
+    for shard in shards:
+        if error_part_key(shard) in found:
+            errors.update((e["id"], e) for e in read_errors(storage, error_part_key(shard)))
     with storage.open_write(MANIFEST) as out:
         for shard in shards:
             data, lines = _part(storage, shard)
@@ -167,12 +219,24 @@ def join_outputs(
             count += len(lines)
             for line in lines:
                 names.update(dict.fromkeys(line))
+                errors.pop(line["id"], None)
             if lines:
                 schemas.append(
                     pa.table(_columns(lines, dict.fromkeys(k for line in lines for k in line))).schema
                 )
-    if expected is not None and count != expected:
-        raise RuntimeError(f"manifest has {count} lines for {expected} images")
+    if expected is not None and count + len(errors) != expected:
+        failed_text = f" and {len(errors)} failed items" if errors else ""
+        raise RuntimeError(f"manifest has {count} lines{failed_text} for {expected} images")
+    failed = list(errors.values())
+    if failed or storage.exists(ERRORS):
+        storage.write_bytes(ERRORS, dumps_lines(failed))  # (emptied once a later job made them all)
+    if failed:
+        names.update(dict.fromkeys(("id", "shard", "error")))
+        schemas.append(
+            pa.schema(
+                [pa.field("id", pa.string()), pa.field("shard", pa.string()), pa.field("error", pa.string())]
+            )
+        )
     unified = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     schema = pa.schema(
         [pa.field(k, unified.field(k).type if k in unified.names else pa.null()) for k in names]
@@ -197,6 +261,12 @@ def join_outputs(
             for line in lines:
                 for key, text in sheet.add(line):
                     storage.write_bytes(key, text.encode())
+        if failed:
+            rows = [
+                {"id": e["id"], "shard": e["shard"], "error": f"{e['error']}: {e['message']}"} for e in failed
+            ]
+            cols = _columns(rows, names)
+            pending.append(pa.table({k: pa.array(cols[k], type=schema.field(k).type) for k in names}))
         if pending:
             writer.write_table(pa.concat_tables(pending))
     # index.html last: its presence says every page it links to is there.

@@ -3,12 +3,15 @@
     Pending --claimed--> Claimed --done--> Done
                          Claimed --renewed--> Claimed (lease and progress)
                          Claimed --released--> Pending (SIGTERM, a crashed sibling process)
+                         Claimed --stopped--> Pending (its pod was deleted or disrupted on purpose)
                          Claimed --errored / lost--> Pending, or Failed on the last attempt
                          Claimed --failed--> Failed (a user error: no retry can fix it)
 
 `attempt` counts claims (it fences a zombie's writes); `failures` counts failed attempts and is
 what `retries.maxAttempts` limits, so scale-in, suspend, drain and preemption (a release on
-SIGTERM) never use up a shard's retries.
+SIGTERM, or a pod we stopped that was SIGKILLed before it could release) never use up a shard's
+retries. A Done shard may count items the engine could not make (`itemsFailed`): those cost the
+items, not the shard.
 
 Pure: each function takes a status and returns the next one; who writes it (the worker, fenced by
 holder + attempt and resourceVersion, or the operator for a lost claim) is the caller's business.
@@ -39,6 +42,8 @@ def claimed(st: ImageBatchShardStatus, holder: str, now: datetime) -> ImageBatch
             "lease_renew_time": format_micro(now),
             "items_done": 0,
             "seconds": None,
+            "items_failed": 0,
+            "failed_items": None,
         }
     )
 
@@ -52,8 +57,20 @@ def renewed(st: ImageBatchShardStatus, now: datetime, items_done: int) -> ImageB
     return st.model_copy(update={"lease_renew_time": format_micro(now), "items_done": items_done})
 
 
-def done(st: ImageBatchShardStatus, now: datetime, items: int, seconds: float) -> ImageBatchShardStatus:
+# A Done shard names at most this many of its failed items (the rest are in its errors part).
+FAILED_ITEMS_SHOWN = 5
+
+
+def done(
+    st: ImageBatchShardStatus,
+    now: datetime,
+    items: int,
+    seconds: float,
+    failed_items: list[str] | None = None,
+) -> ImageBatchShardStatus:
+    """`items`: images stored; `failed_items`: ids of the items the engine could not make."""
     # leaseRenewTime of a Done shard is its completion time: the operator's throughput uses it.
+    failed_items = failed_items or []
     return st.model_copy(
         update={
             "state": "Done",
@@ -61,6 +78,8 @@ def done(st: ImageBatchShardStatus, now: datetime, items: int, seconds: float) -
             "items_done": items,
             "seconds": round(seconds, 3),
             "error": None,
+            "items_failed": len(failed_items),
+            "failed_items": failed_items[:FAILED_ITEMS_SHOWN] or None,
         }
     )
 
@@ -96,6 +115,14 @@ def failed(st: ImageBatchShardStatus, error: str) -> ImageBatchShardStatus:
 LEASE_EXPIRED = "LeaseExpired"
 HOLDER_GONE = "HolderGone"
 NO_PROGRESS = "ProgressDeadlineExceeded"
+# Not a failure: the holder's pod was deleted or disrupted on purpose (suspend, scale-in, drain,
+# preemption) and ended before it could release the claim itself (SIGKILL after its grace period).
+HOLDER_STOPPED = "HolderStopped"
+
+
+def stopped(st: ImageBatchShardStatus, why: str) -> ImageBatchShardStatus:
+    """A claim whose pod was stopped on purpose: back to Pending, no failure counted."""
+    return released(st, f"worker pod {st.holder} was stopped ({why}) before it released the claim")
 
 
 def lost(st: ImageBatchShardStatus, reason: str, max_attempts: int) -> ImageBatchShardStatus:

@@ -46,6 +46,7 @@ class Reason(StrEnum):
     INVALID_PROMPTS = "InvalidPrompts"
     PLANNING_FAILED = "PlanningFailed"
     SHARDS_FAILED = "ShardsFailed"
+    ITEMS_FAILED = "ItemsFailed"
     MODEL_LOAD_ERROR = "ModelLoadError"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     WORKERS_FAILING = "WorkersFailing"

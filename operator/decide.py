@@ -21,7 +21,8 @@ from datetime import datetime
 from typing import Any, Literal
 
 from imagebatch import shardstate
-from imagebatch.api import ImageBatchJobStatus
+from imagebatch.api import ImageBatchJobStatus, allowed_failed_items
+from imagebatch.manifest import ERRORS
 from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_MANIFEST_LINES,
@@ -157,11 +158,23 @@ def decide(obs: Observed, mem: Memory, settings: Settings | None = None) -> Deci
     live = live_pods(obs.pods)
     r = spec.retries
     transitions = leases.review(
-        obs.shards, live, mem.clock, obs.mono, r.lease_seconds, r.progress_deadline_seconds, r.max_attempts
+        obs.shards,
+        live,
+        mem.clock,
+        obs.mono,
+        r.lease_seconds,
+        r.progress_deadline_seconds,
+        r.max_attempts,
+        suspended=_suspended(obs),
     )
     shards = with_transitions(obs.shards, transitions)
     events = [
-        Event("Warning", tr.reason, f"shard {tr.shard['metadata']['name']}: {tr.status.error}")
+        Event(
+            "Normal" if tr.reason == shardstate.HOLDER_STOPPED else "Warning",
+            tr.reason,
+            f"shard {tr.shard['metadata']['name']}: {tr.status.error}"
+            + ("; no attempt used" if tr.reason == shardstate.HOLDER_STOPPED else ""),
+        )
         for tr in transitions
     ]
 
@@ -338,6 +351,8 @@ def decide(obs: Observed, mem: Memory, settings: Settings | None = None) -> Deci
         status.completion_time = status.completion_time or format_time(now)
     if outcome.complete:
         status.manifest = f"{spec.output.uri.rstrip('/')}/{MANIFEST}"
+    if outcome.finished and joined and t.item_failures:
+        status.errors = f"{spec.output.uri.rstrip('/')}/{ERRORS}"
     return Decision(
         transitions=transitions,
         action=action,
@@ -350,6 +365,16 @@ def decide(obs: Observed, mem: Memory, settings: Settings | None = None) -> Deci
         tally=t,
         active_elapsed=elapsed,
     )
+
+
+def _suspended(obs: Observed) -> str | None:
+    """Why the workers are being stopped on purpose now, if they are (a gone claim holder was
+    stopped, not crashed)."""
+    if obs.spec.suspend:
+        return "spec.suspend"
+    if obs.worker_job is not None and obs.worker_job["spec"].get("suspend"):
+        return "its worker Job was suspended: Kueue preemption or eviction"
+    return None
 
 
 def _queued_parallelism(max_replicas: int, planned: bool, t: progress.Tally) -> int:
@@ -376,15 +401,34 @@ def _outcome(
         return Outcome(
             failed_reason=Reason.SHARDS_FAILED,
             message=(
-                f"{t.shards.failed} of {t.shards.total} shards ({t.items.failed} images) failed "
-                f"(retries.maxAttempts={spec.retries.max_attempts}); first error: {t.errors[0]}"
+                f"{t.shards.failed} of {t.shards.total} shards ({t.items.failed - t.item_failures} images) "
+                f"failed (retries.maxAttempts={spec.retries.max_attempts}); first error: {t.errors[0]}"
             ),
         )
     if all_done and joined:
-        return Outcome(
-            complete=True,
-            message=f"{t.items.done} images; manifest at {spec.output.uri.rstrip('/')}/{MANIFEST}",
-        )
+        root = spec.output.uri.rstrip("/")
+        if t.item_failures:
+            limit = spec.retries.max_failed_items
+            allowed = allowed_failed_items(limit, t.items.total)
+            listed = f"every failed item and its error: {root}/{ERRORS}"
+            first = ", ".join(t.failed_items)
+            if t.item_failures > allowed:
+                return Outcome(
+                    failed_reason=Reason.ITEMS_FAILED,
+                    message=(
+                        f"{t.item_failures} of {t.items.total} items failed, more than "
+                        f"retries.maxFailedItems={limit} allows ({allowed}); first: {first}; {listed}; "
+                        f"the other {t.items.done} images are stored (imagebatch retry-failed makes the failed ones again)"
+                    ),
+                )
+            return Outcome(
+                complete=True,
+                message=(
+                    f"{t.items.done} images, {t.item_failures} failed (first: {first}; {listed}); "
+                    f"manifest at {root}/{MANIFEST}"
+                ),
+            )
+        return Outcome(complete=True, message=f"{t.items.done} images; manifest at {root}/{MANIFEST}")
     if spec.active_deadline_seconds and elapsed > spec.active_deadline_seconds:
         return Outcome(
             failed_reason=Reason.DEADLINE_EXCEEDED,

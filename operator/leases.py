@@ -1,7 +1,7 @@
 """Shard claims seen from the operator: which holders are gone, hung or silent. Pure.
 
 A claim goes back to Pending (a failed attempt: `shardstate.lost`) when
-- its holder pod no longer runs (HolderGone);
+- its holder pod no longer runs (HolderGone) and was not stopped on purpose;
 - its lease was not renewed for `retries.leaseSeconds` (LeaseExpired);
 - its `itemsDone` did not move for `retries.progressDeadlineSeconds` although the lease is renewed
   (ProgressDeadlineExceeded): a renewing lease proves the process lives, not that it works.
@@ -13,11 +13,21 @@ operator sees every claim change "now" and so grants it a whole new lease, which
 never wrong. Time in which the operator could not observe at all (the API server was away, the
 operator was stopped) is not held against a worker either: after such a gap every claim is seen
 afresh.
+
+A holder pod that ended after we (or Kubernetes on our behalf) stopped it is not a failure: a pod
+seen with a `deletionTimestamp` (the Job controller deleting it on suspend or scale-in, Kueue's
+preemption, `kubectl delete`) or a `DisruptionTarget` condition (scheduler preemption, eviction,
+a kubelet's node-pressure eviction or graceful shutdown) that goes without releasing its claim,
+SIGKILLed at the end of its grace period, returns the claim as `HolderStopped`, with no failure
+counted; so does the holder of a job or worker Job that is suspended. A crash, an OOM kill and a
+node loss (the DisruptionTarget reasons of the pod garbage collector and the taint manager: the
+node is gone or unreachable, the worker may have died with it) remain failures. `ClaimClock`
+remembers the pods it saw stopping, since a pod is often gone from the API by the next pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +40,30 @@ from imagebatch.holders import holder_pod
 class Transition:
     shard: dict[str, Any]  # as listed: its resourceVersion fences the write
     status: ImageBatchShardStatus
-    reason: str  # shardstate.LEASE_EXPIRED, HOLDER_GONE or NO_PROGRESS
+    reason: str  # shardstate.LEASE_EXPIRED, HOLDER_GONE, NO_PROGRESS or HOLDER_STOPPED
+
+
+# DisruptionTarget reasons that mean the node went away (its pods may have died with it): failures.
+NODE_LOSS_REASONS = frozenset({"DeletionByPodGC", "DeletionByTaintManager"})
+NODE_LOST = "node lost"  # the value of ClaimClock.stopped for such a pod
+
+
+def stop_cause(pod: Mapping[str, Any]) -> str | None:
+    """Why a pod is being stopped on purpose (words for the shard's message), NODE_LOST when its
+    node went away, or None: it was not stopped (it runs, crashed or was OOM-killed)."""
+    st = pod.get("status") or {}
+    for c in st.get("conditions") or []:
+        if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
+            reason = str(c.get("reason") or "")
+            if reason in NODE_LOSS_REASONS:
+                return NODE_LOST
+            return f"disrupted: {reason or 'DisruptionTarget'}"
+    for cs in st.get("containerStatuses") or []:
+        if ((cs.get("state") or {}).get("terminated") or {}).get("reason") == "OOMKilled":
+            return None  # out of memory while being deleted is still out of memory
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return "deleted: suspend, scale-in or preemption"
+    return None
 
 
 @dataclass
@@ -47,6 +80,19 @@ class ClaimClock:
 
     seen: dict[str, _Seen] = field(default_factory=dict)
     last_observed: float | None = None
+    # Pods seen being stopped (name -> stop_cause): such a pod is often gone by the next pass.
+    stopped: dict[str, str] = field(default_factory=dict)
+
+    def observe_pods(self, pods: Iterable[Mapping[str, Any]]) -> None:
+        """Records the worker pods seen stopping; forgets those no claim can still name."""
+        for pod in pods:
+            name = str(pod["metadata"]["name"])
+            cause = stop_cause(pod)
+            if cause is not None and self.stopped.get(name) != NODE_LOST:
+                self.stopped[name] = cause
+        holders = {name for s in self.seen.values() if (name := holder_pod(s.renewal[0] or ""))}
+        listed = {str(p["metadata"]["name"]) for p in pods}
+        self.stopped = {k: v for k, v in self.stopped.items() if k in holders or k in listed}
 
     def observe(self, shards: Iterable[dict[str, Any]], now: float, gap: float) -> None:
         """Records one pass's view of the shards. After `gap` seconds without a pass (an outage,
@@ -109,12 +155,14 @@ def review(
     lease_seconds: int,
     progress_deadline_seconds: int,
     max_attempts: int,
+    suspended: str | None = None,
 ) -> list[Transition]:
     """The status writes that return lost claims to Pending, or fail shards out of attempts.
 
-    `clock` must have observed these shards. `live_pods` must be listed after `shards`: a pod that
-    claimed a shard existed before its claim, so a claim is never taken for orphaned because of a
-    stale pod list.
+    `clock` must have observed these shards (and, for stopped pods, the pods). `live_pods` must be
+    listed after `shards`: a pod that claimed a shard existed before its claim, so a claim is never
+    taken for orphaned because of a stale pod list. `suspended`: why the workers are being stopped
+    (the job or its worker Job is suspended), if they are: then a gone holder was stopped too.
     """
     out: list[Transition] = []
     for shard in shards:
@@ -122,6 +170,13 @@ def review(
         why = lost_claim_reason(
             shard["metadata"]["name"], st, live_pods, clock, now, lease_seconds, progress_deadline_seconds
         )
-        if why is not None:
+        if why is None:
+            continue
+        cause = clock.stopped.get(holder_pod(st.holder or "")) if why == shardstate.HOLDER_GONE else None
+        if why == shardstate.HOLDER_GONE and cause is None:
+            cause = suspended
+        if cause is not None and cause != NODE_LOST:
+            out.append(Transition(shard, shardstate.stopped(st, cause), shardstate.HOLDER_STOPPED))
+        else:
             out.append(Transition(shard, shardstate.lost(st, why, max_attempts), why))
     return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from imagebatch.api import ItemCounts, ShardCounts
+from imagebatch.api import ITEM_ID_RE, ItemCounts, ShardCounts
 from imagebatch.holders import holder_pod
 from imagebatch.shardstate import shard_status
 from imagebatch.timeutil import parse_time
@@ -35,6 +35,8 @@ class Tally:
     holders: set[str] = field(default_factory=set)  # pods holding a claim
     completions: list[tuple[datetime, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # of Failed shards, in shard order
+    item_failures: int = 0  # items of Done shards the engine could not make (errors.jsonl)
+    failed_items: list[str] = field(default_factory=list)  # the first of them, in shard order
 
 
 def shard_size(shard: dict[str, Any]) -> int:
@@ -51,7 +53,14 @@ def tally(shards: Iterable[dict[str, Any]], total_items: int) -> Tally:
         size = shard_size(shard)
         counts[st.state] += 1
         if st.state == "Done":
-            done += size
+            # A Done shard's failed items are failed, not done: they cost the items, not the shard.
+            lost = min(st.items_failed, size)
+            done += size - lost
+            failed += lost
+            t.item_failures += lost
+            t.failed_items += [i for i in st.failed_items or [] if ITEM_ID_RE.match(i)][
+                : 5 - len(t.failed_items)
+            ]
             when = parse_time(st.lease_renew_time)
             if when is not None:
                 t.completions.append((when, size))

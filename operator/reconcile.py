@@ -169,6 +169,7 @@ class Reconciler:
         obs = observe.observe(self.kube, job, spec, prev, shards, now, mono, waiting)
         # A pass long after the last one (the API server was away) holds no silence against a worker.
         mem.clock.observe(shards, mono, gap=spec.retries.lease_seconds / 2)
+        mem.clock.observe_pods(obs.pods)  # pods being stopped: their lost claims cost no attempt
 
         # -- decide
         d = decide.decide(obs, mem, decide.Settings(self.settings.cool_down, self.settings.max_step))

@@ -13,7 +13,11 @@
 On SIGTERM (scale-in, suspend, drain) the current batch stops after its denoising step (the
 engine checks the stop flag between steps), the claim is released (back to
 Pending; its stored images are skipped by the next holder) and the process exits 143, which the
-Job's podFailurePolicy ignores. A model that cannot be loaded fails one shard with a
+Job's podFailurePolicy ignores. Python runs a signal handler only between bytecodes of the main
+thread, so a main thread inside one long native call (a CUDA kernel, a hung read) would not see
+SIGTERM before its SIGKILL: the C-level handler also writes the signal to a wakeup fd, and a
+thread that reads it releases the claim at once and, if the main thread has not ended by half
+the grace period, exits 143 itself. A model that cannot be loaded fails one shard with a
 ModelLoadError (the operator fails the job) and exits 3, which fails the Job: no crash loop.
 """
 
@@ -47,12 +51,12 @@ from imagebatch.names import (
     EXIT_USER_ERROR,
     MODEL_LOAD_ERROR,
 )
-from imagebatch.planning import Item, expand_items, fingerprint, image_fields, shard_id
+from imagebatch.planning import Item, expand_items, shard_id
 from imagebatch.prompts import iter_prompts
 from imagebatch.shardplan import shard_manifests
-from imagebatch.storage import MANIFEST, Storage, read_options
+from imagebatch.storage import MANIFEST, Storage, manifest_part_key, read_options
 from imagebatch.timeutil import now_utc
-from imagebatch.worker import claims, termination
+from imagebatch.worker import claims, jobrecord, termination
 from imagebatch.worker.failpoints import Failpoints
 from imagebatch.worker.kube import JSON, WorkerKube
 from imagebatch.worker.shardcache import ShardCache
@@ -144,6 +148,11 @@ class Worker:
         check_job(self.spec, self.access, environ=os.environ)
         self.storage = Storage.for_output(self.spec.output)
         self.failpoints = Failpoints.from_env()
+        # Where this job's parts go in the output (a retry of failed items follows earlier jobs).
+        self.admission = jobrecord.Admission()
+        # The claim being worked on, for the SIGTERM thread to release at once (watch_signals).
+        self.current: Claim | None = None
+        self._release_lock = threading.Lock()
 
     # -- prompts and planning ------------------------------------------------------------------
     def items(self) -> list[Item]:
@@ -285,18 +294,16 @@ class Worker:
     def _run(self) -> int:
         shards = self.plan_if_needed(self.start_cache().shards())
         from imagebatch.worker.engine import Engine, EngineOptions
-        from imagebatch.worker.local import check_job_record
         from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
         from imagebatch.worker.pipeline import load_pipeline
 
         try:
             # Stored images are never remade: refuse an output made with other settings, the
-            # same check as local mode (and the same job.json, so either mode can resume the other).
+            # same check as local mode (and the same job.json, so either mode can resume the other),
+            # except for a job that makes the output's failed items (worker/jobrecord.py).
             self.storage.ensure_root()
-            check_job_record(
-                self.storage,
-                str(self.job["metadata"]["name"]),
-                fingerprint(image_fields(self.spec), self.items()),
+            self.admission = jobrecord.admit(
+                self.storage, str(self.job["metadata"]["name"]), self.spec, self.items(), len(shards)
             )
         except ImageBatchError as e:
             # No retry can fix this: fail a shard with it, so the operator fails the job and says why.
@@ -323,6 +330,7 @@ class Worker:
             worker=self.pod,
             stop=self.stop,
             labels=self.labels,
+            before_batch=self.failpoints.before_batch if "batch" in self.failpoints.points else None,
         )
         with Engine(loaded, self.storage, opts) as engine:
             while (claim := self.next_claim()) is not None:
@@ -342,12 +350,15 @@ class Worker:
 
         log.info("claimed %s (items %d-%d, attempt %d)", claim.name, claim.start, claim.end, claim.attempt)
         done_items = 0
+        failed: list[str] = []  # ids of the items the engine could not make
         last_batch: list[BatchInfo | None] = [None]
         lease = LeaseKeeper(self, claim, lambda: done_items)
 
         def on_done(r: Any) -> None:
             nonlocal done_items
             done_items += 1
+            if r.error is not None:
+                failed.append(r.item.id)
             if r.batch is not None and r.batch is not last_batch[0]:
                 last_batch[0] = r.batch
                 BATCH_SECONDS.observe(r.batch.batch_seconds)
@@ -368,9 +379,11 @@ class Worker:
 
         t0 = time.perf_counter()
         lease.start()
+        self.current = claim
         try:
             items = self.items()[claim.start : claim.end]
-            process_shard(engine, shard_id(claim.index), items, on_done, self.spec.output.layout)
+            part = shard_id(self.admission.first_shard + claim.index)
+            process_shard(engine, part, items, on_done, self.spec.output.layout)
         except (AbandonError, BatchAbandonedError):
             lease.close()
             ok = self.fenced_write(claim, shardstate.released)
@@ -399,17 +412,29 @@ class Worker:
             self.fenced_write(claim, lambda st: shardstate.errored(st, err, self.spec.retries.max_attempts))
             SHARDS.labels("error").inc()
             raise
+        finally:
+            self.current = None
         lease.close()
         seconds = time.perf_counter() - t0
-        n = claim.end - claim.start
-        if self.fenced_write(claim, lambda st: shardstate.done(st, now_utc(), n, seconds)):
-            log.info("%s done: %d images in %.1fs", claim.name, n, seconds)
+        n = claim.end - claim.start - len(failed)
+        if self.fenced_write(claim, lambda st: shardstate.done(st, now_utc(), n, seconds, failed)):
+            log.info("%s done: %d images in %.1fs, %d items failed", claim.name, n, seconds, len(failed))
             SHARDS.labels("done").inc()
             self.failpoints.hit("shard-done", pod=self.pod, shard=claim.name, items_done=n, stop=self.stop)
         else:
             log.warning("%s finished after its claim was lost; another worker owns it now", claim.name)
             SHARDS.labels("lost").inc()
         return None
+
+    def release_now(self) -> None:
+        """Gives the claim being worked on back at once (from the SIGTERM thread: the main thread
+        may be inside a native call that it will not leave before the pod is killed)."""
+        claim = self.current
+        if claim is None:
+            return
+        with self._release_lock:
+            ok = self.fenced_write(claim, shardstate.released)
+        log.info("SIGTERM: released %s at once (%s)", claim.name, "ok" if ok else "no longer ours")
 
     def fail_one(self, error: str, shards: list[JSON]) -> None:
         """Reports an error that no retry can fix on a shard, so the operator can fail the job."""
@@ -433,10 +458,16 @@ class Worker:
             return
         if any(shardstate.shard_status(s).state != "Done" for s in shards):
             return
-        ordered = sorted(int(s["spec"]["index"]) for s in shards)
+        offset = self.admission.first_shard
+        ordered = sorted(offset + int(s["spec"]["index"]) for s in shards)
         name = str(self.job["metadata"]["name"])
-        shard_ids = [shard_id(i) for i in ordered]
+        # The parts of earlier jobs into this output (a retry of failed items comes after them).
+        earlier = [shard_id(i) for i in range(offset)]
+        found = self.storage.existing(manifest_part_key(p) for p in earlier)
+        shard_ids = [p for p in earlier if manifest_part_key(p) in found] + [shard_id(i) for i in ordered]
         expected = int(ann[ANNOTATION_ITEM_COUNT]) if ANNOTATION_ITEM_COUNT in ann else None
+        if offset:
+            expected = self.admission.items
         lines = join_outputs(self.storage, name, shard_ids, self.spec.output.layout, expected)
         self.kube.annotate_shard(first["metadata"]["name"], {ANNOTATION_MANIFEST_LINES: str(lines)})
         log.info("joined %d manifest lines into %s", lines, self.storage.path(MANIFEST))
@@ -487,6 +518,33 @@ class LeaseKeeper(threading.Thread):
             self.join()
 
 
+def watch_signals(stop: threading.Event, worker: Callable[[], Worker | None]) -> None:
+    """Sees SIGTERM within moments whatever the main thread does: Python's C-level handler
+    writes each signal to a wakeup fd even while the main thread sits in a native call (where
+    the Python-level handler cannot run); a thread reading it releases the claim at once, and
+    exits 143 if the main thread has not ended by half the grace period. Main thread only."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def loop() -> None:
+        while signal.SIGTERM not in os.read(r, 64):
+            pass
+        stop.set()
+        current = worker()
+        if current is not None:
+            current.release_now()
+        grace = current.spec.workers.termination_grace_period_seconds if current else 30
+        time.sleep(max(1.0, grace / 2))
+        log.warning(
+            "still running %.0fs after SIGTERM (the main thread is inside one long call); exiting now",
+            max(1.0, grace / 2),
+        )
+        os._exit(EXIT_TERMINATED)
+
+    threading.Thread(target=loop, name="sigterm", daemon=True).start()
+
+
 def run_cluster_worker(
     namespace: str,
     job: str,
@@ -503,6 +561,8 @@ def run_cluster_worker(
 
     # First of all: a SIGTERM while the model loads must still end in a clean exit.
     signal.signal(signal.SIGTERM, on_term)
+    current: list[Worker] = []
+    watch_signals(stop, lambda: current[0] if current else None)
     if metrics_port:
         try:
             start_http_server(metrics_port)
@@ -514,6 +574,7 @@ def run_cluster_worker(
         # JOB_UID: set by the operator on the pods of the worker Job (operator/builders.py).
         worker = Worker(WorkerKube(namespace, job), pod, stop, device, os.environ.get("JOB_UID") or None)
         worker.labels = dict(labels or {})
+        current.append(worker)
         return worker.run()
     except EarlierIncarnationError as e:
         log.warning("%s: nothing to do here", e)

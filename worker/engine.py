@@ -4,8 +4,10 @@ Per batch: one `torch.Generator` per image (so an image does not depend on its n
 denoise and decode on the device, turn the result into uint8 there, copy it to the host, and
 hand PNG/WebP/JPEG encoding and the write to a thread pool so the next batch starts at once.
 The next batch's prompts are tokenised and text-encoded while this one denoises (worker/textenc.py).
-On CUDA out-of-memory the batch is halved and the work goes on. A stop flag is checked after every
-denoising step, so an abandoned batch ends within one step instead of running to its end.
+On CUDA out-of-memory the batch is halved and the work goes on. A batch that fails otherwise is
+split to find the items that fail it (worker/itemfail.py): those are reported, the rest are made.
+A stop flag is checked after every denoising step, so an abandoned batch ends within one step
+instead of running to its end.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from PIL import Image
 from imagebatch.manifest import BatchInfo
 from imagebatch.planning import Item
 from imagebatch.storage import ImageSink, Storage, image_key
-from imagebatch.worker import imagemeta
+from imagebatch.worker import imagemeta, itemfail
 from imagebatch.worker.pipeline import LoadedPipeline
 from imagebatch.worker.textenc import Prepared, TextPreparer
 
@@ -58,6 +60,8 @@ class EngineOptions:
     prepare_ahead: bool = True
     # Extra fields of every manifest line this engine makes (cluster mode: rank, visible device).
     labels: dict[str, Any] = field(default_factory=dict)
+    # Called with a batch's items right before the pipeline runs them (tests: worker/failpoints.py).
+    before_batch: Callable[[Sequence[Item]], None] | None = None
 
 
 class BatchAbandonedError(Exception):
@@ -71,6 +75,11 @@ class ItemResult:
     batch: BatchInfo | None  # None: the image was already stored (skipped)
     encode_seconds: float | None = None
     truncated: bool = False  # the prompt had more tokens than the text encoder reads
+    error: itemfail.ItemError | None = None  # set: this item could not be made (no image)
+
+
+class ItemEncodeError(Exception):
+    """An image could not be encoded: that item's failure, not a storage error."""
 
 
 def usable_cpus() -> int:
@@ -254,6 +263,8 @@ class Engine:
         if self._takes_step_callback:
             kwargs["callback_on_step_end"] = self._on_step
         prepared.wait()
+        if self.opts.before_batch is not None:
+            self.opts.before_batch(items)
         with torch.inference_mode():
             images: torch.Tensor = self.loaded.pipe(**kwargs).images[: len(items)]
             # uint8 on the device: a quarter of the bytes to copy, and no float work on the host.
@@ -304,10 +315,19 @@ class Engine:
         def drain(block_until: int) -> None:
             while len(inflight) > block_until or (inflight and inflight[0][2].done()):
                 it, info, fut, cut = inflight.popleft()
-                res = ItemResult(it, keys[it.id], info, fut.result(), cut)
+                try:
+                    res = ItemResult(it, keys[it.id], info, fut.result(), cut)
+                except ItemEncodeError as e:
+                    res = ItemResult(it, keys[it.id], None, error=itemfail.describe(e.__cause__ or e, it))
                 results[it.id] = res
                 if on_done:
                     on_done(res)
+
+        def failed(it: Item, error: itemfail.ItemError) -> None:
+            log.warning("item %s could not be made: %s", it.id, error.type)
+            results[it.id] = ItemResult(it, keys[it.id], None, error=error)
+            if on_done:
+                on_done(results[it.id])
 
         # Items with equal generation parameters share batches; groupby keeps their order.
         groups = [list(g) for _, g in groupby(todo, key=lambda it: it.params_key())]
@@ -351,22 +371,25 @@ class Engine:
             chunk, pad_to = chunk_at(gi, pos)
             size = self.batch_size_for(chunk[0])
             t0 = time.perf_counter()
-            prepared = take(chunk, pad_to)
-            start_next(gi, pos + len(chunk))
             try:
+                prepared = take(chunk, pad_to)
+                start_next(gi, pos + len(chunk))
                 host = self.generate_async(chunk, pad_to=pad_to, prepared=prepared)
+                parts = [itemfail.Part(chunk, host, prepared.truncated, 0.0)]
             except Exception as e:
-                if not is_oom(e) or size == 1:
-                    raise
-                self._on_oom(chunk[0], len(chunk) if not self.pad else size)
-                continue  # the same items again, with more memory to spare
+                if is_oom(e) and size > 1:
+                    self._on_oom(chunk[0], len(chunk) if not self.pad else size)
+                    continue  # the same items again, with more memory to spare
+                parts = self._isolate(chunk, pad_to, e, failed)
             pos += len(chunk)
             dt = time.perf_counter() - t0
-            info = BatchInfo(len(chunk), dt, str(self.device), self.oom_halvings)
-            for i, it in enumerate(chunk):
-                meta = metadata(it) if metadata else None
-                fut = self._pool.submit(self._encode_write, out, host, i, keys[it.id], meta)
-                inflight.append((it, info, fut, prepared.truncated[i]))
+            for part in parts:
+                n, secs = len(part.items), part.seconds or dt
+                info = BatchInfo(n, secs, str(self.device), self.oom_halvings)
+                for i, it in enumerate(part.items):
+                    meta = metadata(it) if metadata else None
+                    fut = self._pool.submit(self._encode_write, out, part.made, i, keys[it.id], meta)
+                    inflight.append((it, info, fut, part.truncated[i]))
             log.info(
                 "batch of %d at %dx%d, %d steps: %.3fs (%.2f images/s), %d images waiting to be written",
                 len(chunk),
@@ -382,10 +405,43 @@ class Engine:
         drain(block_until=0)
         return [results[it.id] for it in items]
 
+    def _isolate(
+        self,
+        chunk: list[Item],
+        pad_to: int | None,
+        error: Exception,
+        failed: Callable[[Item, itemfail.ItemError], None],
+    ) -> list[itemfail.Part]:
+        """The parts of a failed batch that can be made (each made), after reporting the items
+        that fail alone; raises what is not an item's error (worker/itemfail.py)."""
+
+        def make(items: list[Item]) -> tuple[HostImages, list[bool]]:
+            prepared = self.prepare(items, pad_to)
+            return self.generate_async(items, pad_to=pad_to, prepared=prepared), prepared.truncated
+
+        def not_items(e: BaseException) -> bool:
+            return is_oom(e) or isinstance(e, BatchAbandonedError)
+
+        parts, bad = itemfail.isolate(chunk, error, make, not_items)
+        log.warning(
+            "a batch of %d failed (%s): %d of its items fail alone, the other %d are made",
+            len(chunk),
+            type(error).__name__,
+            len(bad),
+            len(chunk) - len(bad),
+        )
+        for it, err in bad:
+            failed(it, err)
+        return parts
+
     def _encode_write(
         self, out: ImageSink, host: HostImages, index: int, key: str, meta: dict[str, Any] | None
     ) -> float:
         t0 = time.perf_counter()
         arr: np.ndarray[Any, np.dtype[np.uint8]] = host.wait()[index].numpy()
-        out.write_bytes(key, encode_image(arr, self.opts.image_format, self.opts.quality, meta))
+        try:
+            data = encode_image(arr, self.opts.image_format, self.opts.quality, meta)
+        except Exception as e:  # this image's failure; a failed write (storage) is not one
+            raise ItemEncodeError(str(e)) from e
+        out.write_bytes(key, data)
         return time.perf_counter() - t0

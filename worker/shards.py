@@ -2,7 +2,9 @@
 
 Shared by local mode and cluster mode, so both write the same keys and the same lines. With
 output.layout webdataset, the shard's images and their JSON go into one tar, written in one go
-(one PUT on object storage instead of one per image) before the part.
+(one PUT on object storage instead of one per image) before the part. Items the engine could not
+make (worker/itemfail.py) have no image and no manifest line: they are listed in the shard's
+errors part, written before its manifest part.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from imagebatch.errors import SpecError
-from imagebatch.manifest import ModelInfo, manifest_line, write_part
+from imagebatch.manifest import ModelInfo, error_line, manifest_line, write_errors_part, write_part
 from imagebatch.planning import Item
 from imagebatch.storage import EXTENSIONS, MemorySink, build_tar, image_key, read_tar, shard_tar_key
 from imagebatch.worker.engine import Engine, ItemResult
@@ -48,11 +50,19 @@ def process_shard(
         return {k: v for k, v in line.items() if v is not None}
 
     if layout == "webdataset":
-        lines = _webdataset_shard(engine, shard, items, on_done, info, metadata)
+        results, lines = _webdataset_shard(engine, shard, items, on_done, info, metadata)
     else:
         results = engine.run(items, on_done, metadata=metadata)
-        lines = [result_line(engine, r, r.key, info, shard) for r in results]
-    # The part is written last: its presence means every image of the shard is stored.
+        lines = [result_line(engine, r, r.key, info, shard) for r in results if r.error is None]
+    errors = [
+        error_line(r.item, shard, worker, r.error.type, r.error.message)
+        for r in results
+        if r.error is not None
+    ]
+    if errors:
+        write_errors_part(engine.storage, shard, errors)
+    # The part is written last: its presence means every image of the shard is stored (or listed
+    # as failed in the errors part).
     write_part(engine.storage, shard, lines)
     return lines
 
@@ -79,7 +89,7 @@ def _webdataset_shard(
     on_done: Callable[[ItemResult], None] | None,
     info: ModelInfo,
     metadata: Callable[[Item], dict[str, Any]],
-) -> list[dict[str, Any]]:
+) -> tuple[list[ItemResult], list[dict[str, Any]]]:
     ext = EXTENSIONS[engine.opts.image_format]
     for it in items:
         if "." in it.id:
@@ -95,7 +105,8 @@ def _webdataset_shard(
     sink = MemorySink(
         {image_key(n.removesuffix(f".{ext}"), fmt): b for n, b in stored.items() if n.endswith(f".{ext}")}
     )
-    results = engine.run(items, on_done, metadata=metadata, sink=sink)
+    everything = engine.run(items, on_done, metadata=metadata, sink=sink)
+    results = [r for r in everything if r.error is None]
     lines = [result_line(engine, r, tar_key, info, shard) for r in results]
     files: list[tuple[str, bytes]] = []
     for r, line in zip(results, lines, strict=True):
@@ -106,4 +117,4 @@ def _webdataset_shard(
     for r, line in zip(results, lines, strict=True):
         m = members[f"{r.item.id}.{ext}"]
         line.update(member=m.name, offset=m.offset, size=m.size)
-    return lines
+    return everything, lines
