@@ -179,6 +179,8 @@ def desired_conditions(o: Outcome) -> list[Row]:
             (Type.RECONCILING, False, r, ""),
             (Type.STALLED, False, r, ""),
         ]
+    # Queued is waiting, as Suspended is, not working: Reconciling False, so kstatus (Flux) reads
+    # it Current, as Flux reads a Job that Kueue holds suspended (docs/operator.md, GitOps).
     return [
         (Type.COMPLETE, False, r, ""),
         (Type.FAILED, False, r, ""),
@@ -186,7 +188,7 @@ def desired_conditions(o: Outcome) -> list[Row]:
         (Type.QUEUED, o.queued, o.progress_reason if o.queued else r, o.message if o.queued else ""),
         healthy,
         (Type.READY, False, r, msg),
-        (Type.RECONCILING, True, r, msg),
+        (Type.RECONCILING, not o.queued, r, "" if o.queued else msg),
         (Type.STALLED, False, r, ""),
     ]
 

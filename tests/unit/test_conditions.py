@@ -70,3 +70,13 @@ def test_state_and_reason_follow_the_outcome() -> None:
     )
     assert Outcome(failed_reason=Reason.SHARDS_FAILED).reason == "ShardsFailed"
     assert Outcome(suspended=True).state == "Suspended" and Outcome(complete=True).state == "Complete"
+
+
+def test_waiting_is_not_reconciling() -> None:
+    """Suspended and Queued jobs wait by decision (the user's, the queue's): Reconciling False and
+    Stalled False, which kstatus reads as Current (tests/unit/test_gitops.py runs kstatus itself)."""
+    for outcome in (Outcome(suspended=True), Outcome(queued=True, progress_reason=Reason.QUEUED)):
+        c = by_type(compute_conditions([], outcome, 3, "T1"))
+        assert (c["Reconciling"].status, c["Stalled"].status, c["Ready"].status) == ("False",) * 3
+    running = by_type(compute_conditions([], Outcome(), 3, "T1"))
+    assert running["Reconciling"].status == "True"
