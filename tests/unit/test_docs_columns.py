@@ -52,4 +52,6 @@ def test_documented_columns_are_the_crds(name: str, kind: str, words: list[str])
     want = columns(kind)
     if words[0] != "NAME":
         want = want[1:]
-    assert words == want, f"{name}: `kubectl get {kind}` shows {' '.join(want)}, the docs say {' '.join(words)}"
+    assert words == want, (
+        f"{name}: `kubectl get {kind}` shows {' '.join(want)}, the docs say {' '.join(words)}"
+    )
