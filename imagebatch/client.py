@@ -196,13 +196,19 @@ class Client:
         except ApiException as e:
             raise ImageBatchError(f"{what}: {_api_message(e)}") from None
 
-    def submit(self, job: str | Path | ImageBatchJob | JSON) -> SubmittedJob:
+    def submit(
+        self, job: str | Path | ImageBatchJob | JSON, transform: Callable[[JSON], JSON] | None = None
+    ) -> SubmittedJob:
         """Server-side apply of a job (a YAML path, a model or a dict), validated here first.
 
         A file's other documents (the Secret or ConfigMap the examples carry) are applied first,
-        the same way, so that one file is one command.
+        the same way, so that one file is one command. `transform` changes the job document
+        before that (`submit --local`: imagebatch.localcluster).
         """
         doc = _job_doc(job)
+        if transform is not None:
+            doc = transform(doc)
+            parse_job(doc)
         if isinstance(job, (str, Path)):
             for other in _other_docs(job):
                 self.apply_object(other, doc.get("metadata", {}).get("namespace") or self.namespace)
