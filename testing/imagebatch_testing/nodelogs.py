@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 from imagebatch_testing.kubeapi import ApiError, KubeClient
@@ -143,41 +144,48 @@ def _handler(server: LogServer) -> type[BaseHTTPRequestHandler]:
             if path is None or not path.exists():
                 self.fail(404, f'container "{container}" in pod "{pod}" has no log on this node')
                 return
-            follow = query.get("follow", ["false"])[0] == "true"
-            tail = int(query["tailLines"][0]) if "tailLines" in query else None
-            limit = int(query["limitBytes"][0]) if "limitBytes" in query else None
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            sent = 0
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                    start = tail_offset(data, tail) if tail is not None else 0
-                    sent += self.chunk(data[start:], limit, sent)
-                    while follow and (limit is None or sent < limit):
-                        more = f.read()
-                        if more:
-                            sent += self.chunk(more, limit, sent)
-                        elif not server.running(namespace, pod):
-                            sent += self.chunk(f.read(), limit, sent)  # what came with the exit
-                            break
-                        else:
-                            time.sleep(FOLLOW_POLL_SECONDS)
-                self.wfile.write(b"0\r\n\r\n")
+                stream(self.wfile, path, query, lambda: server.running(namespace, pod))
             except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
                 return  # the client went away (kubectl logs -f ended with ^C)
 
-        def chunk(self, data: bytes, limit: int | None, sent: int) -> int:
-            if limit is not None:
-                data = data[: max(0, limit - sent)]
-            if data:
-                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.flush()
-            return len(data)
-
     return Handler
+
+
+def stream(out: BinaryIO, path: Path, query: dict[str, list[str]], running: Callable[[], bool]) -> None:
+    """The log as HTTP chunks: from `tailLines` back (or all), at most `limitBytes`, and with
+    `follow` what the container writes next until it has ended."""
+    follow = query.get("follow", ["false"])[0] == "true"
+    tail = int(query["tailLines"][0]) if "tailLines" in query else None
+    limit = int(query["limitBytes"][0]) if "limitBytes" in query else None
+    sent = 0
+
+    def chunk(data: bytes) -> None:
+        nonlocal sent
+        if limit is not None:
+            data = data[: max(0, limit - sent)]
+        if data:
+            out.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            out.flush()
+            sent += len(data)
+
+    with open(path, "rb") as f:
+        data = f.read()
+        chunk(data[tail_offset(data, tail) if tail is not None else 0 :])
+        while follow and (limit is None or sent < limit):
+            more = f.read()
+            if more:
+                chunk(more)
+            elif not running():
+                chunk(f.read())  # what came with the exit
+                break
+            else:
+                time.sleep(FOLLOW_POLL_SECONDS)
+    out.write(b"0\r\n\r\n")
 
 
 def newest_pod_dir(pods_dir: Path, namespace: str, pod: str) -> Path | None:

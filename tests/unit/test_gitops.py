@@ -1,5 +1,5 @@
 """The Argo CD health check and kstatus over ImageBatchJob objects of every state (testdata/,
-taken from the local cluster by tests/e2e/test_gitops.py), each read by the real code: the
+taken from the local cluster by tests/e2e/test_gitops_live.py), each read by the real code: the
 health.lua through gopher-lua (Argo CD's interpreter, with the libraries Argo CD opens) in the
 format of argo-cd's resource_customizations tests, and kstatus through sigs.k8s.io/cli-utils.
 Both come from hack/gitops (Go, built once and cached like the cluster binaries)."""
