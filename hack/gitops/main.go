@@ -38,11 +38,16 @@ func readObject(path string) (map[string]any, error) {
 	if err != nil {
 		return nil, err
 	}
-	obj := map[string]any{}
-	if err := yaml.Unmarshal(data, &obj); err != nil {
+	// As the API's JSON is decoded for kstatus (and Argo CD): integers as int64, not float64.
+	js, err := yaml.YAMLToJSON(data)
+	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	return obj, nil
+	u := &unstructured.Unstructured{}
+	if err := u.UnmarshalJSON(js); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return u.Object, nil
 }
 
 func emit(v any) {

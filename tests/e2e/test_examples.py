@@ -102,6 +102,7 @@ def workdir_like_a_clone(tmp_path: Path) -> Path:
     return work
 
 
+@pytest.mark.timeout(1800)  # a cluster of its own, the chart, five jobs one after another
 def test_the_readme_runs_every_example_on_the_local_cluster(tmp_path: Path) -> None:
     """cluster-up, helm install, `submit --local --wait` of every example, status, logs, fetch,
     cluster-down, as the README writes them; only the cluster's folder is the test's own."""
