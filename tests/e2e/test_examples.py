@@ -141,7 +141,9 @@ def test_the_readme_runs_every_example_on_the_local_cluster(tmp_path: Path) -> N
             assert lines and len(images) == len(lines), (uri, len(images), len(lines))
         assert text.count(": Complete; ") == len(examples)
         assert re.search(r"^volume-example\s+Complete", text, re.M), text[-3000:]  # imagebatch status
-        assert re.search(r"^\[volume-example-\S+\] .* claimed ", text, re.M), text[-3000:]  # the workers' logs
+        assert re.search(r"^\[volume-example-\S+\] .* claimed ", text, re.M), text[
+            -3000:
+        ]  # the workers' logs
         fetched = work / "out" / "volume-example"
         assert len((fetched / "manifest.jsonl").read_text().splitlines()) == 12
         assert len(list((fetched / "images").glob("*.png"))) == 12

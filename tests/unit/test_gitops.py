@@ -78,7 +78,7 @@ def test_the_lua_health_check_gives_every_expected_status_and_message(tool: Path
 
 
 def test_a_script_error_or_a_wrong_status_fails_the_runner(tool: Path, tmp_path: Path) -> None:
-    """The runner cannot pass a broken script: the old snippet's nil concatenation is an error,
+    """The runner cannot pass a broken script: the old snippet's nil concatenation is an error (gopher-lua: "cannot perform concat"),
     and a different status is a failure."""
     folder = tmp_path / "ImageBatchJob"
     shutil.copytree(HEALTH, folder)
@@ -91,7 +91,9 @@ def test_a_script_error_or_a_wrong_status_fails_the_runner(tool: Path, tmp_path:
     )
     rc, results = argocd(tool, folder)
     errors = {Path(str(r["path"])).name: r.get("error") for r in results}
-    assert rc == 1 and "attempt to concatenate" in str(errors["degraded-without-message.yaml"]), errors
+    assert rc == 1 and "cannot perform concat operation" in str(errors["degraded-without-message.yaml"]), (
+        errors
+    )
     (folder / "health.lua").write_text(
         script.replace('hs.status = "Suspended"', 'hs.status = "Progressing"', 1)
     )
