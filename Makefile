@@ -78,10 +78,11 @@ bench: install
 crds: install
 	$(PY) -m imagebatch.crd
 
-## cluster-bins: build (or find cached) etcd, kube-*, kubectl, helm and the Kueue controller from Go modules
+## cluster-bins: build (or find cached) etcd, kube-*, kubectl, helm, Kueue and hack/gitops from Go modules
 cluster-bins:
 	bash hack/cluster/build.sh >/dev/null
 	bash hack/kueue/build.sh >/dev/null
+	bash hack/gitops/build.sh >/dev/null
 
 ## cluster-up: a local control plane and node agent in the background; prints the KUBECONFIG line
 cluster-up: install cluster-bins

@@ -18,6 +18,8 @@ from imagebatch.errors import ImageBatchError
 from imagebatch.names import EXIT_MODEL_LOAD_ERROR, EXIT_USER_ERROR
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from imagebatch.client import Client, Progress
 
 log = logging.getLogger("imagebatch")
@@ -175,11 +177,24 @@ class ProgressLine:
         self.out.flush()
 
 
+def _local_transform() -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """`submit --local`: the job for the local test cluster; says on stderr what it changed."""
+    from imagebatch.localcluster import for_local_cluster, volumes_root
+
+    def transform(doc: dict[str, Any]) -> dict[str, Any]:
+        local, changes = for_local_cluster(doc, volumes_root())
+        for change in changes:
+            print(f"--local: {change}", file=sys.stderr)
+        return local
+
+    return transform
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from imagebatch.client import JobFailedError
 
     client = _client(args)
-    submitted = client.submit(args.job)
+    submitted = client.submit(args.job, _local_transform() if args.local else None)
     verb = "configured" if submitted.changed else "unchanged"
     print(f"imagebatchjob.imagebatch.dev/{submitted.name} {verb} (namespace {submitted.namespace})")
     if not args.wait:
@@ -364,6 +379,12 @@ def build_parser(prog: str = "imagebatch") -> argparse.ArgumentParser:
     sb = sub.add_parser("submit", help="cluster: apply a job (again: no change); --wait to follow it")
     sb.add_argument("job", help="path to the ImageBatchJob YAML")
     sb.add_argument("--wait", action="store_true", help="draw progress; exit 0 when Complete, 1 when Failed")
+    sb.add_argument(
+        "--local",
+        action="store_true",
+        help="for the local test cluster (make cluster-up): builtin:tiny on the CPU, volumes and outputs "
+        "in folders under $IMAGEBATCH_CLUSTER_DIR/volumes (see README)",
+    )
     sb.add_argument("--timeout", type=float, help="with --wait: give up (exit 1) after this many seconds")
     _cluster_flags(sb)
     sb.set_defaults(func=_cmd_submit)

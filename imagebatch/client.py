@@ -44,6 +44,10 @@ class JobFailedError(ImageBatchError):
     """The job reached its Failed condition; the message holds its reason and message."""
 
 
+class JobDeletedError(JobFailedError):
+    """The job was deleted (or replaced by another of its name) before it completed."""
+
+
 @dataclass(frozen=True)
 class Progress:
     """What a waiting caller sees of a job's status, each time it changes."""
@@ -195,13 +199,19 @@ class Client:
         except ApiException as e:
             raise ImageBatchError(f"{what}: {_api_message(e)}") from None
 
-    def submit(self, job: str | Path | ImageBatchJob | JSON) -> SubmittedJob:
+    def submit(
+        self, job: str | Path | ImageBatchJob | JSON, transform: Callable[[JSON], JSON] | None = None
+    ) -> SubmittedJob:
         """Server-side apply of a job (a YAML path, a model or a dict), validated here first.
 
         A file's other documents (the Secret or ConfigMap the examples carry) are applied first,
-        the same way, so that one file is one command.
+        the same way, so that one file is one command. `transform` changes the job document
+        before that (`submit --local`: imagebatch.localcluster).
         """
         doc = _job_doc(job)
+        if transform is not None:
+            doc = transform(doc)
+            parse_job(doc)
         if isinstance(job, (str, Path)):
             for other in _other_docs(job):
                 self.apply_object(other, doc.get("metadata", {}).get("namespace") or self.namespace)
@@ -319,8 +329,15 @@ class Client:
         """Until the job is Complete or Failed; `on_progress` sees every change of its status."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Progress | None = None
+        uid = None
         while True:
-            job = self.get(name)
+            job = self.get(name) if last is None else self.get_or_none(name)
+            if job is None or (uid is not None and job["metadata"].get("uid") != uid):
+                raise JobDeletedError(
+                    f"ImageBatchJob {name} was deleted before it completed ({last.done if last else 0}/"
+                    f"{last.total if last else 0} images); what its workers stored stays in spec.output.uri"
+                )
+            uid = job["metadata"].get("uid")
             p = Progress.of(job)
             if p != last and on_progress is not None:
                 on_progress(p)
@@ -465,7 +482,15 @@ class Client:
         try:
             resp = self.core.read_namespaced_pod_log(pod, self.namespace, **kwargs)
         except ApiException as e:
-            yield LogLine(pod, f"cannot read its log: {_api_message(e)}", error=True)
+            advice = ""
+            if e.status is not None and e.status >= 500:  # the API server could not reach the node's kubelet
+                advice = (
+                    f". The API server reads logs from the kubelet of the pod's node and could not reach it: "
+                    f"`kubectl describe pod {pod}` shows the pod's state and last error, `kubectl describe ibj` "
+                    "the workers' fatal errors (WorkerFailed Events); on the node itself the log is in the "
+                    "container runtime's log folder (/var/log/pods)"
+                )
+            yield LogLine(pod, f"cannot read its log: {_api_message(e)}{advice}", error=True)
             return
         buf = b""
         for chunk in resp.stream(4096):
@@ -500,6 +525,8 @@ class Client:
                     client_kwargs["region_name"] = keys["AWS_DEFAULT_REGION"]
             if client_kwargs:
                 options["client_kwargs"] = client_kwargs
+        elif source and "://" not in source and not os.path.isdir(source):
+            raise ImageBatchError(f"--from {source!r}: no such folder on this machine")
         elif "://" not in uri and not os.path.isdir(uri):
             raise ImageBatchError(
                 f"spec.output.uri {uri!r} of {name} is a path on the workers' volume that this machine "

@@ -177,18 +177,23 @@ def desired_conditions(o: Outcome) -> list[Row]:
             (Type.SUSPENDED, True, r, text),
             (Type.QUEUED, False, r, ""),
             healthy,
-            (Type.READY, False, r, "suspended"),
+            # Ready: as its spec asks (suspended). kstatus reads a Ready False job as InProgress,
+            # so a Flux `wait: true` on a deliberately suspended job would never be ready.
+            (Type.READY, True, r, "suspended"),
             (Type.RECONCILING, False, r, ""),
             (Type.STALLED, False, r, ""),
         ]
+    # Queued is waiting, as Suspended is, not working: Reconciling False and Ready True, so kstatus
+    # (Flux) reads it Current, as Flux reads a Job that Kueue holds suspended (docs/operator.md,
+    # GitOps); the Ready message still says what it waits for.
     return [
         (Type.COMPLETE, False, r, ""),
         (Type.FAILED, False, r, ""),
         (Type.SUSPENDED, False, r, ""),
         (Type.QUEUED, o.queued, o.progress_reason if o.queued else r, o.message if o.queued else ""),
         healthy,
-        (Type.READY, False, r, msg),
-        (Type.RECONCILING, True, r, msg),
+        (Type.READY, o.queued, r, msg),
+        (Type.RECONCILING, not o.queued, r, "" if o.queued else msg),
         (Type.STALLED, False, r, ""),
     ]
 

@@ -65,7 +65,14 @@ def observe(
 ) -> Observed:
     meta = job["metadata"]
     ns = meta["namespace"]
-    pods = kube.list_worker_pods(ns, meta["name"])
+    # Pods made before this job existed are an earlier incarnation's (a job deleted and created
+    # again under its name), still ending: not this job's workers (RFC 3339 UTC sorts as text).
+    born = str(meta.get("creationTimestamp") or "")
+    pods = [
+        p
+        for p in kube.list_worker_pods(ns, meta["name"])
+        if p["metadata"].get("creationTimestamp", born) >= born
+    ]
     wj, not_ours = worker_job(kube, job)
     found = kube.local_queue_exists(ns, spec.queue_name) if spec.queue_name else None
     return Observed(

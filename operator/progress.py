@@ -5,6 +5,11 @@ Claimed shards' itemsDone, one per reconcile pass), so a job with big shards sho
 a shard is being made. Right after the operator starts the meter has one sample; then the rate is
 measured from shard completions (the time a shard was marked Done and its size), which needs no
 memory and survives a restart.
+
+The rate that IMG/S and ETA show is MakingRate's: the pace of image making, from each claim's own
+report times (leaseRenewTime, the worker's clock: workers claim a shard after they loaded the
+model, so load time never counts), shown from the first batch that a worker stored. RateMeter,
+which divides by the operator's pass times, is the fallback while MakingRate has nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +40,22 @@ class Tally:
     holders: set[str] = field(default_factory=set)  # pods holding a claim
     completions: list[tuple[datetime, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # of Failed shards, in shard order
+    claims: list[ClaimSample] = field(default_factory=list)  # Claimed and Done shards, for MakingRate
     item_failures: int = 0  # items of Done shards the engine could not make (errors.jsonl)
     failed_items: list[str] = field(default_factory=list)  # the first of them, in shard order
+
+
+@dataclass(frozen=True)
+class ClaimSample:
+    """One claim as a pass saw it: (shard, attempt) is the claim; the rest as the worker wrote it."""
+
+    shard: str
+    attempt: int
+    holder: str
+    state: str  # Claimed or Done
+    reported: datetime | None  # leaseRenewTime: the claim, each progress report, the completion
+    items: int  # itemsDone
+    seconds: float | None  # a Done shard: the time its completing attempt took
 
 
 def shard_size(shard: dict[str, Any]) -> int:
@@ -52,6 +71,19 @@ def tally(shards: Iterable[dict[str, Any]], total_items: int) -> Tally:
         st = shard_status(shard)
         size = shard_size(shard)
         counts[st.state] += 1
+        if st.state in ("Claimed", "Done") and st.holder:
+            reported = parse_time(st.lease_renew_time)
+            t.claims.append(
+                ClaimSample(
+                    shard["metadata"]["name"],
+                    st.attempt,
+                    st.holder,
+                    st.state,
+                    reported,
+                    st.items_done,
+                    st.seconds,
+                )
+            )
         if st.state == "Done":
             # A Done shard's failed items are failed, not done: they cost the items, not the shard.
             lost = min(st.items_failed, size)
@@ -142,6 +174,50 @@ class RateMeter:
         if span <= 0:
             return fallback  # a clock that did not move: nothing to divide by
         return (self._made - made0) / max(span, self.min_span)
+
+
+HOLDER_MEMORY_SECONDS = 30.0  # how long an engine between two claims still counts with its last pace
+
+
+class MakingRate:
+    """Images per second of image making: the sum, over the engines (holders) that work, of each
+    one's pace, measured on its claims from the worker's own report times.
+
+    A claim seen with itemsDone 0 gives its start (leaseRenewTime at the claim); each later report
+    (itemsDone, leaseRenewTime) gives the engine's pace since then. A claim first seen with images
+    already stored is measured from that first sight instead, and a Done shard by its `seconds`.
+    Model loading happens before a worker's first claim, so it is never part of a pace; the rate
+    is 0 until some engine stored its first batch. An engine that finished a shard and claimed the
+    next keeps its last pace for HOLDER_MEMORY_SECONDS (operator time), so the rate does not drop
+    to 0 between two shards.
+    """
+
+    def __init__(self, memory: float = HOLDER_MEMORY_SECONDS) -> None:
+        self.memory = memory
+        self._start: dict[tuple[str, int], tuple[datetime, int]] = {}  # claim -> (time, items)
+        self._pace: dict[str, tuple[float, float]] = {}  # holder -> (images/s, operator time seen)
+
+    def observe(self, claims: Iterable[ClaimSample], now_monotonic: float) -> float:
+        live: set[tuple[str, int]] = set()
+        for c in claims:
+            key = (c.shard, c.attempt)
+            if c.state == "Done":
+                # Counted once, when the operator sees the claim it watched become Done.
+                if self._start.pop(key, None) is not None and c.seconds and c.items > 0:
+                    self._pace[c.holder] = (c.items / c.seconds, now_monotonic)
+                continue
+            live.add(key)
+            if c.reported is None:
+                continue
+            start = self._start.setdefault(key, (c.reported, c.items))
+            span = (c.reported - start[0]).total_seconds()
+            if c.items > start[1] and span > 0:
+                self._pace[c.holder] = ((c.items - start[1]) / span, now_monotonic)
+            elif c.holder in self._pace:
+                self._pace[c.holder] = (self._pace[c.holder][0], now_monotonic)  # still working
+        self._start = {k: v for k, v in self._start.items() if k in live}
+        self._pace = {h: p for h, p in self._pace.items() if now_monotonic - p[1] <= self.memory}
+        return sum(p for p, _ in self._pace.values())
 
 
 def format_duration(seconds: float) -> str:

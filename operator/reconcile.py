@@ -47,6 +47,7 @@ class JobMemory(decide.Memory):
     lock: threading.Lock = field(default_factory=threading.Lock)
     # images/s from the items done seen at each pass (progress.RateMeter); empty after a restart.
     rate: progress.RateMeter = field(default_factory=progress.RateMeter)
+    making: progress.MakingRate = field(default_factory=progress.MakingRate)
 
 
 class Memories:
@@ -199,7 +200,8 @@ class Reconciler:
         fallback = max(
             progress.images_per_second(d.tally.completions, now, parse_time(prev.start_time) or now), average
         )
-        rate = mem.rate.observe(mono, d.tally.items.done, fallback=fallback)
+        meter = mem.rate.observe(mono, d.tally.items.done, fallback=fallback)
+        rate = mem.making.observe(d.tally.claims, mono) or meter  # image making, no model load
         status = d.status
         status.images_per_second = f"{rate:.2f}"
         remaining = d.tally.items.total - d.tally.items.done - d.tally.items.failed

@@ -281,8 +281,7 @@ class LocalCluster:
             self.node_name,
             self.node_dir,
             pki.ca.cert,
-            self.node_capacity,
-            self.node_labels,
+            *(self.node_capacity, self.node_labels, self.state.ports.get("kubelet", 0), pki.node_serving),
         )
         self._spawn("nodeagent", argv, env=env)
 

@@ -16,7 +16,7 @@ from imagebatch_testing.certs import CertificateAuthority, KeyPair, service_acco
 
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
-PORT_NAMES = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")
+PORT_NAMES = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kubelet")
 APISERVER_HOSTS = (
     "127.0.0.1",
     "localhost",
@@ -41,6 +41,10 @@ class ClusterPki:
     service_account: KeyPair
     front_proxy_ca: KeyPair
     front_proxy_client: KeyPair
+    # The kubelet API (the node agent's container logs): its serving pair, and the API server's
+    # client certificate for it (kubeadm's apiserver-kubelet-client, in system:masters).
+    node_serving: KeyPair | None = None
+    kubelet_client: KeyPair | None = None
 
 
 def issue_certificates(pki: Path, node_name: str) -> ClusterPki:
@@ -58,6 +62,17 @@ def issue_certificates(pki: Path, node_name: str) -> ClusterPki:
         service_account=service_account_keys(pki),
         front_proxy_ca=front_proxy_ca.pair,
         front_proxy_client=front_proxy_ca.issue("front-proxy-client", "front-proxy-client"),
+        node_serving=ca.issue(
+            "node-serving",
+            f"system:node:{node_name}",
+            organizations=("system:nodes",),
+            hosts=("127.0.0.1", node_name),
+            client=False,
+            server=True,
+        ),
+        kubelet_client=ca.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", organizations=("system:masters",)
+        ),
     )
 
 
@@ -138,7 +153,21 @@ def apiserver_command(bins: Path, ports: Mapping[str, int], pki: ClusterPki) -> 
         "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         f"--proxy-client-cert-file={pki.front_proxy_client.cert}",
         f"--proxy-client-key-file={pki.front_proxy_client.key}",
+        *_kubelet_client_flags(pki),
         "--v=1",
+    ]
+
+
+def _kubelet_client_flags(pki: ClusterPki) -> list[str]:
+    """How the API server reaches the node agent's kubelet API (kubectl logs): at the node's
+    InternalIP, checking its serving certificate, with a client certificate of its own."""
+    if pki.kubelet_client is None:
+        return []
+    return [
+        "--kubelet-preferred-address-types=InternalIP",
+        f"--kubelet-certificate-authority={pki.ca.cert}",
+        f"--kubelet-client-certificate={pki.kubelet_client.cert}",
+        f"--kubelet-client-key={pki.kubelet_client.key}",
     ]
 
 
@@ -184,8 +213,16 @@ def nodeagent_command(
     ca_cert: Path,
     capacity: Mapping[str, str],
     labels: Mapping[str, str],
+    kubelet_port: int = 0,
+    serving: KeyPair | None = None,
 ) -> list[str]:
-    """The node agent (a kubelet stand-in) runs with this Python, so pods get this environment."""
+    """The node agent (a kubelet stand-in) runs with this Python, so pods get this environment;
+    with `serving`, it serves the kubelet API's container logs on `kubelet_port`."""
+    api = (
+        [f"--port={kubelet_port}", f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}"]
+        if serving is not None
+        else []
+    )
     return [
         python,
         "-m",
@@ -196,4 +233,5 @@ def nodeagent_command(
         f"--ca-file={ca_cert}",
         *(f"--capacity={k}={v}" for k, v in capacity.items()),
         *(f"--label={k}={v}" for k, v in labels.items()),
+        *api,
     ]

@@ -14,15 +14,27 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imagebatch_testing.kubeapi import STRATEGIC_MERGE_PATCH, ApiError, KubeClient
+from imagebatch_testing.nodelogs import LogServer, newest_pod_dir
 from imagebatch_testing.podprocess import now
 from imagebatch_testing.podworker import PodWorker, log
 
 JSON = dict[str, Any]
 HEARTBEAT_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class KubeletApi:
+    """Where the agent serves the kubelet API: a port and its TLS (serving pair, client CA)."""
+
+    port: int
+    cert: Path
+    key: Path
+    client_ca: Path
 
 
 def micro_now() -> str:
@@ -34,7 +46,7 @@ def node_architecture() -> str:
 
 
 def node_status(
-    node_name: str, capacity: dict[str, str], kubelet_version: str, started: str, ts: str
+    node_name: str, capacity: dict[str, str], kubelet_version: str, started: str, ts: str, port: int = 0
 ) -> JSON:
     """The Node's status: capacity, the pressure conditions (all fine) and Ready. Pure."""
 
@@ -61,7 +73,8 @@ def node_status(
             {"type": "InternalIP", "address": "127.0.0.1"},
             {"type": "Hostname", "address": node_name},
         ],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        # The kubelet API (nodelogs.py): where the API server asks for a container's log.
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
         "nodeInfo": {
             "machineID": "",
             "systemUUID": "",
@@ -89,8 +102,11 @@ class NodeAgent:
         *,
         extra_capacity: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
+        kubelet_api: KubeletApi | None = None,
     ) -> None:
         self.client = client
+        self.kubelet_api = kubelet_api
+        self.log_server: LogServer | None = None
         self.node_name = node_name
         self.work_dir = work_dir
         self.ca_file = ca_file
@@ -129,7 +145,43 @@ class NodeAgent:
     # -- the node ---------------------------------------------------------------------------
 
     def node_status(self) -> JSON:
-        return node_status(self.node_name, self.capacity, self.kubelet_version, self.started, now())
+        port = self.log_server.port if self.log_server is not None else 0
+        return node_status(self.node_name, self.capacity, self.kubelet_version, self.started, now(), port)
+
+    # -- the kubelet API's logs (nodelogs.py) --------------------------------------------------
+
+    def _pod_worker(self, namespace: str, pod: str) -> PodWorker | None:
+        with self.workers_lock:
+            return next(
+                (w for w in self.workers.values() if (w.namespace, w.pod_name) == (namespace, pod)), None
+            )
+
+    def container_log(self, namespace: str, pod: str, container: str) -> Path | None:
+        worker = self._pod_worker(namespace, pod)
+        folder = worker.dir if worker is not None else newest_pod_dir(self.work_dir / "pods", namespace, pod)
+        return None if folder is None else folder / "logs" / f"{container}.log"
+
+    def pod_running(self, namespace: str, pod: str) -> bool:
+        """Whether the pod's containers may still write (a followed log ends when it is False)."""
+        worker = self._pod_worker(namespace, pod)
+        return worker is not None and worker.phase not in ("Succeeded", "Failed")
+
+    def start_log_server(self) -> None:
+        api = self.kubelet_api
+        if api is None:
+            return
+        self.log_server = LogServer(
+            self.client,
+            self.node_name,
+            api.port,
+            api.cert,
+            api.key,
+            api.client_ca,
+            self.container_log,
+            self.pod_running,
+        )
+        self.log_server.start()
+        log(f"kubelet API (container logs) on https://127.0.0.1:{self.log_server.port}")
 
     def register(self) -> None:
         with contextlib.suppress(ApiError):
@@ -251,6 +303,7 @@ class NodeAgent:
             worker.kill_all(grace=2)
 
     def run(self) -> None:
+        self.start_log_server()
         self.register()
         threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
         self.watch_pods()

@@ -11,8 +11,8 @@ and container states, restarts containers for restartPolicy OnFailure/Always, an
 sends SIGTERM, waits the grace period, sends SIGKILL and removes the pod.
 
 What it does not do: pull or use images, isolate pods (no namespaces, cgroups, mounts),
-enforce resource limits, run probes (a running container is Ready), serve logs/exec/port
-forwarding, or networking (every pod has IP 127.0.0.1). See docs/test-cluster.md.
+enforce resource limits, run probes (a running container is Ready), serve exec/attach/port
+forwarding (it serves container logs: nodelogs.py), or networking (every pod has IP 127.0.0.1). See docs/test-cluster.md.
 
     python -m imagebatch_testing.nodeagent --kubeconfig node.kubeconfig --node-name NAME \
         --work-dir DIR --ca-file ca.crt
@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from imagebatch_testing.kubeapi import KubeClient
-from imagebatch_testing.node import NodeAgent
+from imagebatch_testing.node import KubeletApi, NodeAgent
 from imagebatch_testing.podenv import ConfigError, expand
 from imagebatch_testing.podworker import PodWorker, log
 
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         help="extra or overridden node capacity, e.g. nvidia.com/gpu=1 (repeatable)",
     )
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="node label")
+    parser.add_argument("--port", type=int, default=0, help="the kubelet API's port (container logs)")
+    parser.add_argument("--tls-cert-file", help="the kubelet API's serving certificate; none: no API")
+    parser.add_argument("--tls-private-key-file")
     args = parser.parse_args(argv)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.ca_file),
         extra_capacity=dict(item.split("=", 1) for item in args.capacity),
         labels=dict(item.split("=", 1) for item in args.label),
+        kubelet_api=KubeletApi(
+            args.port, Path(args.tls_cert_file), Path(args.tls_private_key_file), Path(args.ca_file)
+        )
+        if args.tls_cert_file
+        else None,
     )
 
     def on_signal(signum: int, frame: object) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,25 @@ def example(name: str, out: Path, s3_endpoint: str | None = None, **spec: Any) -
                 doc["spec"][key] = {**doc["spec"].get(key, {}), **value}
         ready.append(doc)
     return ready
+
+
+def following(argv: list[str], env: dict[str, str], wanted: str, timeout: float = 300) -> str:
+    """The lines a following command (`logs -f`) printed until one held `wanted`; then stops it."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen: list[str] = []
+    timer = threading.Timer(timeout, proc.kill)  # a safety net: the line is there long before
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if wanted in line:
+                break
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+    return "".join(seen)
 
 
 def write(path: Path, docs: list[dict[str, Any]]) -> Path:
@@ -214,16 +235,22 @@ def test_status_logs_suspend_resume_delete(
 
     fail.wait("shard-done")
     wait_for("the first images", some_done, timeout=600)
-    # One prefixed line (or more) for exactly the job's worker pods. The test cluster's node agent
-    # serves no kubelet log endpoint, so here the API's answer is relayed per pod, on stderr.
+    # The workers' own lines, each prefixed by its pod, for exactly the job's worker pods: the API
+    # server reads them from the node agent's kubelet API, as from a kubelet.
     pods = {p["metadata"]["name"] for p in kubectl.json("get", "pods", "-n", namespace)["items"]}
     logs = cli(kubectl, "logs", "steps", "-n", namespace)
-    named = {
-        line.split("]")[0][1:] for line in (logs.stdout + logs.stderr).splitlines() if line.startswith("[")
-    }
+    assert logs.returncode == 0, logs.stderr
+    named = {line.split("]")[0][1:] for line in logs.stdout.splitlines() if line.startswith("[")}
     assert named and named <= pods and all(n.startswith("steps-workers-") for n in named), logs
-    if logs.returncode != 0:
-        assert "error: cannot read its log: " in logs.stderr, logs.stderr
+    assert re.search(r"^\[steps-workers-\S+\] .* claimed steps-", logs.stdout, re.M), logs.stdout
+    # -f follows the running (held) worker: its lines come while it runs, and kubectl's the same.
+    (pod,) = named
+    for argv in (
+        [str(BIN / "imagebatch"), "logs", "steps", "-f", "-n", namespace],
+        [str(kubectl.binary), "logs", "-f", pod, "-n", namespace],
+    ):
+        first = following(argv, {**os.environ, "KUBECONFIG": str(kubectl.kubeconfig)}, "claimed steps-")
+        assert "claimed steps-" in first, (argv, first)
 
     s = cli(kubectl, "suspend", "steps", "-n", namespace)
     assert s.returncode == 0 and "steps suspended" in s.stdout, s.stderr
@@ -246,3 +273,41 @@ def test_status_logs_suspend_resume_delete(
     )
     missing = cli(kubectl, "status", "steps", "-n", namespace)
     assert missing.returncode == 2 and "no ImageBatchJob 'steps'" in missing.stderr
+
+
+def test_a_job_deleted_under_wait_says_so_and_fetch_names_its_flag(
+    kubectl: Kubectl, running_operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    fail = Failpoints(tmp_path / "failpoints")
+    job = tiny_job(
+        "gone",
+        str(tmp_path / "out"),
+        prompts=[f"prompt {i}" for i in range(40)],
+        workers={"maxReplicas": 1, "env": fail.env("image-stored@1=hold")},
+    )
+    path = write(tmp_path / "job.yaml", [job])
+    env = {**os.environ, "KUBECONFIG": str(kubectl.kubeconfig)}
+    waiting = subprocess.Popen(
+        [str(BIN / "imagebatch"), "submit", str(path), "--wait", "-n", namespace],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        fail.wait("image-stored")  # the job runs and --wait has seen it
+        wait_for("the job's first status", lambda: ibj(kubectl, namespace, "gone").get("status") or {}, 300)
+        kubectl("delete", "ibj", "gone", "-n", namespace, "--wait=false")
+        out, err = waiting.communicate(timeout=300)
+    finally:
+        fail.release()
+        waiting.kill()
+    assert waiting.returncode == 1, out + err
+    assert "error: ImageBatchJob gone was deleted before it completed" in err, err
+
+    kubectl.apply([tiny_job("here", str(tmp_path / "out2"), prompts=["one"])], namespace)
+    wrong = cli(
+        kubectl, "fetch", "here", "--to", str(tmp_path / "d"), "--from", "/no/such/dir", "-n", namespace
+    )
+    assert wrong.returncode != 0 and "--from '/no/such/dir': no such folder on this machine" in wrong.stderr
+    assert "spec.output.uri" not in wrong.stderr

@@ -70,3 +70,14 @@ def test_state_and_reason_follow_the_outcome() -> None:
     )
     assert Outcome(failed_reason=Reason.SHARDS_FAILED).reason == "ShardsFailed"
     assert Outcome(suspended=True).state == "Suspended" and Outcome(complete=True).state == "Complete"
+
+
+def test_waiting_is_not_reconciling() -> None:
+    """Suspended and Queued jobs wait by decision (the user's, the queue's): Reconciling and
+    Stalled False, Ready True, which kstatus reads as Current (tests/unit/test_gitops.py runs
+    kstatus itself: a Ready False reads InProgress)."""
+    for outcome in (Outcome(suspended=True), Outcome(queued=True, progress_reason=Reason.QUEUED)):
+        c = by_type(compute_conditions([], outcome, 3, "T1"))
+        assert (c["Reconciling"].status, c["Stalled"].status, c["Ready"].status) == ("False", "False", "True")
+    running = by_type(compute_conditions([], Outcome(), 3, "T1"))
+    assert running["Reconciling"].status == "True"

@@ -4,6 +4,7 @@ details that a real run would only show as a hang or a refused request."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -270,3 +271,29 @@ def test_node_status_is_ready_with_its_capacity() -> None:
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["lastHeartbeatTime"] == "t1"
     assert status["nodeInfo"]["kubeletVersion"] == "v1.36.3"
+
+
+def test_the_api_server_reaches_the_node_agents_kubelet_api_with_a_client_certificate() -> None:
+    def pair(name: str) -> KeyPair:
+        return KeyPair(Path(f"/pki/{name}.crt"), Path(f"/pki/{name}.key"))
+
+    pki = dataclasses.replace(_pki(), kubelet_client=pair("kc"), node_serving=pair("ns"))
+    flags = _flags(components.apiserver_command(BINS, PORTS, pki))
+    assert (
+        flags["kubelet-client-certificate"] == "/pki/kc.crt" and flags["kubelet-client-key"] == "/pki/kc.key"
+    )
+    assert flags["kubelet-certificate-authority"] == "/pki/ca.crt"
+    assert flags["kubelet-preferred-address-types"] == "InternalIP"
+    argv = components.nodeagent_command(
+        sys.executable,
+        Path("/s/n.kubeconfig"),
+        "n1",
+        Path("/s/node"),
+        Path("/pki/ca.crt"),
+        {},
+        {},
+        10250,
+        pair("ns"),
+    )
+    assert {"--port=10250", "--tls-cert-file=/pki/ns.crt", "--tls-private-key-file=/pki/ns.key"} <= set(argv)
+    assert "kubelet-client-certificate" not in _flags(components.apiserver_command(BINS, PORTS, _pki()))

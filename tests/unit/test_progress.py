@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from imagebatch.operator.progress import (
+    ClaimSample,
+    MakingRate,
     RateMeter,
     eta,
     format_duration,
@@ -126,3 +128,42 @@ def test_meter_stays_bounded_and_measures_over_the_window() -> None:
     m = RateMeter(min_span=1.0)
     m.observe(0.0, 0)
     assert m.observe(0.01, 8) == pytest.approx(8.0)
+
+
+def claim(
+    shard: str, items: int, at: float, state: str = "Claimed", holder: str = "w1", **kw: Any
+) -> ClaimSample:
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=at)
+    return ClaimSample(shard, kw.get("attempt", 1), holder, state, when, items, kw.get("seconds"))
+
+
+def test_making_rate_starts_at_the_first_batch_and_leaves_out_model_load() -> None:
+    """A worker loads its model for 50 s (no claim), claims s0 at t=50 and stores a batch of 4
+    every 2 s: the rate is 0 until the first batch, then 2 images/s, not 4/52."""
+    rate = MakingRate()
+    assert rate.observe([], 0.0) == 0.0  # loading: nothing claimed
+    assert rate.observe([claim("s0", 0, 50)], 50.0) == 0.0  # claimed, first batch not stored
+    assert rate.observe([claim("s0", 4, 52)], 52.5) == pytest.approx(2.0)
+    assert rate.observe([claim("s0", 8, 54)], 54.5) == pytest.approx(2.0)
+    # s0 done (its attempt took 8 s for 16 images); s1 claimed, nothing stored yet: the pace stays.
+    between = [claim("s0", 16, 58, state="Done", seconds=8.0), claim("s1", 0, 58)]
+    assert rate.observe(between, 58.5) == pytest.approx(2.0)
+    assert rate.observe(between, 60.0) == pytest.approx(2.0)
+    assert eta(100, rate.observe(between, 61.0)) == "50s"
+
+
+def test_making_rate_adds_the_engines_and_forgets_one_that_left() -> None:
+    rate = MakingRate(memory=30)
+    rate.observe([claim("s0", 0, 0, holder="a"), claim("s1", 0, 0, holder="b")], 0.0)
+    both = [claim("s0", 4, 2, holder="a"), claim("s1", 2, 2, holder="b")]
+    assert rate.observe(both, 2.0) == pytest.approx(3.0)
+    # b finished and left; a goes on. After the holder memory, only a's pace counts.
+    alone = [claim("s0", 8, 4, holder="a"), claim("s1", 4, 4, state="Done", holder="b", seconds=4.0)]
+    assert rate.observe(alone, 4.0) == pytest.approx(3.0)
+    assert rate.observe([claim("s0", 12, 6, holder="a")], 40.0) == pytest.approx(2.0)
+
+
+def test_making_rate_of_a_claim_first_seen_with_images_counts_from_that_sight() -> None:
+    rate = MakingRate()
+    assert rate.observe([claim("s0", 6, 10)], 10.0) == 0.0  # its start is unknown
+    assert rate.observe([claim("s0", 9, 13)], 13.0) == pytest.approx(1.0)

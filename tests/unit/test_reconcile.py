@@ -530,3 +530,20 @@ def test_a_role_of_the_same_name_not_owned_by_the_job_fails_it_and_runs_no_worke
     assert kube.job is None  # no workers
     assert kube.objects[("Role", "j-worker")] == foreign  # untouched
     assert status["desiredReplicas"] == 0
+
+
+def test_pods_of_an_earlier_incarnation_are_not_counted() -> None:
+    """A job deleted and created again under its name: the old job's pods, still ending, are not
+    this one's workers (the progress line read `4/2 workers`)."""
+    kube = FakeKube()
+    body = job(workers={"maxReplicas": 2, "shardsPerReplica": 1})
+    body["metadata"]["creationTimestamp"] = "2026-01-01T12:00:00Z"
+    passes(kube, body)
+
+    def pod(name: str, created: str) -> JSON:
+        return {"metadata": {"name": name, "creationTimestamp": created}, "status": {"phase": "Running"}}
+
+    old = [pod(f"old-{i}", "2026-01-01T11:59:00Z") for i in range(2)]
+    kube.pods = [*old, pod("new-0", "2026-01-01T12:00:01Z"), pod("new-1", "2026-01-01T12:00:00Z")]
+    status = passes(kube, body)
+    assert status["activeReplicas"] == 2 and status["ready"] == "2/2", status

@@ -80,6 +80,50 @@ def test_progress_bar_shows_rate_and_eta(tmp_path: Path) -> None:
     assert "10/10" in r.stderr and "img/s" in r.stderr and "<" in r.stderr  # tqdm's elapsed<remaining
 
 
+def run_on_a_terminal(*args: str) -> str:
+    """The CLI with a pseudo-terminal (120 columns) as its stdout and stderr: what a user sees."""
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagebatch.cli", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
+    os.close(slave)
+    out = bytearray()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        out.extend(data)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, out.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace")
+
+
+def test_log_lines_and_the_progress_bar_do_not_share_a_terminal_line(tmp_path: Path) -> None:
+    """Each log line is written after the bar was cleared, never appended to the bar: on a
+    terminal, no stretch between two carriage returns or newlines holds both."""
+    job = write_job(tmp_path / "job.yaml", str(tmp_path / "out"), batching={"batchSize": 2, "shardSize": 4})
+    text = run_on_a_terminal("run", str(job))
+    pieces = [p for line in text.split("\n") for p in line.split("\r")]
+    bars = [p for p in pieces if "%|" in p and "/10 [" in p]
+    logs = [p for p in pieces if " INFO imagebatch." in p]
+    assert bars and len(logs) >= 3, text[-2000:]  # per-batch log lines while the bar is drawn
+    mixed = [p for p in pieces if "%|" in p and " INFO " in p]
+    assert not mixed, mixed
+
+
 def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 600) -> Path:
     """The file a failpoint writes before it stops the process (a generous bound, not a timing)."""
     deadline = time.monotonic() + timeout
