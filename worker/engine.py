@@ -2,8 +2,12 @@
 
 Per batch: one `torch.Generator` per image (so an image does not depend on its neighbours),
 denoise and decode on the device, turn the result into uint8 there, copy it to the host, and
-hand PNG/WebP/JPEG encoding and the write to a thread pool so the next batch starts at once.
-The next batch's prompts are tokenised and text-encoded while this one denoises (worker/textenc.py).
+hand PNG/WebP/JPEG encoding, the image's metadata and the write to a thread pool so the next
+batch starts at once. On CUDA the next batch's prompts are tokenised and text-encoded while this
+one denoises (worker/textenc.py); on the CPU, where that thread would take cores from the UNet,
+they are encoded right before their batch. On the CPU batches run in lanes side by side, one per
+core, each with its share of torch's intra-op threads: the convolutions of a small model scale
+poorly over threads, and a lane of one thread never waits at a barrier for a preempted sibling.
 On CUDA out-of-memory the batch is halved and the work goes on. A stop flag is checked after every
 denoising step, so an abandoned batch ends within one step instead of running to its end.
 """

@@ -1,7 +1,8 @@
 """Prompt preparation off the denoising loop: tokenise and text-encode a batch ahead of its turn.
 
-The engine asks for batch k+1's embeddings while batch k denoises (a thread; on CUDA the work is
-queued on a side stream so it overlaps the UNet's kernels). Each distinct negative prompt is
+On CUDA the engine asks for batch k+1's embeddings while batch k denoises (a thread whose work is
+queued on a side stream so it overlaps the UNet's kernels); on the CPU it asks right before the
+batch, from each lane (worker/engine.py). Each distinct negative prompt is
 encoded once per worker and then reused, since a job usually has one negative prompt for all of
 its images. A prompt with more tokens than the text encoder reads is flagged, so the manifest can
 say that the image was made from a cut prompt.
@@ -20,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,7 @@ class TextPreparer:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._negatives: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._pending: dict[str, Future[torch.Tensor]] = {}
         params = inspect.signature(self.pipe.__call__).parameters
         self.takes_negative = "negative_prompt" in params
         encode = getattr(self.pipe, "encode_prompt", None)
@@ -115,12 +118,28 @@ class TextPreparer:
                 self._negatives.move_to_end(text)
                 self.stats.negative_hits += 1
                 return hit
-        # Two threads may encode the same new text at once; both get equal tensors.
-        embeds = self._encode([text])
+            # Lanes ask for the same new text at once: one encodes it, the others wait for it.
+            pending = self._pending.get(text)
+            mine = pending is None
+            if pending is None:
+                pending = self._pending[text] = Future()
+            else:
+                self.stats.negative_hits += 1
+        if not mine:
+            return pending.result()
+        try:
+            embeds = self._encode([text])
+        except BaseException as e:
+            with self._lock:
+                del self._pending[text]
+            pending.set_exception(e)
+            raise
         with self._lock:
             self._negatives[text] = embeds
+            del self._pending[text]
             while len(self._negatives) > NEGATIVE_CACHE_SIZE:
                 self._negatives.popitem(last=False)
+        pending.set_result(embeds)
         return embeds
 
     def prepare(self, batch: Sequence[Item]) -> Prepared:
