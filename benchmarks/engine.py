@@ -226,6 +226,7 @@ def main() -> None:
         compile=a.compile,
         cpus=len(os.sched_getaffinity(0)),
         negatives=a.negatives,
+        load=[round(x, 2) for x in os.getloadavg()],
     )
 
     # Warm-up at every shape each mode uses (and compile, if asked): not timed.
@@ -313,10 +314,15 @@ def main() -> None:
             rounds_share=[t["share"] for t in text[mode]],
         )
 
-    emit(
-        event="ratio",
+    ratio = dict(
         engine_vs_plain_batched=round(results["engine"] / results["plain_batched"], 3),
         engine_vs_single_loop=round(results["engine"] / results["single_loop"], 3),
+    )
+    emit(event="ratio", **ratio, load=[round(x, 2) for x in os.getloadavg()])
+    print(
+        f"engine / plain batched {ratio['engine_vs_plain_batched']}, engine / single loop "
+        f"{ratio['engine_vs_single_loop']} (best of {a.repeats} rounds; load {os.getloadavg()[0]:.1f})",
+        file=sys.stderr,
     )
     flops = flops_per_image(pipe, items[0])
     gpu: dict[str, Any] = {"flops_per_image": flops}

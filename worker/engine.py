@@ -93,8 +93,9 @@ def usable_cpus() -> int:
 
 
 def default_lanes(device: torch.device) -> int:
-    """Lanes of batches side by side: one per core on the CPU, one on CUDA."""
-    return 1 if device.type == "cuda" else usable_cpus()
+    """Lanes of batches side by side: one per core on the CPU (no more than torch's threads, so
+    OMP_NUM_THREADS=1 keeps a worker on one core), one on CUDA."""
+    return 1 if device.type == "cuda" else max(1, min(usable_cpus(), torch.get_num_threads()))
 
 
 def is_oom(err: BaseException) -> bool:
@@ -445,7 +446,11 @@ class Engine:
         pipeline object (a diffusers pipeline keeps per-call state, and its scheduler per-step)."""
         while len(self._lanes) < self.lanes:
             pipe = copy.copy(self.loaded.pipe)
-            object.__setattr__(pipe, "scheduler", copy.deepcopy(self.loaded.pipe.scheduler))
+            # Its own scheduler (per-step state) and tokenizers (not thread-safe) for pipe(...).
+            for name in ("scheduler", "tokenizer", "tokenizer_2"):
+                part = getattr(self.loaded.pipe, name, None)
+                if part is not None:
+                    object.__setattr__(pipe, name, copy.deepcopy(part))
             loaded = dataclasses.replace(self.loaded, pipe=pipe)
             lane = Engine(loaded, self.storage, dataclasses.replace(self.opts, lanes=1, encode_workers=1))
             lane._pool.shutdown(wait=False)

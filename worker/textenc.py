@@ -73,6 +73,9 @@ class TextPreparer:
         self._lock = threading.Lock()
         self._negatives: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._pending: dict[str, Future[torch.Tensor]] = {}
+        # A tokenizer is not thread-safe (a fast one sets its padding and truncation per call), and
+        # lanes share this preparer: one tokenisation or encoding at a time.
+        self._tokenizing = threading.Lock()
         params = inspect.signature(self.pipe.__call__).parameters
         self.takes_negative = "negative_prompt" in params
         encode = getattr(self.pipe, "encode_prompt", None)
@@ -98,13 +101,15 @@ class TextPreparer:
         """True where a prompt has more tokens (with start and end) than the encoder reads."""
         if self.tokenizer is None or self.limit is None or not prompts:
             return [False] * len(prompts)
-        ids = self.tokenizer(list(prompts), truncation=False).input_ids
+        with self._tokenizing:
+            ids = self.tokenizer(list(prompts), truncation=False).input_ids
         return [len(x) > self.limit for x in ids]
 
     # -- encoding -----------------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> torch.Tensor:
         t0 = time.perf_counter()
-        embeds: torch.Tensor = self.pipe.encode_prompt(texts, self.device, 1, False)[0]
+        with self._tokenizing:
+            embeds: torch.Tensor = self.pipe.encode_prompt(texts, self.device, 1, False)[0]
         with self._lock:
             self.stats.encoder_calls += 1
             self.stats.rows += len(texts)
