@@ -3,9 +3,8 @@
 Per batch: one `torch.Generator` per image (so an image does not depend on its neighbours),
 denoise and decode on the device, turn the result into uint8 there, copy it to the host, and
 hand PNG/WebP/JPEG encoding, the image's metadata and the write to a thread pool so the next
-batch starts at once. On CUDA the next batch's prompts are tokenised and text-encoded while this
-one denoises (worker/textenc.py); on the CPU, where that thread would take cores from the UNet,
-they are encoded right before their batch. On the CPU batches run in lanes side by side, one per
+batch starts at once. The next batch's prompts are tokenised and text-encoded while this one
+denoises (worker/textenc.py). On the CPU batches run in lanes side by side, one per
 core, each with its share of torch's intra-op threads: the convolutions of a small model scale
 poorly over threads, and a lane of one thread never waits at a barrier for a preempted sibling.
 On CUDA out-of-memory the batch is halved and the work goes on. A stop flag is checked after every
@@ -60,10 +59,10 @@ class EngineOptions:
     batch_memory: str | None = None
     # Set (e.g. by SIGTERM): the running batch stops after its current denoising step.
     stop: threading.Event | None = None
-    # Encode the next batch's text in a thread while this one denoises. None: on CUDA only (the
-    # encoder's kernels queue on a side stream); on the CPU that thread would take cores from the
-    # UNet's intra-op threads, so the text is encoded right before its batch.
-    prepare_ahead: bool | None = None
+    # Encode the next batch's text in a thread while this one denoises (on CUDA on a side stream);
+    # False: right before its batch. Encoding inline on the CPU measured slower, not faster
+    # (benchmarks/results/cpu-2core-engine-bisect.jsonl: new_1lane against main).
+    prepare_ahead: bool = True
     # Text embeddings made by the engine (each negative prompt encoded once); False: the prompt
     # strings are passed to pipe(...), which encodes every prompt and negative itself.
     embeds: bool = True
@@ -156,8 +155,7 @@ class Engine:
         params = inspect.signature(loaded.pipe.__call__).parameters
         self._takes_step_callback = "callback_on_step_end" in params
         self.text = TextPreparer(loaded.pipe, self.device)
-        ahead = self.opts.prepare_ahead
-        self.ahead = self.device.type == "cuda" if ahead is None else ahead
+        self.ahead = self.opts.prepare_ahead
         # One thread: batch k+1's text is encoded while batch k denoises, never further ahead.
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="text")
         self.steps_run = 0  # denoising steps, counted by the step callback

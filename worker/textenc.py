@@ -1,8 +1,7 @@
 """Prompt preparation off the denoising loop: tokenise and text-encode a batch ahead of its turn.
 
-On CUDA the engine asks for batch k+1's embeddings while batch k denoises (a thread whose work is
-queued on a side stream so it overlaps the UNet's kernels); on the CPU it asks right before the
-batch, from each lane (worker/engine.py). Each distinct negative prompt is
+The engine (each of its lanes on the CPU) asks for batch k+1's embeddings while batch k denoises
+(a thread; on CUDA the work is queued on a side stream so it overlaps the UNet's kernels). Each distinct negative prompt is
 encoded once per worker and then reused, since a job usually has one negative prompt for all of
 its images. A prompt with more tokens than the text encoder reads is flagged, so the manifest can
 say that the image was made from a cut prompt.
