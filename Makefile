@@ -14,7 +14,7 @@ IMAGE_REPO ?= ghcr.io/imagebatch
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test lint typecheck unit worker-tests cluster-tests e2e-tests bench crds cluster-bins \
+.PHONY: help install demo test lint typecheck unit worker-tests cluster-tests e2e-tests bench bench-ray crds cluster-bins \
 	cluster-up cluster-down pre-commit version images clean
 
 # pip runs as $(VENV)/bin/pip, never `python -m pip`: with the repository root on sys.path, the
@@ -70,9 +70,14 @@ cluster-tests: install cluster-bins
 e2e-tests: install cluster-bins
 	$(VENV)/bin/pytest -q tests/e2e $(PYTEST_ARGS)
 
-## bench: the engine against plain diffusers on this machine (--arch tiny on a CPU)
+## bench: the engine against plain diffusers on this machine (--arch tiny on a CPU); prints both ratios
 bench: install
 	$(PY) benchmarks/engine.py --arch tiny
+
+## bench-ray: imagebatch run against Ray Data on builtin:tiny (Ray in $(RAY_VENV): see benchmarks/peer_ray.py)
+RAY_VENV ?= /work/ray-venv
+bench-ray: install
+	RAY_VENV=$(RAY_VENV) $(PY) benchmarks/peer_ray.py
 
 ## crds: regenerate crds/ and the chart's CRDs from imagebatch/api.py
 crds: install

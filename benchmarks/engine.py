@@ -4,10 +4,11 @@ Four ways to make the same images (same prompts, same seeds):
   single_loop    a loop of pipe(prompt) calls, one image each (what most scripts do);
   plain_batched  pipe([...]) over batches of --batch, PIL images returned, nothing written;
   engine_inline  the engine with text encoded inside each pipe(...) call, as before it prepared
-                 prompts ahead (prepare_ahead=False);
+                 prompts itself (embeds=False);
   engine         imagebatch's engine at the same batch size, every image encoded and written
-                 to local disk, the next batch's text encoded while this one denoises and each
-                 distinct negative prompt encoded once (a fresh engine each round, as a new worker).
+                 to local disk, each distinct negative prompt encoded once, the next batch's text
+                 encoded while this one denoises on CUDA, and on the CPU one lane of batches per
+                 core (a fresh engine each round, as a new worker).
 The last lines give the engine's ratios to the other two. `text` lines give, per mode, the text
 encoder's calls and sequences and the share of wall time the denoising loop spent on (or waiting
 for) text encoding; --negatives N gives the prompts N distinct negative prompts. On CUDA it also
@@ -41,7 +42,7 @@ from archs import SIZES, build
 from imagebatch.api import Generation, PromptItem
 from imagebatch.planning import Item, expand_items
 from imagebatch.storage import Storage
-from imagebatch.worker.engine import Engine, EngineOptions
+from imagebatch.worker.engine import Engine, EngineOptions, default_lanes
 from imagebatch.worker.optimize import Optimizations, optimize
 from imagebatch.worker.pipeline import LoadedPipeline
 
@@ -220,10 +221,12 @@ def main() -> None:
         torch=torch.__version__,
         torch_threads=torch.get_num_threads(),
         encode_workers=EngineOptions().encode_workers,
+        lanes=default_lanes(device),
         fast=a.fast,
         compile=a.compile,
         cpus=len(os.sched_getaffinity(0)),
         negatives=a.negatives,
+        load=[round(x, 2) for x in os.getloadavg()],
     )
 
     # Warm-up at every shape each mode uses (and compile, if asked): not timed.
@@ -284,7 +287,7 @@ def main() -> None:
             eng = Engine(
                 loaded,
                 Storage(folder),
-                EngineOptions(batch_size=batch, image_format=a.format, prepare_ahead=ahead),
+                EngineOptions(batch_size=batch, image_format=a.format, embeds=ahead),
             )
             meter.reset()
             secs = timed(device, functools.partial(eng.run, items))
@@ -311,10 +314,15 @@ def main() -> None:
             rounds_share=[t["share"] for t in text[mode]],
         )
 
-    emit(
-        event="ratio",
+    ratio = dict(
         engine_vs_plain_batched=round(results["engine"] / results["plain_batched"], 3),
         engine_vs_single_loop=round(results["engine"] / results["single_loop"], 3),
+    )
+    emit(event="ratio", **ratio, load=[round(x, 2) for x in os.getloadavg()])
+    print(
+        f"engine / plain batched {ratio['engine_vs_plain_batched']}, engine / single loop "
+        f"{ratio['engine_vs_single_loop']} (best of {a.repeats} rounds; load {os.getloadavg()[0]:.1f})",
+        file=sys.stderr,
     )
     flops = flops_per_image(pipe, items[0])
     gpu: dict[str, Any] = {"flops_per_image": flops}

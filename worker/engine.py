@@ -2,8 +2,11 @@
 
 Per batch: one `torch.Generator` per image (so an image does not depend on its neighbours),
 denoise and decode on the device, turn the result into uint8 there, copy it to the host, and
-hand PNG/WebP/JPEG encoding and the write to a thread pool so the next batch starts at once.
-The next batch's prompts are tokenised and text-encoded while this one denoises (worker/textenc.py).
+hand PNG/WebP/JPEG encoding, the image's metadata and the write to a thread pool so the next
+batch starts at once. The next batch's prompts are tokenised and text-encoded while this one
+denoises (worker/textenc.py). On the CPU batches run in lanes side by side, one per
+core, each with its share of torch's intra-op threads: the convolutions of a small model scale
+poorly over threads, and a lane of one thread never waits at a barrier for a preempted sibling.
 On CUDA out-of-memory the batch is halved and the work goes on. A batch that fails otherwise is
 split to find the items that fail it (worker/itemfail.py): those are reported, the rest are made.
 A stop flag is checked after every denoising step, so an abandoned batch ends within one step
@@ -12,6 +15,8 @@ instead of running to its end.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import io
 import json
@@ -56,12 +61,21 @@ class EngineOptions:
     batch_memory: str | None = None
     # Set (e.g. by SIGTERM): the running batch stops after its current denoising step.
     stop: threading.Event | None = None
-    # Encode the next batch's text while this one denoises; False: inside each pipe(...) call.
+    # Encode the next batch's text in a thread while this one denoises (on CUDA on a side stream);
+    # False: right before its batch. Encoding inline on the CPU measured slower, not faster
+    # (benchmarks/results/cpu-2core-engine-bisect.jsonl: new_1lane against main).
     prepare_ahead: bool = True
+    # Text embeddings made by the engine (each negative prompt encoded once); False: the prompt
+    # strings are passed to pipe(...), which encodes every prompt and negative itself.
+    embeds: bool = True
     # Extra fields of every manifest line this engine makes (cluster mode: rank, visible device).
     labels: dict[str, Any] = field(default_factory=dict)
     # Called with a batch's items right before the pipeline runs them (tests: worker/failpoints.py).
     before_batch: Callable[[Sequence[Item]], None] | None = None
+    # Batches made side by side, each in its own thread with an equal share of torch's intra-op
+    # threads. None: one per CPU core on the CPU (a small model's convolutions use one thread far
+    # better than two, and a lane never waits for a preempted sibling thread); 1 on CUDA.
+    lanes: int | None = None
 
 
 class BatchAbandonedError(Exception):
@@ -84,6 +98,12 @@ class ItemEncodeError(Exception):
 
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def default_lanes(device: torch.device) -> int:
+    """Lanes of batches side by side: one per core on the CPU (no more than torch's threads, so
+    OMP_NUM_THREADS=1 keeps a worker on one core), one on CUDA."""
+    return 1 if device.type == "cuda" else max(1, min(usable_cpus(), torch.get_num_threads()))
 
 
 def is_oom(err: BaseException) -> bool:
@@ -144,13 +164,28 @@ class Engine:
         params = inspect.signature(loaded.pipe.__call__).parameters
         self._takes_step_callback = "callback_on_step_end" in params
         self.text = TextPreparer(loaded.pipe, self.device)
+        self.ahead = self.opts.prepare_ahead
         # One thread: batch k+1's text is encoded while batch k denoises, never further ahead.
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="text")
         self.steps_run = 0  # denoising steps, counted by the step callback
+        lanes = self.opts.lanes
+        self.lanes = max(1, lanes if lanes is not None else default_lanes(self.device))
+        if not hasattr(loaded.pipe, "scheduler"):  # a lane copies the pipeline's per-call state
+            self.lanes = 1
+        self._parent: Engine | None = None  # a lane's engine: batch sizes are the parent's
+        self._lanes: list[Engine] = []  # made at the first run that has work for more than one
+        self._oom_lock = threading.Lock()
+        # Any of these set stops the work: the caller's flag, and in a lane its siblings' failure.
+        self._stops: list[threading.Event] = [self.opts.stop] if self.opts.stop is not None else []
 
     def close(self) -> None:
+        for lane in self._lanes:
+            lane._ahead.shutdown(wait=True)
         self._ahead.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+
+    def stopped(self) -> bool:
+        return any(e.is_set() for e in self._stops)
 
     def __enter__(self) -> Engine:
         return self
@@ -186,6 +221,8 @@ class Engine:
         os.replace(tmp, path)
 
     def batch_size_for(self, it: Item) -> int:
+        if self._parent is not None:
+            return self._parent.batch_size_for(it)
         if self.opts.batch_size:
             return self.batch_size
         key = self._size_key(it)
@@ -195,6 +232,11 @@ class Engine:
 
     def _on_oom(self, it: Item, size: int) -> None:
         """Free memory for the retry: first decode the VAE in slices, then halve the batch."""
+        if self._parent is not None:
+            with self._parent._oom_lock:  # lanes share one batch size
+                self._parent._on_oom(it, size)
+            self.oom_halvings = self._parent.oom_halvings
+            return
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         vae = getattr(self.loaded.pipe, "vae", None)
@@ -228,7 +270,7 @@ class Engine:
     def prepare(self, items: Sequence[Item], pad_to: int | None = None) -> Prepared:
         """The batch's text inputs: embeddings (with cached negatives), or the prompt strings."""
         batch = self.padded(items, pad_to)
-        if self.opts.prepare_ahead:
+        if self.opts.embeds:
             return self.text.prepare(batch)
         # The old way, for comparison: pipe(...) tokenises and encodes every prompt itself.
         kwargs: dict[str, Any] = {"prompt": [it.prompt for it in batch]}
@@ -238,7 +280,7 @@ class Engine:
 
     def _on_step(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         self.steps_run += 1
-        if self.opts.stop is not None and self.opts.stop.is_set():
+        if self.stopped():
             raise BatchAbandonedError(f"stopped after denoising step {step + 1}")
         return {}
 
@@ -294,6 +336,18 @@ class Engine:
         `metadata` gives what each image file carries about itself; `sink` replaces the storage
         (a shard's tar collects its images in memory).
         """
+        if self.lanes > 1:
+            return self._run_lanes(items, on_done, metadata, sink)
+        return self._run_one(items, on_done, metadata, sink)
+
+    def _run_one(
+        self,
+        items: Sequence[Item],
+        on_done: Callable[[ItemResult], None] | None = None,
+        metadata: Callable[[Item], dict[str, Any]] | None = None,
+        sink: ImageSink | None = None,
+    ) -> list[ItemResult]:
+        """run() in this thread, one batch after another."""
         fmt = self.opts.image_format
         out = sink or self.storage
         keys = {it.id: image_key(it.id, fmt) for it in items}
@@ -356,6 +410,8 @@ class Engine:
                 gi, pos = gi + 1, 0
             if gi >= len(groups):
                 return
+            if not self.ahead:
+                return
             chunk, pad_to = chunk_at(gi, pos)
             ids = [it.id for it in self.padded(chunk, pad_to)]
             ahead = (ids, self._ahead.submit(self.prepare, chunk, pad_to))
@@ -366,7 +422,7 @@ class Engine:
             if pos >= len(group):
                 gi, pos = gi + 1, 0
                 continue
-            if self.opts.stop is not None and self.opts.stop.is_set():
+            if self.stopped():
                 raise BatchAbandonedError("stopped before the next batch")
             chunk, pad_to = chunk_at(gi, pos)
             size = self.batch_size_for(chunk[0])
@@ -387,8 +443,8 @@ class Engine:
                 n, secs = len(part.items), part.seconds or dt
                 info = BatchInfo(n, secs, str(self.device), self.oom_halvings)
                 for i, it in enumerate(part.items):
-                    meta = metadata(it) if metadata else None
-                    fut = self._pool.submit(self._encode_write, out, part.made, i, keys[it.id], meta)
+                    # The image's metadata is made by the encoder too: none of it on the loop's path.
+                    fut = self._pool.submit(self._encode_write, out, part.made, i, keys[it.id], it, metadata)
                     inflight.append((it, info, fut, part.truncated[i]))
             log.info(
                 "batch of %d at %dx%d, %d steps: %.3fs (%.2f images/s), %d images waiting to be written",
@@ -434,10 +490,90 @@ class Engine:
             failed(it, err)
         return parts
 
+    # -- lanes: batches side by side on the CPU ---------------------------------------------------
+    def _lane_engines(self) -> list[Engine]:
+        """Engines that share this one's modules, text preparer and encoders, each with its own
+        pipeline object (a diffusers pipeline keeps per-call state, and its scheduler per-step)."""
+        while len(self._lanes) < self.lanes:
+            pipe = copy.copy(self.loaded.pipe)
+            # Its own scheduler (per-step state) and tokenizers (not thread-safe) for pipe(...).
+            for name in ("scheduler", "tokenizer", "tokenizer_2"):
+                part = getattr(self.loaded.pipe, name, None)
+                if part is not None:
+                    object.__setattr__(pipe, name, copy.deepcopy(part))
+            loaded = dataclasses.replace(self.loaded, pipe=pipe)
+            lane = Engine(loaded, self.storage, dataclasses.replace(self.opts, lanes=1, encode_workers=1))
+            lane._pool.shutdown(wait=False)
+            lane._pool, lane.text, lane._parent = self._pool, self.text, self
+            self._lanes.append(lane)
+        return self._lanes
+
+    def _run_lanes(
+        self,
+        items: Sequence[Item],
+        on_done: Callable[[ItemResult], None] | None,
+        metadata: Callable[[Item], dict[str, Any]] | None,
+        sink: ImageSink | None,
+    ) -> list[ItemResult]:
+        """The items' batches dealt round-robin to the lanes, each lane running them in order."""
+        ordered = sorted(items, key=lambda it: it.params_key())
+        chunks = []
+        for _, g in groupby(ordered, key=lambda it: it.params_key()):
+            group = list(g)
+            size = self.batch_size_for(group[0])
+            chunks += [group[i : i + size] for i in range(0, len(group), size)]
+        n = min(self.lanes, len(chunks))
+        if n <= 1:  # one batch: nothing to run beside it
+            return self._run_one(items, on_done, metadata, sink)
+        parts: list[list[Item]] = [[] for _ in range(n)]
+        for k, chunk in enumerate(chunks):
+            parts[k % n].extend(chunk)
+        lanes = self._lane_engines()[:n]
+        halt = threading.Event()
+        lock = threading.Lock()
+
+        def done(r: ItemResult) -> None:
+            if on_done:
+                with lock:  # callers count and draw progress: one result at a time
+                    on_done(r)
+
+        threads = torch.get_num_threads()
+        per_lane = max(1, threads // n)
+
+        def work(lane: Engine, part: list[Item]) -> list[ItemResult]:
+            torch.set_num_threads(per_lane)  # torch's intra-op pool size is process-wide
+            try:
+                return lane._run_one(part, done, metadata, sink)
+            except BaseException:
+                halt.set()  # the other lanes stop after their current step
+                raise
+
+        for lane in lanes:
+            lane.storage, lane._stops = self.storage, [*self._stops, halt]
+            lane.steps_run = 0
+        with ThreadPoolExecutor(n, thread_name_prefix="lane") as pool:
+            futs = [pool.submit(work, lane, part) for lane, part in zip(lanes, parts, strict=True)]
+            errors = [f.exception() for f in futs]
+        torch.set_num_threads(threads)
+        self.steps_run += sum(lane.steps_run for lane in lanes)
+        # The first real error, not a sibling's stop that it caused.
+        real = [e for e in errors if e is not None and not isinstance(e, BatchAbandonedError)]
+        if real or any(errors):
+            raise (real or [e for e in errors if e is not None])[0]
+        results = {r.item.id: r for f in futs for r in f.result()}
+        return [results[it.id] for it in items]
+
     def _encode_write(
-        self, out: ImageSink, host: HostImages, index: int, key: str, meta: dict[str, Any] | None
+        self,
+        out: ImageSink,
+        host: HostImages,
+        index: int,
+        key: str,
+        item: Item,
+        metadata: Callable[[Item], dict[str, Any]] | None,
     ) -> float:
         t0 = time.perf_counter()
+        meta = metadata(item) if metadata else None
         arr: np.ndarray[Any, np.dtype[np.uint8]] = host.wait()[index].numpy()
         try:
             data = encode_image(arr, self.opts.image_format, self.opts.quality, meta)

@@ -1,7 +1,7 @@
 """Prompt preparation off the denoising loop: tokenise and text-encode a batch ahead of its turn.
 
-The engine asks for batch k+1's embeddings while batch k denoises (a thread; on CUDA the work is
-queued on a side stream so it overlaps the UNet's kernels). Each distinct negative prompt is
+The engine (each of its lanes on the CPU) asks for batch k+1's embeddings while batch k denoises
+(a thread; on CUDA the work is queued on a side stream so it overlaps the UNet's kernels). Each distinct negative prompt is
 encoded once per worker and then reused, since a job usually has one negative prompt for all of
 its images. A prompt with more tokens than the text encoder reads is flagged, so the manifest can
 say that the image was made from a cut prompt.
@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,10 @@ class TextPreparer:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._negatives: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._pending: dict[str, Future[torch.Tensor]] = {}
+        # A tokenizer is not thread-safe (a fast one sets its padding and truncation per call), and
+        # lanes share this preparer: one tokenisation or encoding at a time.
+        self._tokenizing = threading.Lock()
         params = inspect.signature(self.pipe.__call__).parameters
         self.takes_negative = "negative_prompt" in params
         encode = getattr(self.pipe, "encode_prompt", None)
@@ -95,13 +100,15 @@ class TextPreparer:
         """True where a prompt has more tokens (with start and end) than the encoder reads."""
         if self.tokenizer is None or self.limit is None or not prompts:
             return [False] * len(prompts)
-        ids = self.tokenizer(list(prompts), truncation=False).input_ids
+        with self._tokenizing:
+            ids = self.tokenizer(list(prompts), truncation=False).input_ids
         return [len(x) > self.limit for x in ids]
 
     # -- encoding -----------------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> torch.Tensor:
         t0 = time.perf_counter()
-        embeds: torch.Tensor = self.pipe.encode_prompt(texts, self.device, 1, False)[0]
+        with self._tokenizing:
+            embeds: torch.Tensor = self.pipe.encode_prompt(texts, self.device, 1, False)[0]
         with self._lock:
             self.stats.encoder_calls += 1
             self.stats.rows += len(texts)
@@ -115,12 +122,28 @@ class TextPreparer:
                 self._negatives.move_to_end(text)
                 self.stats.negative_hits += 1
                 return hit
-        # Two threads may encode the same new text at once; both get equal tensors.
-        embeds = self._encode([text])
+            # Lanes ask for the same new text at once: one encodes it, the others wait for it.
+            pending = self._pending.get(text)
+            mine = pending is None
+            if pending is None:
+                pending = self._pending[text] = Future()
+            else:
+                self.stats.negative_hits += 1
+        if not mine:
+            return pending.result()
+        try:
+            embeds = self._encode([text])
+        except BaseException as e:
+            with self._lock:
+                del self._pending[text]
+            pending.set_exception(e)
+            raise
         with self._lock:
             self._negatives[text] = embeds
+            del self._pending[text]
             while len(self._negatives) > NEGATIVE_CACHE_SIZE:
                 self._negatives.popitem(last=False)
+        pending.set_result(embeds)
         return embeds
 
     def prepare(self, batch: Sequence[Item]) -> Prepared:

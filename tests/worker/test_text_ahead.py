@@ -135,9 +135,9 @@ def test_stop_abandons_the_batch_within_one_step(tiny: LoadedPipeline, tmp_path:
 
 
 def test_inline_encoding_still_works(tiny: LoadedPipeline, tmp_path: Path) -> None:
-    """prepare_ahead=False (the benchmark's 'before') makes the same images."""
+    """embeds=False (the benchmark's 'before': pipe(...) encodes the prompts) makes the same images."""
     its = with_negatives(4, distinct=2)
-    with Engine(tiny, Storage(str(tmp_path)), EngineOptions(batch_size=4, prepare_ahead=False)) as eng:
+    with Engine(tiny, Storage(str(tmp_path)), EngineOptions(batch_size=4, embeds=False)) as eng:
         inline = eng.generate(its).numpy().astype(int)
     with Engine(tiny, Storage(str(tmp_path)), EngineOptions(batch_size=4)) as eng:
         ahead = eng.generate(its).numpy().astype(int)
