@@ -20,8 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BufferedIOBase
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 from imagebatch_testing.kubeapi import ApiError, KubeClient
@@ -156,7 +156,7 @@ def _handler(server: LogServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def stream(out: BinaryIO, path: Path, query: dict[str, list[str]], running: Callable[[], bool]) -> None:
+def stream(out: BufferedIOBase, path: Path, query: dict[str, list[str]], running: Callable[[], bool]) -> None:
     """The log as HTTP chunks: from `tailLines` back (or all), at most `limitBytes`, and with
     `follow` what the container writes next until it has ended."""
     follow = query.get("follow", ["false"])[0] == "true"
