@@ -76,7 +76,7 @@ def expand_items(prompts: Iterable[PromptItem], gen: Generation) -> list[Item]:
             iid = pid if per == 1 else f"{pid}_{k}"
             if iid in first_index:
                 raise SpecError(
-                    f"prompt {index}: item id {iid!r} is also used by prompt {first_index[iid]}; "
+                    f"prompt {index}: its item id is also used by prompt {first_index[iid]}; "
                     "give every prompt a unique id"
                 )
             first_index[iid] = index

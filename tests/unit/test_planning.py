@@ -61,7 +61,7 @@ def test_overrides_and_defaults() -> None:
 
 
 def test_duplicate_ids_are_refused() -> None:
-    with pytest.raises(SpecError, match="item id 'a' is also used by prompt 0"):
+    with pytest.raises(SpecError, match="prompt 1: its item id is also used by prompt 0"):
         expand_items([PromptItem(id="a", prompt="x"), PromptItem(id="a", prompt="y")], Generation())
 
 
