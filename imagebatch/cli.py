@@ -318,7 +318,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _cmd_retry_failed(args: argparse.Namespace) -> int:
     client = _client(args)
     job = client.retry_failed(args.name, args.new_name, source=args.source, endpoint_url=args.endpoint_url)
-    n = len(job.applied["spec"]["prompts"])
+    n = len(job.applied["spec"]["promptItems"])
     print(f"{job.name}: makes the {n} failed items of {args.name} into its output")
     if not args.wait:
         return 0

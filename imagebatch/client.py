@@ -412,8 +412,9 @@ class Client:
                 f"(over {RETRY_PROMPT_BYTES} bytes); fix the cause and re-run the job instead"
             )
         body = json.loads(json.dumps(job["spec"]))
-        body.pop("promptsFrom", None)
-        body.update(prompts=prompts, suspend=False)
+        for source_field in ("promptsFrom", "prompts", "promptItems"):
+            body.pop(source_field, None)
+        body.update(promptItems=prompts, suspend=False)
         # Each prompt is one item with its own seed: one image per prompt.
         body["generation"] = {**body.get("generation", {}), "imagesPerPrompt": 1}
         target = new_name or self._free_name(f"{name}-retry")

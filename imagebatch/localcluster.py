@@ -66,10 +66,9 @@ def _model(spec: JSON, changes: list[str]) -> None:
     spec["model"] = {"name": "builtin:tiny"}
     gen = spec.setdefault("generation", {})
     gen.update({"width": LOCAL_SIZE, "height": LOCAL_SIZE, "steps": LOCAL_STEPS})
-    for prompt in spec.get("prompts") or []:  # per-prompt sizes of a real model's scale
-        if isinstance(prompt, dict):
-            for key in ("width", "height"):
-                prompt.pop(key, None)
+    for prompt in spec.get("promptItems") or []:  # per-prompt sizes of a real model's scale
+        for key in ("width", "height"):
+            prompt.pop(key, None)
 
 
 def _workers(spec: JSON, changes: list[str]) -> JSON:

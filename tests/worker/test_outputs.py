@@ -33,7 +33,8 @@ def run_job(tmp_path: Path, **output: Any) -> Path:
     job = write_job(
         tmp_path / "job.yaml",
         str(out),
-        prompts=prompts(),
+        prompts=None,
+        promptItems=prompts(),
         output={"uri": str(out), **output},
         generation={"width": 32, "height": 32, "steps": 2, "negativePrompt": "blurry"},
     )
