@@ -329,6 +329,22 @@ class Retries(Model):
             "fails the job), or a percentage of the job's items rounded up (default 1%: at least "
             "one item in any job). More failed items end the job Failed, naming the first ones."
         ),
+        # The same rule at the API server, beside the field it checks.
+        json_schema_extra={
+            "maxLength": 16,
+            "x-kubernetes-validations": [
+                {
+                    "rule": (
+                        "type(self) == int ? self >= 0 : (self.matches('^[0-9]+([.][0-9]+)?%$') "
+                        "&& double(self.replace('%', '')) <= 100.0)"
+                    ),
+                    "message": (
+                        "spec.retries.maxFailedItems must be a count of items (0 or more) or a "
+                        "percentage from 0% to 100% such as 1% or 0.5%"
+                    ),
+                }
+            ],
+        },
     )
     lease_seconds: int = Field(
         default=120, ge=10, le=86_400, description="A claim not renewed for this long goes back to pending."

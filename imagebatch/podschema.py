@@ -21,6 +21,9 @@ Schema = dict[str, Any]
 # worker's API client or S3 client elsewhere (KUBERNETES_*, KUBECONFIG, AWS_ENDPOINT_URL*).
 RESERVED_ENV = ("POD_NAME", "NAMESPACE", "JOB_NAME", "JOB_UID", "HF_HUB_OFFLINE", "KUBECONFIG")
 RESERVED_ENV_PREFIXES = ("IMAGEBATCH_", "KUBERNETES_", "AWS_ENDPOINT_URL")
+# ... except the failpoints (worker/failpoints.py): they make the job's own worker raise, hang or
+# exit on purpose, which is how the fault tests reach it, and reach nothing else.
+OPEN_ENV = ("IMAGEBATCH_FAILPOINTS", "IMAGEBATCH_FAILPOINT_DIR")
 
 NAME = 253  # an object name (DNS subdomain)
 LABEL = 63  # a DNS label: volume and claim names
@@ -115,6 +118,7 @@ def env_schema(description: str) -> Schema:
     reserved = ", ".join(RESERVED_ENV) + ", " + ", ".join(p + "*" for p in RESERVED_ENV_PREFIXES)
     names = "[" + ", ".join(f"'{n}'" for n in RESERVED_ENV) + "]"
     prefixes = "[" + ", ".join(f"'{p}'" for p in RESERVED_ENV_PREFIXES) + "]"
+    open_names = "[" + ", ".join(f"'{n}'" for n in OPEN_ENV) + "]"
     value_from = _obj(
         "Where the value comes from: exactly one source.",
         {
@@ -161,7 +165,10 @@ def env_schema(description: str) -> Schema:
     )
     item["x-kubernetes-validations"] = [
         {
-            "rule": f"!(self.name in {names}) && !{prefixes}.exists(p, self.name.startsWith(p))",
+            "rule": (
+                f"!(self.name in {names}) && "
+                f"(self.name in {open_names} || !{prefixes}.exists(p, self.name.startsWith(p)))"
+            ),
             "messageExpression": (
                 "'spec.workers.env: ' + self.name + ' is set by the operator for the worker and may not be "
                 f"overridden (reserved: {reserved}); remove it or use another name'"
@@ -341,7 +348,7 @@ def node_selector_schema(description: str) -> Schema:
 def reserved_env_error(names: list[str]) -> str | None:
     """The same refusal as the CRD's rule, for local validation (`imagebatch validate`)."""
     for n in names:
-        if n in RESERVED_ENV or n.startswith(RESERVED_ENV_PREFIXES):
+        if n in RESERVED_ENV or (n.startswith(RESERVED_ENV_PREFIXES) and n not in OPEN_ENV):
             return (
                 f"spec.workers.env: {n} is set by the operator for the worker and may not be overridden; "
                 "remove it or use another name"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,4 +52,13 @@ def install_crds(k: Kubectl, crds_dir: Path) -> None:
     """Apply the CRDs from crds/ (server-side, as GitOps tools do) and wait until Established."""
     k("apply", "--server-side", "--force-conflicts", "--field-manager=imagebatch-tests", "-f", str(crds_dir))
     for crd in CRDS:
-        k("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd}")
+        # The apiextensions controller writes the CRD's status a moment after the apply; until it
+        # has, `kubectl wait` fails at once ("<nil> is of the type <nil>") instead of waiting.
+        deadline = time.monotonic() + 300
+        while True:
+            proc = k("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd}", check=False)
+            if proc.returncode == 0:
+                break
+            if "accessor error" not in proc.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"CRD {crd} not Established: {proc.stderr}")
+            time.sleep(0.5)

@@ -258,6 +258,17 @@ BAD: list[tuple[str, Callable[[JSON], None], list[str]]] = [
     ("batchSize word", _set("batching.batchSize", "big"), ["spec.batching.batchSize", "or auto"]),
     ("output format", _set("output.format", "gif"), ["spec.output.format", "supported values"]),
     ("model without name", _set("model", {}), ["spec.model.name", "Required"]),
+    (
+        "maxFailedItems word",
+        _set("retries", {"maxFailedItems": "some"}),
+        ["spec.retries.maxFailedItems", "percentage"],
+    ),
+    (
+        "maxFailedItems over 100%",
+        _set("retries", {"maxFailedItems": "150%"}),
+        ["spec.retries.maxFailedItems"],
+    ),
+    ("maxFailedItems negative", _set("retries", {"maxFailedItems": -1}), ["spec.retries.maxFailedItems"]),
 ]
 
 

@@ -77,7 +77,7 @@ def test_no_prompt_source() -> None:
 
 
 def test_both_prompt_sources() -> None:
-    assert "only one of" in error_of(job(promptsFrom={"uri": "p.txt"}))
+    assert "or spec.promptsFrom, not both" in error_of(job(promptsFrom={"uri": "p.txt"}))
 
 
 def test_bad_item_id() -> None:
@@ -114,3 +114,26 @@ def test_per_prompt_overrides_are_checked_like_the_defaults() -> None:
     msg = error_of(job(promptItems=[{"prompt": "ok"}, {"prompt": "x", "width": 100, "steps": 0}]))
     assert "spec.promptItems.1.width: must be a multiple of 8 (got 100; try 96)" in msg
     assert "spec.promptItems.1.steps" in msg
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [
+        ("JOB_UID", True),
+        ("POD_NAME", True),
+        ("HF_HUB_OFFLINE", True),
+        ("IMAGEBATCH_GPUS", True),
+        ("IMAGEBATCH_ACCESS_POLICY", True),
+        ("KUBERNETES_SERVICE_HOST", True),
+        ("AWS_ENDPOINT_URL_S3", True),
+        ("IMAGEBATCH_FAILPOINTS", False),  # the job's own worker only: how fault tests reach it
+        ("OMP_NUM_THREADS", False),
+        ("HF_HOME", False),
+    ],
+)
+def test_worker_env_names_the_operator_owns_are_refused(name: str, refused: bool) -> None:
+    doc = job(workers={"env": [{"name": name, "value": "x"}]})
+    if refused:
+        assert f"spec.workers.env: {name} is set by the operator" in error_of(doc)
+    else:
+        parse_job(doc)
