@@ -313,8 +313,9 @@ def test_sigterm_is_seen_while_the_main_thread_is_in_a_native_call(tmp_path: Pat
 
 # -- job.json: who may write into an output ---------------------------------------------------------------
 def spec(prompts: list[Any], **gen: Any) -> Spec:
+    field = "promptItems" if prompts and isinstance(prompts[0], dict) else "prompts"
     return Spec.model_validate(
-        {"model": {"name": "builtin:tiny"}, "prompts": prompts, "output": {"uri": "/x"}, "generation": gen}
+        {"model": {"name": "builtin:tiny"}, field: prompts, "output": {"uri": "/x"}, "generation": gen}
     )
 
 
@@ -326,7 +327,7 @@ def test_a_retry_of_failed_items_is_admitted_after_the_first_job(tmp_path: Path)
     assert jobrecord.admit(st, "first", first, items, shards=3) == jobrecord.Admission(0, 10)  # a restart
     bad = items[6]
     retry = spec([{"id": bad.id, "prompt": bad.prompt, "seed": bad.seed, "negativePrompt": ""}])
-    retry_items = expand_items(retry.prompts or [], retry.generation)  # type: ignore[arg-type]
+    retry_items = expand_items(retry.prompt_items or [], retry.generation)
     with pytest.raises(ImageBatchError, match="not listed in errors.jsonl"):
         jobrecord.admit(st, "retry", retry, retry_items, shards=1)
     st.write_bytes(ERRORS, (json.dumps(error_line(bad, "s00002", "w", "ValueError", "x")) + "\n").encode())
@@ -335,7 +336,7 @@ def test_a_retry_of_failed_items_is_admitted_after_the_first_job(tmp_path: Path)
     # Another prompt under the failed item's id, or other settings, are refused.
     other = spec([{"id": bad.id, "prompt": "something else", "seed": bad.seed, "negativePrompt": ""}])
     with pytest.raises(ImageBatchError, match="other settings than in errors.jsonl"):
-        jobrecord.admit(st, "o", other, expand_items(other.prompts or [], other.generation), shards=1)  # type: ignore[arg-type]
+        jobrecord.admit(st, "o", other, expand_items(other.prompt_items or [], other.generation), shards=1)
     png = Spec.model_validate({**retry.model_dump(by_alias=True), "output": {"uri": "/x", "format": "jpeg"}})
     with pytest.raises(ImageBatchError, match="format, quality or layout differ"):
         jobrecord.admit(st, "j", png, retry_items, shards=1)
