@@ -84,8 +84,8 @@ def _key_to_path() -> Schema:
     )
 
 
-def _projected(what: str, name_field: str) -> Schema:
-    """A configMap or secret volume source."""
+def _key_volume(what: str, name_field: str) -> Schema:
+    """A configMap or secret volume source: the object's keys as files."""
     return _obj(
         f"A {what} in the job's namespace.",
         {
@@ -203,8 +203,8 @@ VOLUME_SOURCES: dict[str, Schema] = {
         {"claimName": _str("The claim's name."), "readOnly": _bool("Read-only.")},
         ["claimName"],
     ),
-    "configMap": _projected("ConfigMap", "name"),
-    "secret": _projected("Secret", "secretName"),
+    "configMap": _key_volume("ConfigMap", "name"),
+    "secret": _key_volume("Secret", "secretName"),
     "emptyDir": _obj(
         "A scratch folder that lives as long as the pod.",
         {

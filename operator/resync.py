@@ -108,9 +108,9 @@ class Resync:
             else:
                 uids = {j["metadata"]["uid"] for j in jobs}
                 with self._lock:
-                    for gone in set(self._bodies) - uids:
-                        self._bodies.pop(gone, None)
-                        self._failures.pop(gone, None)
+                    gone = set(self._bodies) - uids
+                for uid in gone:  # deleted while no DELETED event reached us (an outage)
+                    self.forget(uid)
                 for j in jobs:
                     self.enqueue(j)
                 self.reconciler.memories.retain(uids)
