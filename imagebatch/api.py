@@ -14,6 +14,12 @@ from pydantic.alias_generators import to_camel
 
 from imagebatch.podschema import reserved_env_error
 
+# The words of the status are part of the API: one module of their own, re-exported here.
+from imagebatch.reasons import ConditionType as ConditionType  # noqa: PLC0414 (re-exported)
+from imagebatch.reasons import EventReason as EventReason  # noqa: PLC0414 (re-exported)
+from imagebatch.reasons import Reason as Reason  # noqa: PLC0414 (re-exported)
+from imagebatch.reasons import State as State  # noqa: PLC0414 (re-exported)
+
 GROUP = "imagebatch.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"

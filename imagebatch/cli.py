@@ -16,6 +16,7 @@ from imagebatch.errors import ImageBatchError
 
 # The Job's podFailurePolicy fails the job on these exit codes, in local mode too.
 from imagebatch.names import EXIT_MODEL_LOAD_ERROR, EXIT_USER_ERROR
+from imagebatch.reasons import State
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -163,7 +164,7 @@ class ProgressLine:
         parts = [f"{p.name} [{bar}] {p.done}/{p.total} images ({frac:.0%})"]
         if p.images_per_second:
             parts.append(f"{p.images_per_second} img/s")
-        if p.eta and p.state == "Running":
+        if p.eta and p.state == State.RUNNING:
             parts.append(f"ETA {p.eta}")
         parts.append(f"{p.active_replicas}/{p.desired_replicas} workers")
         if p.failed:
@@ -171,7 +172,7 @@ class ProgressLine:
         parts.append(p.state)
         text = " | ".join(parts)
         if self.tty:
-            self.out.write("\r\x1b[2K" + text + ("\n" if p.state in ("Complete", "Failed") else ""))
+            self.out.write("\r\x1b[2K" + text + ("\n" if State(p.state).finished else ""))
         else:
             self.out.write(text + "\n")
         self.out.flush()
@@ -246,10 +247,10 @@ def status_rows(jobs: list[dict[str, Any]]) -> list[list[str]]:
         rows.append(
             [
                 p.name,
-                p.state + (f" ({p.reason})" if p.state == "Failed" else ""),
+                p.state + (f" ({p.reason})" if p.state == State.FAILED else ""),
                 f"{p.done}/{p.total}",
                 p.images_per_second,
-                p.eta if p.state == "Running" else "",
+                p.eta if p.state == State.RUNNING else "",
                 f"{p.active_replicas}/{p.desired_replicas}",
                 _age(job["metadata"].get("creationTimestamp")),
             ]

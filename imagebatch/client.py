@@ -29,6 +29,7 @@ from imagebatch.contact_sheet import PAGES
 from imagebatch.errors import ImageBatchError
 from imagebatch.jobfile import load_job, parse_job
 from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB
+from imagebatch.reasons import ConditionType, State
 from imagebatch.storage import HF_METADATA, INDEX_HTML, MANIFEST, MANIFEST_PARQUET, Storage
 
 FIELD_MANAGER = "imagebatch-cli"
@@ -93,11 +94,16 @@ def condition(job: JSON, type_: str) -> JSON | None:
 
 def job_state(job: JSON) -> tuple[str, str, str]:
     """(state, reason, message) from the conditions the operator writes."""
-    for type_ in ("Failed", "Complete", "Suspended"):
+    for type_, state in (
+        (ConditionType.FAILED, State.FAILED),
+        (ConditionType.COMPLETE, State.COMPLETE),
+        (ConditionType.SUSPENDED, State.SUSPENDED),
+    ):
         c = condition(job, type_)
         if c is not None:
-            return type_, str(c.get("reason", "")), str(c.get("message", ""))
-    return ("Running" if (job.get("status") or {}).get("items", {}).get("total") else "Pending"), "", ""
+            return state, str(c.get("reason", "")), str(c.get("message", ""))
+    counted = (job.get("status") or {}).get("items", {}).get("total")
+    return (State.RUNNING if counted else State.PENDING), "", ""
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.progress.state == "Complete"
+        return self.progress.state == State.COMPLETE
 
     @property
     def output(self) -> str:
@@ -342,9 +348,9 @@ class Client:
             if p != last and on_progress is not None:
                 on_progress(p)
             last = p
-            if p.state == "Failed" and raise_on_failure:
+            if p.state == State.FAILED and raise_on_failure:
                 raise JobFailedError(f"ImageBatchJob {name} failed: {p.reason}: {p.message}")
-            if p.state in ("Complete", "Failed"):
+            if State(p.state).finished:
                 return Result(job, p)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"ImageBatchJob {name} is still {p.state} after {timeout:.0f}s")
@@ -367,7 +373,7 @@ class Client:
 
         job = self.get(name)
         p = Progress.of(job)
-        if p.state not in ("Complete", "Failed"):
+        if not State(p.state).finished:
             raise ImageBatchError(
                 f"{name} is {p.state}: retry its failed items once it is Complete or Failed"
             )

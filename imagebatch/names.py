@@ -25,6 +25,10 @@ ANNOTATION_ITEM_COUNT = f"{GROUP}/item-count"
 # Set on shard 0 by the worker that joined the manifest parts (value: the line count).
 ANNOTATION_MANIFEST_LINES = f"{GROUP}/manifest-lines"
 
+# The job's outputs at the root of spec.output.uri that its status names.
+MANIFEST = "manifest.jsonl"
+ERRORS = "errors.jsonl"  # every failed item and its error
+
 # Prefix of a shard's status.error when the model could not be loaded: a user error, never retried.
 MODEL_LOAD_ERROR = "ModelLoadError"
 

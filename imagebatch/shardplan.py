@@ -58,6 +58,20 @@ def ownership(obj: dict[str, Any], job_name: str, uid: str) -> str:
     return "foreign"
 
 
+def annotation(shards: list[dict[str, Any]], key: str) -> int | None:
+    """A plan-wide number every shard carries (the plan's shard or item count)."""
+    for s in shards:
+        value = (s["metadata"].get("annotations") or {}).get(key)
+        if value is not None and str(value).isdigit():
+            return int(value)
+    return None
+
+
+def planned(shards: list[dict[str, Any]]) -> bool:
+    """Every shard of the plan exists (each carries the plan's shard count)."""
+    return bool(shards) and annotation(shards, ANNOTATION_SHARD_COUNT) == len(shards)
+
+
 def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[dict[str, Any]]:
     """One ImageBatchShard per `shard_size` items, owned by the job, with the plan's size annotated."""
     meta = job["metadata"]

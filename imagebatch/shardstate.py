@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from imagebatch.api import ImageBatchShardStatus
+from imagebatch.reasons import EventReason
 from imagebatch.timeutil import format_micro
 
 JSON = dict[str, Any]
@@ -112,12 +113,12 @@ def failed(st: ImageBatchShardStatus, error: str) -> ImageBatchShardStatus:
 
 
 # Why the operator takes a claim back from its holder (operator/leases.py decides which applies).
-LEASE_EXPIRED = "LeaseExpired"
-HOLDER_GONE = "HolderGone"
-NO_PROGRESS = "ProgressDeadlineExceeded"
+LEASE_EXPIRED = EventReason.LEASE_EXPIRED
+HOLDER_GONE = EventReason.HOLDER_GONE
+NO_PROGRESS = EventReason.PROGRESS_DEADLINE_EXCEEDED
 # Not a failure: the holder's pod was deleted or disrupted on purpose (suspend, scale-in, drain,
 # preemption) and ended before it could release the claim itself (SIGKILL after its grace period).
-HOLDER_STOPPED = "HolderStopped"
+HOLDER_STOPPED = EventReason.HOLDER_STOPPED
 
 
 def stopped(st: ImageBatchShardStatus, why: str) -> ImageBatchShardStatus:
@@ -128,13 +129,14 @@ def stopped(st: ImageBatchShardStatus, why: str) -> ImageBatchShardStatus:
 def lost(st: ImageBatchShardStatus, reason: str, max_attempts: int) -> ImageBatchShardStatus:
     """A claim whose holder stopped renewing or is gone: a failed attempt like any other error,
     with the holder's own last error kept in the message."""
-    detail = {
+    details: dict[str, str] = {
         LEASE_EXPIRED: f"worker {st.holder} stopped renewing its lease (attempt {st.attempt})",
         NO_PROGRESS: (
             f"worker {st.holder} made no progress at {st.items_done} images for "
             f"retries.progressDeadlineSeconds (attempt {st.attempt}); it may be hung"
         ),
-    }.get(reason, f"worker pod {st.holder} is gone (attempt {st.attempt})")
+    }
+    detail = details.get(reason, f"worker pod {st.holder} is gone (attempt {st.attempt})")
     return errored(st, f"{detail}; last error: {st.error}" if st.error else detail, max_attempts)
 
 

@@ -5,74 +5,20 @@ Kueue's waiting; `WorkersHealthy` says whether worker pods run (image pulls, sch
 crashes); `Ready`, `Reconciling` and `Stalled` are kstatus' (Flux, Argo CD, `kubectl wait`); all
 carry `observedGeneration`. A condition keeps its `lastTransitionTime` until its status changes.
 
-The types and reasons are enums: docs/operator.md lists every one (tests/unit/test_conditions.py
-checks it), so the docs cannot drift from what the operator writes.
+The types, reasons and states are the API's (imagebatch/reasons.py); this module only says
+which conditions an outcome sets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Literal
 
 from imagebatch.api import Condition
+from imagebatch.reasons import ConditionType as Type
+from imagebatch.reasons import Reason, State
 
-
-class Type(StrEnum):
-    COMPLETE = "Complete"
-    FAILED = "Failed"
-    SUSPENDED = "Suspended"
-    QUEUED = "Queued"
-    WORKERS_HEALTHY = "WorkersHealthy"
-    READY = "Ready"
-    RECONCILING = "Reconciling"
-    STALLED = "Stalled"
-
-
-class Reason(StrEnum):
-    # working
-    PLANNING = "Planning"
-    RUNNING = "Running"
-    JOINING = "Joining"
-    WAITING_FOR_PROMPTS = "WaitingForPrompts"
-    WAITING_FOR_EARLIER_INCARNATION = "WaitingForEarlierIncarnation"
-    QUEUED = "Queued"  # the worker Job waits for Kueue to admit it
-    LOCAL_QUEUE_NOT_FOUND = "LocalQueueNotFound"
-    SUSPENDED = "Suspended"
-    COMPLETED = "Completed"
-    # failed
-    INVALID_SPEC = "InvalidSpec"
-    INVALID_PROMPTS = "InvalidPrompts"
-    PLANNING_FAILED = "PlanningFailed"
-    SHARDS_FAILED = "ShardsFailed"
-    ITEMS_FAILED = "ItemsFailed"
-    MODEL_LOAD_ERROR = "ModelLoadError"
-    DEADLINE_EXCEEDED = "DeadlineExceeded"
-    WORKERS_FAILING = "WorkersFailing"
-    SHARD_NOT_OWNED = "ShardNotOwned"
-    WORKER_JOB_NOT_OWNED = "WorkerJobNotOwned"
-    WORKER_RBAC_NOT_OWNED = "WorkerRBACNotOwned"
-    CANNOT_RECONCILE = "CannotReconcile"  # passes kept raising: the operator cannot process this job
-    # worker pods (WorkersHealthy)
-    WORKERS_RUNNING = "WorkersRunning"
-    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
-    UNSCHEDULABLE = "Unschedulable"
-    OOM_KILLED = "OOMKilled"
-    WORKER_CRASHED = "WorkerCrashed"
-
-
-class State(StrEnum):
-    """The STATE column: one word for what the job is doing."""
-
-    RUNNING = "Running"
-    QUEUED = "Queued"
-    SUSPENDED = "Suspended"
-    COMPLETE = "Complete"
-    FAILED = "Failed"
-
-
-# Kept for callers that name condition types as module constants.
 COMPLETE, FAILED, SUSPENDED, QUEUED = Type.COMPLETE, Type.FAILED, Type.SUSPENDED, Type.QUEUED
 WORKERS_HEALTHY, READY, RECONCILING, STALLED = (
     Type.WORKERS_HEALTHY,

@@ -14,6 +14,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
 from imagebatch.api import ItemCounts
+from imagebatch.reasons import ConditionType
 
 JOBS = Gauge("imagebatch_jobs", "ImageBatchJobs by condition that is True", ["condition"])
 ITEMS = Gauge("imagebatch_job_items", "Images of a job by state", ["namespace", "job", "state"])
@@ -93,7 +94,12 @@ def _forget(key: tuple[str, str]) -> None:
 
 
 def _publish() -> None:
-    for cond in ("Complete", "Failed", "Suspended", "Reconciling"):
+    for cond in (
+        ConditionType.COMPLETE,
+        ConditionType.FAILED,
+        ConditionType.SUSPENDED,
+        ConditionType.RECONCILING,
+    ):
         JOBS.labels(cond).set(sum(1 for c in _job_conditions.values() if c == cond))
 
 

@@ -1,45 +1,55 @@
 """The observe step of a reconcile pass: everything the decision needs, read from the API once.
 
-No decisions here and no writes (planning shards for inline and ConfigMap prompts happens before,
-in reconcile.py, since the decision needs the shards it made).
+No decisions and no writes to the API. It also feeds the operator's memory what it saw (the
+claim clock, the rate meters), and hands the decision what the last pass's actions met.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
 from imagebatch.api import ImageBatchJobSpec, ImageBatchJobStatus
-from imagebatch.names import worker_job_name
+from imagebatch.errors import ImageBatchError, format_validation_error
+from imagebatch.names import ANNOTATION_ITEM_COUNT, worker_job_name
+from imagebatch.operator import conditions, progress
+from imagebatch.operator.decide import Memory, active_clock
 from imagebatch.operator.kube import EarlierIncarnationError, NotOwnedError, OperatorKube, check_owned
+from imagebatch.operator.observed import Observed, Prompts, Refusal
+from imagebatch.planning import expand_items
+from imagebatch.prompts import load_prompts
+from imagebatch.shardplan import annotation, planned
+from imagebatch.timeutil import now_utc, parse_time
 
 JSON = dict[str, Any]
 
 
-@dataclass
-class Observed:
-    job: JSON
-    spec: ImageBatchJobSpec
-    prev: ImageBatchJobStatus
-    shards: list[JSON]
-    pods: list[JSON]  # listed after the shards (see leases.review)
-    worker_job: JSON | None  # this incarnation's, or None
-    not_ours: EarlierIncarnationError | NotOwnedError | None = None  # a worker Job we must not touch
-    local_queue_found: bool | None = None  # spec.queueName's LocalQueue; None: not asked or unknown
-    waiting_for_prompts: str | None = None  # the prompt ConfigMap is not there (yet)
-    now: datetime = field(default_factory=datetime.now)
-    mono: float = 0.0  # monotonic seconds: the operator's own clock for leases
+class _Lifecycle(BaseModel):
+    """The spec fields a finished job still acts on, read even when the rest does not validate."""
 
-    @property
-    def meta(self) -> JSON:
-        meta: JSON = self.job["metadata"]
-        return meta
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    queue_name: str | None = None
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
 
 
-def worker_job(
-    kube: OperatorKube, job: JSON
-) -> tuple[JSON | None, EarlierIncarnationError | NotOwnedError | None]:
+def refusal(e: EarlierIncarnationError | NotOwnedError) -> Refusal:
+    return Refusal("earlier" if isinstance(e, EarlierIncarnationError) else "foreign", e.kind, str(e))
+
+
+def previous_status(body: JSON) -> ImageBatchJobStatus:
+    raw = body.get("status") or {}
+    known = {f.alias or n for n, f in ImageBatchJobStatus.model_fields.items()}
+    try:
+        return ImageBatchJobStatus.model_validate({k: v for k, v in raw.items() if k in known})
+    except ValidationError:
+        return ImageBatchJobStatus()
+
+
+def worker_job(kube: OperatorKube, job: JSON) -> tuple[JSON | None, Refusal | None]:
     """This incarnation's worker Job; one of an earlier incarnation or of someone else is reported,
     not returned: neither its conditions nor its size are this job's."""
     meta = job["metadata"]
@@ -49,42 +59,110 @@ def worker_job(
     try:
         check_owned(wj, "Job", meta["namespace"], meta["name"], meta["uid"])
     except (EarlierIncarnationError, NotOwnedError) as e:
-        return None, e
+        return None, refusal(e)
     return wj, None
 
 
 def observe(
     kube: OperatorKube,
     job: JSON,
-    spec: ImageBatchJobSpec,
-    prev: ImageBatchJobStatus,
-    shards: list[JSON],
-    now: datetime,
-    mono: float,
-    waiting_for_prompts: str | None = None,
+    mem: Memory,
+    cannot_reconcile: str | None = None,
+    now: datetime | None = None,
+    mono: float | None = None,
 ) -> Observed:
     meta = job["metadata"]
-    ns = meta["namespace"]
+    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    raw_spec = job.get("spec") or {}
+    try:
+        life = _Lifecycle.model_validate(raw_spec)
+    except ValidationError:
+        life = _Lifecycle()
+    obs = Observed(
+        job=job,
+        prev=previous_status(job),
+        spec=None,
+        queue_name=life.queue_name,
+        ttl_seconds_after_finished=life.ttl_seconds_after_finished,
+        clock=mem.clock,
+        now=now or now_utc(),
+        mono=time.monotonic() if mono is None else mono,
+        cannot_reconcile=cannot_reconcile,
+    )
+    obs.refused, mem.refused = mem.refused, None
+    if cannot_reconcile is not None:
+        return obs  # the passes keep failing: read nothing more
+    obs.finished = conditions.is_true(obs.prev.conditions, conditions.COMPLETE) or conditions.is_true(
+        obs.prev.conditions, conditions.FAILED
+    )
+    if obs.finished:
+        obs.worker_job, obs.not_ours = worker_job(kube, job)
+        obs.pods = kube.list_worker_pods(ns, name)
+        return obs
+    try:
+        obs.spec = spec = ImageBatchJobSpec.model_validate(raw_spec)
+    except ValidationError as e:
+        obs.invalid_spec = format_validation_error(e, "spec")
+        return obs
+
+    shards = kube.list_shards(ns, name, uid)
+    operator_plans = spec.prompts_from is None or spec.prompts_from.config_map_key_ref is not None
+    if operator_plans and not planned(shards):
+        # The informer may not have seen shards made a moment ago: ask the API before planning.
+        shards = kube.list_shards(ns, name, uid, fresh=True)
+    if operator_plans and not planned(shards):
+        obs.prompts = _read_prompts(kube, ns, spec)
+    obs.shards = shards
+    obs.forged = kube.forged_shards(uid)
     # Pods made before this job existed are an earlier incarnation's (a job deleted and created
     # again under its name), still ending: not this job's workers (RFC 3339 UTC sorts as text).
+    # Listed after the shards: see leases.review.
     born = str(meta.get("creationTimestamp") or "")
-    pods = [
-        p
-        for p in kube.list_worker_pods(ns, meta["name"])
-        if p["metadata"].get("creationTimestamp", born) >= born
+    obs.pods = [
+        p for p in kube.list_worker_pods(ns, name) if p["metadata"].get("creationTimestamp", born) >= born
     ]
-    wj, not_ours = worker_job(kube, job)
-    found = kube.local_queue_exists(ns, spec.queue_name) if spec.queue_name else None
-    return Observed(
-        job=job,
-        spec=spec,
-        prev=prev,
-        shards=shards,
-        pods=pods,
-        worker_job=wj,
-        not_ours=not_ours,
-        local_queue_found=found,
-        waiting_for_prompts=waiting_for_prompts,
-        now=now,
-        mono=mono,
-    )
+    obs.worker_job, obs.not_ours = worker_job(kube, job)
+    obs.local_queue_found = kube.local_queue_exists(ns, spec.queue_name) if spec.queue_name else None
+
+    # What the memory learns from this observation.
+    # A pass long after the last one (the API server was away) holds no silence against a worker.
+    mem.clock.observe(shards, obs.mono, gap=spec.retries.lease_seconds / 2)
+    mem.clock.observe_pods(obs.pods)  # pods being stopped: their lost claims cost no attempt
+    obs.images_per_second = _images_per_second(mem, obs, shards)
+    return obs
+
+
+def _read_prompts(kube: OperatorKube, ns: str, spec: ImageBatchJobSpec) -> Prompts:
+    """Inline and ConfigMap prompts, read and expanded (the operator plans them; a worker plans a
+    prompt file, which the operator may not be able to read)."""
+    missing: list[str] = []
+
+    def read_config_map(cm: str, key: str) -> str:
+        value = kube.read_config_map_key(ns, cm, key)
+        if value is None:
+            missing.append(f"waiting for ConfigMap {cm} with key {key} (spec.promptsFrom.configMapKeyRef)")
+            raise _NotReadyError
+        return value
+
+    try:
+        items = expand_items(load_prompts(spec, config_map_reader=read_config_map), spec.generation)
+    except _NotReadyError:
+        return Prompts(waiting=missing[0])
+    except ImageBatchError as e:  # prompts no retry can fix; the message never quotes them
+        return Prompts(error=str(e))
+    return Prompts(items=len(items))
+
+
+class _NotReadyError(Exception):
+    """The prompt ConfigMap does not exist (yet): wait, it may be applied after the job."""
+
+
+def _images_per_second(mem: Memory, obs: Observed, shards: list[JSON]) -> float:
+    t = progress.tally(shards, annotation(shards, ANNOTATION_ITEM_COUNT) or 0)
+    _, _, elapsed = active_clock(obs.prev, True, obs.now)
+    # Right after a restart the meter has one sample: shard completions, or the average so far.
+    average = t.items.done / elapsed if elapsed >= 1 else 0.0
+    start = parse_time(obs.prev.start_time) or obs.now
+    fallback = max(progress.images_per_second(t.completions, obs.now, start), average)
+    meter = mem.rate.observe(obs.mono, t.items.done, fallback=fallback)
+    return mem.making.observe(t.claims, obs.mono) or meter  # image making, no model load

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagebatch.names import EXIT_TERMINATED
-from imagebatch.operator.conditions import Reason, WorkerProblem
+from imagebatch.operator.conditions import WorkerProblem
+from imagebatch.reasons import Reason
 
 JSON = dict[str, Any]
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from imagebatch.api import Condition
-from imagebatch.operator.conditions import Outcome, Reason, Type, compute_conditions, is_true
+from imagebatch.operator.conditions import Outcome, compute_conditions, is_true
+from imagebatch.reasons import ConditionType as Type
+from imagebatch.reasons import Reason
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operator.md"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagebatch.operator.scaling import desired_replicas, target_replicas
+from imagebatch.operator.workers import desired_replicas, target_replicas
 
 
 @pytest.mark.parametrize(
