@@ -86,6 +86,16 @@ def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[
     return out
 
 
+def plan_complete(shards: list[dict[str, Any]]) -> bool:
+    """Every shard of the plan exists: there are some, and each carries the plan's shard count,
+    which is how many there are. Until then the plan is being made (by the operator, or by the
+    worker that plans a prompt file) and the job is neither planned nor done."""
+    count = str(len(shards))
+    return bool(shards) and all(
+        (s["metadata"].get("annotations") or {}).get(ANNOTATION_SHARD_COUNT) == count for s in shards
+    )
+
+
 def shard_selector(job_name: str, uid: str) -> str:
     """The label selector of one incarnation's shards: the name alone would also match the shards
     of an earlier job of that name that are still being deleted."""
