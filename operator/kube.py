@@ -1,7 +1,8 @@
 """The operator's only door to the Kubernetes API (the `kubernetes` client; kopf only watches).
 
 Objects go in and out as plain dicts, exactly as the API serves them, so the pure modules never
-see client classes. Conflicts and "already exists" are answers, not errors: a reconcile that
+see client classes. Shards go through the shared shard client (imagebatch.shardclient), each call
+made once: the next pass is the retry. Conflicts and "already exists" are answers, not errors: a reconcile that
 loses a race simply sees the new state on its next pass.
 """
 

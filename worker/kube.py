@@ -1,6 +1,7 @@
 """The worker's only door to the Kubernetes API: its job, its shards, a prompt ConfigMap.
 
-Everything goes through the pod's ServiceAccount (least privilege: see operator/builders.py).
+Everything goes through the pod's ServiceAccount (least privilege: see operator/builders.py);
+shards through the shared shard client (imagebatch.shardclient), each of its calls retried here.
 Status writes carry the resourceVersion they were read at, so two writers never both win.
 
 Every call retries what an API server under load or restarting answers (429 and 5xx, honouring
