@@ -249,3 +249,12 @@ class ShardClient:
                 if current is not None and current.get("status") == status:
                     return current
             return None
+
+
+def client_of(owner: Any, call: Call = call_once) -> ShardClient:
+    """`owner`'s ShardClient over its `custom` API, made on first use (tests build an API module
+    with __new__ and set `custom` only) and again when `custom` was replaced."""
+    client: ShardClient | None = owner.__dict__.get("_shard_client")
+    if client is None or client.custom is not owner.custom:
+        client = owner.__dict__["_shard_client"] = ShardClient(owner.custom, call)
+    return client

@@ -22,7 +22,14 @@ from imagebatch.api import GROUP, VERSION
 from imagebatch.kubeclient import api_client
 from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB
 from imagebatch.operator.informer import ShardInformer
-from imagebatch.shardclient import EarlierIncarnationError, NotOwnedError, ShardClient, check_owned, sort_out
+from imagebatch.shardclient import (
+    EarlierIncarnationError,
+    NotOwnedError,
+    ShardClient,
+    check_owned,
+    client_of,
+    sort_out,
+)
 from imagebatch.timeutil import format_micro, now_utc
 
 log = logging.getLogger(__name__)
@@ -63,11 +70,7 @@ class OperatorKube:
 
     @property
     def shard_client(self) -> ShardClient:
-        # Made on first use: tests build an OperatorKube with __new__ and set `custom` only.
-        client: ShardClient | None = self.__dict__.get("_shard_client")
-        if client is None or client.custom is not self.custom:
-            client = self.__dict__["_shard_client"] = ShardClient(self.custom)
-        return client
+        return client_of(self)
 
     def _ours(self, shards: list[JSON], uid: str) -> list[JSON]:
         ours, forged = sort_out(shards, uid)

@@ -40,7 +40,7 @@ from imagebatch.api import GROUP, VERSION
 from imagebatch.errors import PromptFileError
 from imagebatch.kubeclient import api_client
 from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
-from imagebatch.shardclient import ShardClient
+from imagebatch.shardclient import ShardClient, client_of
 from imagebatch.shardplan import shard_selector
 
 log = logging.getLogger(__name__)
@@ -196,11 +196,7 @@ class WorkerKube:
     # -- ImageBatchShards: the shared shard client (imagebatch.shardclient), every call retried --
     @property
     def shard_client(self) -> ShardClient:
-        # Made on first use: tests build a WorkerKube with __new__ and set `custom` only.
-        client: ShardClient | None = self.__dict__.get("_shard_client")
-        if client is None or client.custom is not self.custom:
-            client = self.__dict__["_shard_client"] = ShardClient(self.custom, self._call)
-        return client
+        return client_of(self, self._call)
 
     def list_shards_at(self, uid: str, until: threading.Event | None = None) -> tuple[list[JSON], str]:
         """The shards of the job with this UID (the worker's own job object's), never those of an
