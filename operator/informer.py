@@ -52,8 +52,8 @@ class _Scope(ShardStore):
 
     def __init__(self, namespace: str, client: ShardClient | None = None) -> None:
         super().__init__(
-            None if client is None else lambda until: client.list_shards(namespace),
-            None if client is None else lambda since, until: client.watch(namespace, since),
+            None if client is None else lambda until: client.list_shards(namespace, until=until),
+            None if client is None else lambda since, until: client.watch(namespace, since, until=until),
             # Any broken watch: passes list for themselves until a new list is in.
             serve_while_resuming=False,
             name=f"shards-{namespace or 'all'}",
