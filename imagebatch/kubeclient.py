@@ -39,39 +39,3 @@ def api_client(retries: bool | None = None) -> kubernetes.client.ApiClient:
     conf = kubernetes.client.Configuration.get_default_copy()
     conf.retries = retries
     return TimeoutApiClient(conf)
-
-
-def replace_status_if_unchanged(
-    custom: Any, plural: str, obj: dict[str, Any], status: dict[str, Any]
-) -> bool:
-    """Write a custom object's status only if the object is unchanged since it was read.
-
-    The write carries the resourceVersion that was read, so the API server refuses it (409) when
-    someone else wrote in between: the optimistic concurrency that shard claims and their fenced
-    completion stand on. False on a conflict or when the object is gone.
-    """
-    from kubernetes.client.exceptions import ApiException
-
-    from imagebatch.api import GROUP, VERSION
-
-    meta = obj["metadata"]
-    body = {
-        "apiVersion": obj["apiVersion"],
-        "kind": obj["kind"],
-        "metadata": {
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "resourceVersion": meta["resourceVersion"],
-        },
-        "spec": obj["spec"],
-        "status": status,
-    }
-    try:
-        custom.replace_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], plural, meta["name"], body
-        )
-        return True
-    except ApiException as e:
-        if e.status in (404, 409):
-            return False
-        raise

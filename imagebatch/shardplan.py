@@ -67,11 +67,6 @@ def annotation(shards: list[dict[str, Any]], key: str) -> int | None:
     return None
 
 
-def planned(shards: list[dict[str, Any]]) -> bool:
-    """Every shard of the plan exists (each carries the plan's shard count)."""
-    return bool(shards) and annotation(shards, ANNOTATION_SHARD_COUNT) == len(shards)
-
-
 def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[dict[str, Any]]:
     """One ImageBatchShard per `shard_size` items, owned by the job, with the plan's size annotated."""
     meta = job["metadata"]
@@ -98,6 +93,16 @@ def shard_manifests(job: dict[str, Any], n_items: int, shard_size: int) -> list[
             }
         )
     return out
+
+
+def plan_complete(shards: list[dict[str, Any]]) -> bool:
+    """Every shard of the plan exists: there are some, and each carries the plan's shard count,
+    which is how many there are. Until then the plan is being made (by the operator, or by the
+    worker that plans a prompt file) and the job is neither planned nor done."""
+    count = str(len(shards))
+    return bool(shards) and all(
+        (s["metadata"].get("annotations") or {}).get(ANNOTATION_SHARD_COUNT) == count for s in shards
+    )
 
 
 def shard_selector(job_name: str, uid: str) -> str:

@@ -30,7 +30,7 @@ from imagebatch.operator.lifecycle import Work
 from imagebatch.operator.observed import Observed, Refusal
 from imagebatch.operator.plan import Action, CreateShards, DeleteJob, Plan, PostEvent, WriteShardStatus
 from imagebatch.reasons import EventReason, Reason
-from imagebatch.shardplan import annotation, planned, shard_manifests
+from imagebatch.shardplan import annotation, plan_complete, shard_manifests
 from imagebatch.timeutil import format_time, parse_time
 
 JSON = dict[str, Any]
@@ -173,7 +173,7 @@ def _working(obs: Observed, mem: Memory, settings: Settings) -> Plan:
     t = progress.tally(shards, annotation(shards, ANNOTATION_ITEM_COUNT) or 0)
     first = next((s for s in shards if int(s["spec"].get("index", -1)) == 0), None)
     joined = first is not None and ANNOTATION_MANIFEST_LINES in (first["metadata"].get("annotations") or {})
-    work = Work(t, planned(shards), joined)
+    work = Work(t, plan_complete(shards), joined)
 
     # Shards that carry this job's UID label and are not its own: said once each, never counted.
     for name, why in sorted(obs.forged.items()):

@@ -1,7 +1,8 @@
 """The operator's only door to the Kubernetes API (the `kubernetes` client; kopf only watches).
 
 Objects go in and out as plain dicts, exactly as the API serves them, so the pure modules never
-see client classes. Conflicts and "already exists" are answers, not errors: a reconcile that
+see client classes. Shards go through the shared shard client (imagebatch.shardclient), each call
+made once: the next pass is the retry. Conflicts and "already exists" are answers, not errors: a reconcile that
 loses a race simply sees the new state on its next pass.
 """
 
@@ -18,10 +19,17 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from imagebatch.api import GROUP, VERSION
-from imagebatch.kubeclient import api_client, replace_status_if_unchanged
-from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB, LABEL_JOB_UID, SHARD_PLURAL
+from imagebatch.kubeclient import api_client
+from imagebatch.names import JOB_PLURAL, LABEL_COMPONENT, LABEL_JOB
 from imagebatch.operator.informer import ShardInformer
-from imagebatch.shardplan import forgery, of_incarnation, ownership, shard_selector
+from imagebatch.shardclient import (
+    EarlierIncarnationError,
+    NotOwnedError,
+    ShardClient,
+    check_owned,
+    client_of,
+    sort_out,
+)
 from imagebatch.timeutil import format_micro, now_utc
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,8 @@ MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "imagebatch-operator"
 KUEUE_GROUP, KUEUE_VERSION, LOCAL_QUEUE_PLURAL = "kueue.x-k8s.io", "v1beta2", "localqueues"
 JSON = dict[str, Any]
+# The shared contract's, here too: the operator's passes catch them from this module.
+__all__ = ["EarlierIncarnationError", "NotOwnedError", "OperatorKube", "check_owned"]
 
 
 def load_client_config() -> kubernetes.client.ApiClient:
@@ -45,40 +55,6 @@ def _status(err: ApiException) -> int:
     return int(err.status or 0)
 
 
-class NotOwnedError(Exception):
-    """An object the operator would make for a job exists and is not the job's: never adopt it
-    (it may hold or grant more than the job should get)."""
-
-    def __init__(self, kind: str, namespace: str, name: str, job: str) -> None:
-        self.kind, self.namespace, self.name, self.job = kind, namespace, name, job
-        super().__init__(
-            f"{kind} {namespace}/{name} exists and is not owned by ImageBatchJob {job} (no owner reference "
-            f"to it); the operator does not adopt it: delete or rename that {kind}, or name the job differently"
-        )
-
-
-class EarlierIncarnationError(Exception):
-    """An object the operator would make for a job still belongs to an earlier ImageBatchJob of the
-    same name (deleted and re-created): the garbage collector is deleting it. Wait for it; neither
-    adopt it (it was made for another spec) nor fail the job."""
-
-    def __init__(self, kind: str, namespace: str, name: str, job: str) -> None:
-        self.kind, self.namespace, self.name, self.job = kind, namespace, name, job
-        super().__init__(
-            f"waiting for the garbage collector to delete {kind} {namespace}/{name}, which belongs to an "
-            f"earlier ImageBatchJob {job} (deleted and re-created under the same name)"
-        )
-
-
-def check_owned(obj: JSON, kind: str, ns: str, job: str, uid: str) -> None:
-    """Raises unless `obj` is the job's own child (see shardplan.ownership)."""
-    whose = ownership(obj, job, uid)
-    if whose == "earlier":
-        raise EarlierIncarnationError(kind, ns, obj["metadata"]["name"], job)
-    if whose == "foreign":
-        raise NotOwnedError(kind, ns, obj["metadata"]["name"], job)
-
-
 class OperatorKube:
     def __init__(self, api: kubernetes.client.ApiClient | None = None) -> None:
         self.api = api or load_client_config()
@@ -92,20 +68,21 @@ class OperatorKube:
         self._forged: dict[str, dict[str, str]] = {}
         self._forged_lock = threading.Lock()
 
+    @property
+    def shard_client(self) -> ShardClient:
+        return client_of(self)
+
     def _ours(self, shards: list[JSON], uid: str) -> list[JSON]:
-        ours, forged = [], {}
-        for s in shards:
-            why = forgery(s, uid)
-            if why is None:
-                ours.append(s)
-            elif (s.get("metadata", {}).get("labels") or {}).get(LABEL_JOB_UID) == uid:
-                forged[str(s["metadata"].get("name"))] = why
+        ours, forged = sort_out(shards, uid)
+        self._remember_forged(uid, forged)
+        return ours
+
+    def _remember_forged(self, uid: str, forged: dict[str, str]) -> None:
         with self._forged_lock:
             if forged:
                 self._forged[uid] = forged
             else:
                 self._forged.pop(uid, None)
-        return ours
 
     def forged_shards(self, uid: str) -> dict[str, str]:
         """Shards the last listing of this job ignored as forged: {name: why}."""
@@ -154,34 +131,15 @@ class OperatorKube:
             cached = self.shard_informer.shards(ns, uid)
             if cached is not None:
                 return self._ours(cached, uid)
-        resp = self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, ns, SHARD_PLURAL, label_selector=shard_selector(job, uid), _preload_content=False
-        )
-        items: list[JSON] = _json(resp).get("items", [])
-        return self._ours(items, uid)
+        ours, forged, _ = self.shard_client.list_of_job(ns, job, uid)
+        self._remember_forged(uid, forged)
+        return ours
 
     def create_shard(self, obj: JSON) -> bool:
         """Creates a planned shard; False if this job's shard of that name exists already (planned
         by a worker or an earlier pass). Raises NotOwnedError if the name is taken by a shard that
         is not this job's: adopting it would count someone else's work as this job's."""
-        if self.create(obj):
-            return True
-        meta = obj["metadata"]
-        ns, name = meta["namespace"], meta["name"]
-        uid = meta["ownerReferences"][0]["uid"]
-        try:
-            existing = _json(
-                self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, ns, SHARD_PLURAL, name, _preload_content=False
-                )
-            )
-        except ApiException as e:
-            if _status(e) == 404:
-                return self.create(obj)  # deleted in between: ours to make after all
-            raise
-        if not of_incarnation(existing, uid):
-            raise NotOwnedError("ImageBatchShard", ns, name, meta["ownerReferences"][0]["name"])
-        return False
+        return self.shard_client.create(obj)
 
     def create(self, obj: JSON) -> bool:
         """Creates any object this operator owns; False if it exists already."""
@@ -196,9 +154,7 @@ class OperatorKube:
     def _create(self, obj: JSON) -> None:
         ns = obj["metadata"]["namespace"]
         kind = obj["kind"]
-        if kind == "ImageBatchShard":
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, SHARD_PLURAL, obj)
-        elif kind == "Job":
+        if kind == "Job":
             self.batch.create_namespaced_job(ns, obj)
         elif kind == "ServiceAccount":
             self.core.create_namespaced_service_account(ns, obj)
@@ -230,8 +186,9 @@ class OperatorKube:
             self.rbac.patch_namespaced_role(name, ns, {"rules": obj["rules"]}, _content_type=MERGE_PATCH)
 
     def replace_shard_status(self, shard: JSON, status: JSON) -> bool:
-        """Writes a shard's status if it has not changed since it was read; False on a conflict."""
-        return replace_status_if_unchanged(self.custom, SHARD_PLURAL, shard, status)
+        """Writes a shard's status if it has not changed since it was read; False on a conflict
+        or when the shard is gone (ShardClient.replace_status)."""
+        return self.shard_client.replace_status(shard, status) is not None
 
     # -- the worker Job and its pods -------------------------------------------------------------
     def get_worker_job(self, ns: str, name: str) -> JSON | None:

@@ -18,11 +18,12 @@ from imagebatch.errors import ImageBatchError, format_validation_error
 from imagebatch.names import ANNOTATION_ITEM_COUNT, worker_job_name
 from imagebatch.operator import conditions, progress
 from imagebatch.operator.decide import Memory, active_clock
-from imagebatch.operator.kube import EarlierIncarnationError, NotOwnedError, OperatorKube, check_owned
+from imagebatch.operator.kube import OperatorKube
 from imagebatch.operator.observed import Observed, Prompts, Refusal
 from imagebatch.planning import expand_items
 from imagebatch.prompts import load_prompts
-from imagebatch.shardplan import annotation, planned
+from imagebatch.shardclient import EarlierIncarnationError, NotOwnedError, check_owned
+from imagebatch.shardplan import annotation, plan_complete
 from imagebatch.timeutil import now_utc, parse_time
 
 JSON = dict[str, Any]
@@ -107,10 +108,10 @@ def observe(
 
     shards = kube.list_shards(ns, name, uid)
     operator_plans = spec.prompts_from is None or spec.prompts_from.config_map_key_ref is not None
-    if operator_plans and not planned(shards):
+    if operator_plans and not plan_complete(shards):
         # The informer may not have seen shards made a moment ago: ask the API before planning.
         shards = kube.list_shards(ns, name, uid, fresh=True)
-    if operator_plans and not planned(shards):
+    if operator_plans and not plan_complete(shards):
         obs.prompts = _read_prompts(kube, ns, spec)
     obs.shards = shards
     obs.forged = kube.forged_shards(uid)

@@ -25,7 +25,7 @@ from typing import Any
 from imagebatch.api import ImageBatchJobStatus
 from imagebatch.names import worker_job_name
 from imagebatch.operator import builders, decide, metrics, observe, workers
-from imagebatch.operator.kube import EarlierIncarnationError, NotOwnedError, OperatorKube
+from imagebatch.operator.kube import OperatorKube
 from imagebatch.operator.plan import (
     CreateShards,
     CreateWorkers,
@@ -37,6 +37,7 @@ from imagebatch.operator.plan import (
     WriteShardStatus,
 )
 from imagebatch.operator.status import current_condition
+from imagebatch.shardclient import EarlierIncarnationError, NotOwnedError
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]

@@ -45,7 +45,6 @@ from imagebatch.manifest import BatchInfo, join_outputs
 from imagebatch.names import (
     ANNOTATION_ITEM_COUNT,
     ANNOTATION_MANIFEST_LINES,
-    ANNOTATION_SHARD_COUNT,
     EXIT_MODEL_LOAD_ERROR,
     EXIT_TERMINATED,
     EXIT_USER_ERROR,
@@ -53,7 +52,8 @@ from imagebatch.names import (
 )
 from imagebatch.planning import Item, expand_items, shard_id
 from imagebatch.prompts import iter_prompts
-from imagebatch.shardplan import shard_manifests
+from imagebatch.shardclient import EarlierIncarnationError
+from imagebatch.shardplan import plan_complete, shard_manifests
 from imagebatch.storage import MANIFEST, Storage, manifest_part_key, read_options
 from imagebatch.timeutil import now_utc
 from imagebatch.worker import claims, jobrecord, termination
@@ -96,11 +96,6 @@ class LostClaimError(Exception):
     """The lease could not be renewed because the claim is no longer ours."""
 
 
-class EarlierIncarnationError(Exception):
-    """This pod was made for an earlier ImageBatchJob of the same name, since deleted and
-    re-created: the job it reads now is not its own, and neither are that job's shards."""
-
-
 @dataclass
 class Claim:
     name: str
@@ -132,10 +127,11 @@ class Worker:
         self.last_list: list[JSON] = []  # the fresh list that confirmed nothing is left
         job = kube.get_job()
         if expected_uid is not None and job["metadata"]["uid"] != expected_uid:
+            # This pod was made for an earlier ImageBatchJob of the same name, since deleted and
+            # re-created: the job it reads now is not its own, and neither are that job's shards.
+            meta = job["metadata"]
             raise EarlierIncarnationError(
-                f"ImageBatchJob {job['metadata'].get('namespace')}/{job['metadata']['name']} was re-created "
-                f"(uid {job['metadata']['uid']}); this pod "
-                f"belongs to the earlier one (uid {expected_uid}), whose worker Job is being deleted"
+                "Pod", str(meta.get("namespace")), pod.partition("/")[0], meta["name"]
             )
         self.job = job
         # Read once: the shards this worker counts and claims are this incarnation's, even if the
@@ -170,8 +166,7 @@ class Worker:
         """A prompt file is planned by the first worker: only workers can read it."""
         if self.spec.prompts_from is None or self.spec.prompts_from.uri is None:
             return shards
-        counts = {(s["metadata"].get("annotations") or {}).get(ANNOTATION_SHARD_COUNT) for s in shards}
-        if shards and counts == {str(len(shards))}:
+        if plan_complete(shards):
             return shards
         items = self.items()
         manifests = shard_manifests(self.job, len(items), self.spec.batching.shard_size)
@@ -454,7 +449,7 @@ class Worker:
             return
         first = min(shards, key=lambda s: int(s["spec"]["index"]))
         ann = first["metadata"].get("annotations") or {}
-        if ANNOTATION_MANIFEST_LINES in ann or ann.get(ANNOTATION_SHARD_COUNT) != str(len(shards)):
+        if ANNOTATION_MANIFEST_LINES in ann or not plan_complete(shards):
             return
         if any(shardstate.shard_status(s).state != "Done" for s in shards):
             return

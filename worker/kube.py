@@ -1,6 +1,7 @@
 """The worker's only door to the Kubernetes API: its job, its shards, a prompt ConfigMap.
 
-Everything goes through the pod's ServiceAccount (least privilege: see operator/builders.py).
+Everything goes through the pod's ServiceAccount (least privilege: see operator/builders.py);
+shards through the shared shard client (imagebatch.shardclient), each of its calls retried here.
 Status writes carry the resourceVersion they were read at, so two writers never both win.
 
 Every call retries what an API server under load or restarting answers (429 and 5xx, honouring
@@ -36,10 +37,11 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from imagebatch.api import GROUP, VERSION
-from imagebatch.errors import ImageBatchError, PromptFileError
-from imagebatch.kubeclient import WATCH_READ_TIMEOUT, WATCH_SECONDS, api_client
+from imagebatch.errors import PromptFileError
+from imagebatch.kubeclient import api_client
 from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
-from imagebatch.shardplan import of_incarnation, shard_selector
+from imagebatch.shardclient import ShardClient, client_of
+from imagebatch.shardplan import shard_selector
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,6 @@ API_RETRY_SECONDS = 900.0
 WAIT_FIRST = 0.5
 WAIT_MAX = 30.0
 RETRY_AFTER_MAX = 60.0
-# The server ends a watch after WATCH_SECONDS (imagebatch.kubeclient), jittered here so 64 workers
-# do not come back at once; a read silent past WATCH_READ_TIMEOUT: the cache relists.
 
 
 def is_transient(err: BaseException) -> bool:
@@ -144,8 +144,7 @@ def _client() -> kubernetes.client.ApiClient:
 class WorkerKube:
     # Class defaults: tests build one with __new__ and set only what they use.
     retry_seconds = API_RETRY_SECONDS
-    # Bytes of API responses read (bodies, watch streams included): the claim benchmark's measure.
-    bytes_read = 0
+    _bytes_read = 0  # of its own calls; its shard client counts its own
 
     def __init__(self, namespace: str, job: str, api: kubernetes.client.ApiClient | None = None) -> None:
         self.ns = namespace
@@ -153,7 +152,6 @@ class WorkerKube:
         self.api = api or _client()
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
-        self.bytes_read = 0
 
     def _call(self, fn: Callable[[], T], until: threading.Event | None = None) -> T:
         # Each call is a named inner function: its __name__ names it in the retry warnings.
@@ -161,8 +159,13 @@ class WorkerKube:
 
     def _json(self, fn: Callable[[], Any], until: threading.Event | None = None) -> Any:
         resp = self._call(fn, until)
-        self.bytes_read += len(resp.data)
+        self._bytes_read += len(resp.data)
         return json.loads(resp.data)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of API responses read (bodies, watch streams included): the claim benchmark's."""
+        return self._bytes_read + self.shard_client.bytes_read
 
     def get_job(self) -> JSON:
         def get_job() -> Any:
@@ -190,24 +193,17 @@ class WorkerKube:
             raise PromptFileError(f"spec.promptsFrom.configMapKeyRef: ConfigMap {name} has no key {key!r}")
         return str(value)
 
+    # -- ImageBatchShards: the shared shard client (imagebatch.shardclient), every call retried --
+    @property
+    def shard_client(self) -> ShardClient:
+        return client_of(self, self._call)
+
     def list_shards_at(self, uid: str, until: threading.Event | None = None) -> tuple[list[JSON], str]:
         """The shards of the job with this UID (the worker's own job object's), never those of an
         earlier job of the same name that are still being deleted; and the list's
         resourceVersion, where a watch of them starts. Retries end early once `until` is set."""
-
-        def list_shards() -> Any:
-            return self.custom.list_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self.ns,
-                SHARD_PLURAL,
-                label_selector=shard_selector(self.job, uid),
-                _preload_content=False,
-            )
-
-        data = self._json(list_shards, until)
-        items: list[JSON] = data.get("items", [])
-        return [s for s in items if of_incarnation(s, uid)], str(data["metadata"]["resourceVersion"])
+        shards, _, version = self.shard_client.list_of_job(self.ns, self.job, uid, until)
+        return shards, version
 
     def list_shards(self, uid: str) -> list[JSON]:
         return self.list_shards_at(uid)[0]
@@ -215,126 +211,23 @@ class WorkerKube:
     def watch_shards(
         self, uid: str, resource_version: str, until: threading.Event | None = None
     ) -> Iterator[JSON]:
-        """The watch events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) of the job's shards after
-        `resource_version`, until the server ends the watch. Opening it is retried; an error while
-        reading it is raised (the cache relists)."""
-
-        def watch_shards() -> Any:
-            return self.custom.list_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self.ns,
-                SHARD_PLURAL,
-                label_selector=shard_selector(self.job, uid),
-                watch=True,
-                resource_version=resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=random.randint(WATCH_SECONDS // 2, WATCH_SECONDS),
-                _preload_content=False,
-                _request_timeout=WATCH_READ_TIMEOUT,
-            )
-
-        resp = self._call(watch_shards, until)
-        try:
-            buf = b""
-            # amt=None: each chunk as it comes (a size would wait for that many bytes of events).
-            for chunk in resp.stream(None, decode_content=True):
-                self.bytes_read += len(chunk)
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
-            if buf.strip():
-                yield json.loads(buf)
-        finally:
-            resp.release_conn()
+        """The watch events of the job's shards after `resource_version` (ShardClient.watch)."""
+        return self.shard_client.watch(self.ns, resource_version, shard_selector(self.job, uid), until)
 
     def get_shard(self, name: str) -> JSON | None:
-        def get_shard() -> Any:
-            return self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.ns, SHARD_PLURAL, name, _preload_content=False
-            )
-
-        try:
-            data: JSON = self._json(get_shard)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return data
+        return self.shard_client.get(self.ns, name)
 
     def create_shard(self, obj: JSON) -> bool:
-        """False when this job's shard exists already (another worker planned it first). A shard
-        of that name that is not this job's is never taken for it: that is an error."""
-
-        def create_shard() -> Any:
-            return self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, self.ns, SHARD_PLURAL, obj, _preload_content=False
-            )
-
-        try:
-            self._call(create_shard)
-            return True
-        except ApiException as e:
-            # A 409 may also be our own create whose answer was lost, retried: the check below
-            # finds the shard ours either way.
-            if e.status != 409:
-                raise
-        name = obj["metadata"]["name"]
-        existing = self.get_shard(name)
-        if existing is None:
-            return self.create_shard(obj)  # deleted in between: ours to make after all
-        uid = obj["metadata"]["ownerReferences"][0]["uid"]
-        if not of_incarnation(existing, uid):
-            raise ImageBatchError(
-                f"ImageBatchShard {self.ns}/{name} exists and is not a shard of ImageBatchJob {self.job} "
-                f"(uid {uid}); the worker does not adopt it: delete that ImageBatchShard"
-            )
-        return False
+        """False when this job's shard exists already (another worker planned it first); a shard
+        of that name that is not this job's is never taken for it: NotOwnedError."""
+        return self.shard_client.create(obj)
 
     def replace_shard_status(self, shard: JSON, status: JSON) -> JSON | None:
-        """Writes a shard's status if it has not changed since it was read (the resourceVersion
-        it carries): the shard as written, or None on a conflict or when the shard is gone.
-
-        A write whose answer was lost (a timeout) and that is then refused as a conflict may be
-        our own write, applied: the shard is read back, and if it holds exactly this status the
-        write counts as ours."""
+        """The fenced status write (ShardClient.replace_status): the shard as written, or None."""
         meta = shard["metadata"]
-        body = {
-            "apiVersion": shard["apiVersion"],
-            "kind": shard["kind"],
-            "metadata": {
-                "name": meta["name"],
-                "namespace": meta.get("namespace", self.ns),
-                "resourceVersion": meta["resourceVersion"],
-            },
-            "spec": shard["spec"],
-            "status": status,
-        }
-        unanswered = False
-
-        def replace_shard_status() -> Any:
-            nonlocal unanswered
-            try:
-                return self.custom.replace_namespaced_custom_object_status(
-                    GROUP, VERSION, self.ns, SHARD_PLURAL, meta["name"], body, _preload_content=False
-                )
-            except Exception as e:
-                unanswered = unanswered or not isinstance(e, ApiException) or e.status in (0, 408, 504)
-                raise
-
-        try:
-            written: JSON = self._json(replace_shard_status)
-            return written
-        except ApiException as e:
-            if e.status not in (404, 409):
-                raise
-            if e.status == 409 and unanswered:
-                current = self.get_shard(meta["name"])
-                if current is not None and current.get("status") == status:
-                    return current
-            return None
+        if "namespace" not in meta:
+            shard = {**shard, "metadata": {**meta, "namespace": self.ns}}
+        return self.shard_client.replace_status(shard, status)
 
     def annotate_shard(self, name: str, annotations: dict[str, str]) -> None:
         def annotate_shard() -> Any:

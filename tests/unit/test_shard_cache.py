@@ -73,18 +73,18 @@ TABLE: list[tuple[str, JSON, list[int], bool, bool, str | None]] = [
 def test_each_watch_event_changes_the_cache_and_wakes_waiters_only_when_it_changed() -> None:
     cache = ShardCache(None, UID)  # type: ignore[arg-type]  # no source: events are fed here
     cache.replace([shard(0, 5), shard(1, 6)], "10")
-    assert names(cache.pending()) == [0, 1] and cache.synced and cache.resource_version() == "10"
+    assert names(cache.pending()) == [0, 1] and cache.synced and cache.resource_version == "10"
     for what, event, pending, others, woken, rv in TABLE:
         before = cache.version
         cache.apply(event)
         assert names(cache.pending()) == pending, what
         assert cache.claimed_by_others("pod-a") is others, what
         assert (cache.version > before) is woken, what
-        assert cache.resource_version() == rv, what
+        assert cache.resource_version == rv, what
     before = cache.version
     with pytest.raises(RelistError, match="410"):
         cache.apply(GONE)
-    assert cache.resource_version() is None, "after 410 Gone the watch cannot resume: relist"
+    assert cache.resource_version is None, "after 410 Gone the watch cannot resume: relist"
     assert cache.version == before
     cache.replace([shard(3, 30)], "31")  # the relist replaces everything
     assert names(cache.pending()) == [3] and not cache.claimed_by_others("pod-a")
