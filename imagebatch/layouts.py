@@ -11,8 +11,10 @@ A layout owns four things, and nothing else in the code branches on which layout
 The layouts live in `LAYOUTS` by name; `spec.output.layout` names one. `files` and `webdataset`
 are the built-in ones (the names the API accepts); `register` adds one in code (tests).
 
-A new layout: one `OutputLayout` subclass, `register(MyLayout())`, and its name in the API's
-`Output.layout` (for users; a test builds its spec past validation instead).
+A new layout: one `OutputLayout` subclass (a `ContainerLayout` for one file per shard: its key,
+`pack` and `unpack`), `register(MyLayout())`, and its name in the API's `Output.layout` for
+users' specs (tests/worker/test_layouts.py registers a zip layout and builds its spec past
+validation instead).
 """
 
 from __future__ import annotations
@@ -113,27 +115,6 @@ class ImageFiles(ShardWriter):
         pass  # each image was written as it was made
 
 
-class MemoryShard(ShardWriter):
-    """Images of one shard held in memory (encoders are threads) until `finish` writes the
-    container in one go; keyed by member name, `<id>.<ext>`. `stored`: members of a container
-    an earlier, interrupted run wrote, by name (its images are not made again)."""
-
-    def __init__(self, fmt: str, stored: dict[str, bytes] | None = None) -> None:
-        self.ext = EXTENSIONS[fmt]
-        self.files = {n: b for n, b in (stored or {}).items() if n.endswith(f".{self.ext}")}
-        self._lock = threading.Lock()
-
-    def key(self, item_id: str) -> str:
-        return f"{item_id}.{self.ext}"
-
-    def existing(self, keys: Iterable[str]) -> set[str]:
-        return {k for k in keys if k in self.files}
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        with self._lock:
-            self.files[key] = data
-
-
 class FilesLayout(OutputLayout):
     """images/<id>.<ext>, one file each, and images/metadata.jsonl for Hugging Face imagefolder."""
 
@@ -155,35 +136,71 @@ class FilesLayout(OutputLayout):
         return {}
 
 
-class WebdatasetShard(MemoryShard):
-    def __init__(self, storage: Storage, shard: str, fmt: str) -> None:
+class ContainerLayout(OutputLayout):
+    """A layout that writes each shard's images into one file (one write per shard, one PUT on
+    object storage, instead of one per image): a subclass says where it goes and how it is packed."""
+
+    @abstractmethod
+    def container_key(self, shard: str) -> str: ...
+
+    @abstractmethod
+    def pack(self, made: Sequence[Made], images: dict[str, bytes]) -> bytes:
+        """The container of the shard's images (`images[m.key]` for each of `made`, in order);
+        may add fields to the lines (where each image sits in it)."""
+
+    @abstractmethod
+    def unpack(self, data: bytes) -> dict[str, bytes]:
+        """A container's members by name: the images an interrupted run already made."""
+
+    def check_items(self, items: Sequence[Item]) -> None:
+        """Raises SpecError for an item this layout cannot hold."""
+
+    def key(self, shard: str, item_id: str, fmt: str) -> str:
+        return self.container_key(shard)
+
+    def open_shard(self, storage: Storage, shard: str, items: Sequence[Item], fmt: str) -> ShardWriter:
+        self.check_items(items)
+        return ContainerShard(self, storage, shard, fmt)
+
+
+class ContainerShard(ShardWriter):
+    """A shard's images held in memory (encoders are threads), keyed by member name
+    `<id>.<ext>`, until `finish` writes the container. Resumable per shard: a container already
+    written (the manifest part was not, yet) gives back its images."""
+
+    def __init__(self, layout: ContainerLayout, storage: Storage, shard: str, fmt: str) -> None:
+        self.layout = layout
         self.storage = storage
-        self.tar_key = shard_tar_key(shard)
-        # Resumable per shard: a tar already written (the part was not, yet) gives back its images.
-        stored = read_tar(storage.read_bytes(self.tar_key)) if storage.exists(self.tar_key) else {}
-        super().__init__(fmt, stored)
+        self.container = layout.container_key(shard)
+        self.ext = EXTENSIONS[fmt]
+        stored = layout.unpack(storage.read_bytes(self.container)) if storage.exists(self.container) else {}
+        self.files = {n: b for n, b in stored.items() if n.endswith(f".{self.ext}")}
+        self._lock = threading.Lock()
+
+    def key(self, item_id: str) -> str:
+        return f"{item_id}.{self.ext}"
+
+    def existing(self, keys: Iterable[str]) -> set[str]:
+        return {k for k in keys if k in self.files}
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self.files[key] = data
 
     def finish(self, made: Sequence[Made]) -> None:
-        files: list[tuple[str, bytes]] = []
-        for m in made:
-            files.append((m.key, self.files[m.key]))
-            files.append((f"{m.item.id}.json", (json.dumps(m.line, ensure_ascii=False) + "\n").encode()))
-        data, members = build_tar(files)
-        self.storage.write_bytes(self.tar_key, data)  # atomic: temp file and rename, or one PUT
-        for m in made:
-            member = members[m.key]
-            m.line.update(member=member.name, offset=member.offset, size=member.size)
+        data = self.layout.pack(made, self.files)
+        self.storage.write_bytes(self.container, data)  # atomic: temp file and rename, or one PUT
 
 
-class WebdatasetLayout(OutputLayout):
-    """shards/<shard>.tar holding <id>.<ext> and <id>.json per image: one write per shard."""
+class WebdatasetLayout(ContainerLayout):
+    """shards/<shard>.tar holding <id>.<ext> and <id>.json per image."""
 
     name = "webdataset"
 
-    def key(self, shard: str, item_id: str, fmt: str) -> str:
+    def container_key(self, shard: str) -> str:
         return shard_tar_key(shard)
 
-    def open_shard(self, storage: Storage, shard: str, items: Sequence[Item], fmt: str) -> ShardWriter:
+    def check_items(self, items: Sequence[Item]) -> None:
         for it in items:
             if "." in it.id:
                 # webdataset readers split a member name at its first dot: `a.b.png` would be key `a`.
@@ -191,7 +208,20 @@ class WebdatasetLayout(OutputLayout):
                     f"item id {it.id!r} holds a '.', which webdataset readers take as the start of the "
                     "file extension; use ids without dots with spec.output.layout webdataset"
                 )
-        return WebdatasetShard(storage, shard, fmt)
+
+    def pack(self, made: Sequence[Made], images: dict[str, bytes]) -> bytes:
+        files: list[tuple[str, bytes]] = []
+        for m in made:
+            files.append((m.key, images[m.key]))
+            files.append((f"{m.item.id}.json", (json.dumps(m.line, ensure_ascii=False) + "\n").encode()))
+        data, members = build_tar(files)
+        for m in made:  # after the tar: its JSON members are the lines without these
+            member = members[m.key]
+            m.line.update(member=member.name, offset=member.offset, size=member.size)
+        return data
+
+    def unpack(self, data: bytes) -> dict[str, bytes]:
+        return read_tar(data)
 
 
 LAYOUTS: dict[str, OutputLayout] = {layout.name: layout for layout in (FilesLayout(), WebdatasetLayout())}
