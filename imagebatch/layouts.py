@@ -2,7 +2,7 @@
 
 A layout owns four things, and nothing else in the code branches on which layout a job has:
 - `key`: the storage key a manifest line names for an image (its file, or its shard's container);
-- `open_shard`: the shard's writer, the `ImageSink` the engine writes encoded images into, and
+- `open_shard`: the shard's writer (`ShardWriter`), where the engine puts encoded images, and
   its `finish`, which writes the shard's container (if any) once every image is made and may add
   fields to the manifest lines (where an image sits inside the container);
 - `join_files`: what the join writes beside manifest.jsonl, one row per manifest line;
@@ -13,7 +13,7 @@ are the built-in ones (the names the API accepts); `register` adds one in code (
 
 A new layout: one `OutputLayout` subclass (a `ContainerLayout` for one file per shard: its key,
 `pack` and `unpack`), `register(MyLayout())`, and its name in the API's `Output.layout` for
-users' specs (tests/worker/test_layouts.py registers a zip layout and builds its spec past
+users' specs (tests/worker/test_zip_layout.py registers a zip layout and builds its spec past
 validation instead).
 """
 
@@ -116,7 +116,7 @@ class ImageFiles(ShardWriter):
 
 
 class FilesLayout(OutputLayout):
-    """images/<id>.<ext>, one file each, and images/metadata.jsonl for Hugging Face imagefolder."""
+    """images/<id>.<ext>, one file each, and metadata.jsonl for Hugging Face imagefolder."""
 
     name = "files"
 
