@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagebatch import contact_sheet
+from imagebatch.layouts import OutputLayout, layout_for
 from imagebatch.planning import Item
-from imagebatch.storage import HF_METADATA, MANIFEST, MANIFEST_PARQUET, Storage, manifest_part_key
+from imagebatch.storage import MANIFEST, MANIFEST_PARQUET, Storage, manifest_part_key
 
 ERRORS = "errors.jsonl"
 ERROR_PARTS = "errors"
@@ -187,10 +188,15 @@ def _columns(lines: list[dict[str, Any]], names: dict[str, None]) -> dict[str, l
 
 
 def join_outputs(
-    storage: Storage, title: str, shards: Iterable[str], layout: str, expected: int | None = None
+    storage: Storage,
+    title: str,
+    shards: Iterable[str],
+    layout: str | OutputLayout,
+    expected: int | None = None,
 ) -> int:
     """Everything written once all shards are done: manifest.jsonl, manifest.parquet, the
-    imagefolder metadata (files layout) and the contact sheet's pages; returns the line count.
+    layout's files (`OutputLayout.join_files`: the imagefolder metadata of the files layout) and
+    the contact sheet's pages; returns the line count.
 
     Part by part, in two passes, so that the whole manifest is never in memory (a million lines
     are a few GB as Python objects): the first concatenates the parts into manifest.jsonl and
@@ -247,7 +253,9 @@ def join_outputs(
         writer = files.enter_context(
             pq.ParquetWriter(files.enter_context(storage.open_write(MANIFEST_PARQUET)), schema)
         )
-        meta = files.enter_context(storage.open_write(HF_METADATA)) if layout == "files" else None
+        extra = [
+            (f.row, files.enter_context(storage.open_write(f.key))) for f in layout_for(layout).join_files()
+        ]
         pending: list[pa.Table] = []
         for shard in shards:
             _, lines = _part(storage, shard)
@@ -256,8 +264,8 @@ def join_outputs(
             if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
                 writer.write_table(pa.concat_tables(pending))
                 pending = []
-            if meta is not None:
-                meta.write(dumps_lines(imagefolder_line(line) for line in lines))
+            for row, out in extra:
+                out.write(dumps_lines(row(line) for line in lines))
             for line in lines:
                 for key, text in sheet.add(line):
                     storage.write_bytes(key, text.encode())

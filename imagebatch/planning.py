@@ -10,6 +10,7 @@ from typing import Any
 
 from imagebatch.api import Generation, ImageBatchJobSpec, PromptItem
 from imagebatch.errors import SpecError
+from imagebatch.layouts import layout_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,5 @@ def image_fields(spec: ImageBatchJobSpec) -> dict[str, Any]:
         "generation": spec.generation.model_dump(),
         "format": spec.output.format,
         "quality": spec.output.quality,
-        # Only when set, so that outputs made before layouts existed keep their fingerprint.
-        **({"layout": spec.output.layout} if spec.output.layout != "files" else {}),
+        **layout_for(spec.output.layout).fingerprint_entry(),
     }

@@ -2,7 +2,8 @@
 
 Keys are the contract: `images/<item id>.<ext>` (layout files) or `shards/<shard id>.tar`
 (layout webdataset: `<item id>.<ext>` and `<item id>.json` inside), `manifest/<shard id>.jsonl`
-(one part per shard), and `manifest.jsonl` (the parts joined). Writes are atomic: temp file and rename on a
+(one part per shard), and `manifest.jsonl` (the parts joined); which image keys a job writes is
+its layout's (imagebatch/layouts.py). Writes are atomic: temp file and rename on a
 file system, one PUT on object storage, so a reader never sees half an image.
 """
 
@@ -12,12 +13,11 @@ import contextlib
 import io
 import os
 import tarfile
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import IO, Any, Concatenate, ParamSpec, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -42,29 +42,6 @@ def image_key(item_id: str, fmt: str) -> str:
 
 def shard_tar_key(shard: str) -> str:
     return f"{SHARDS}/{shard}.tar"
-
-
-class ImageSink(Protocol):
-    """Where the engine puts encoded images: a Storage, or a shard's in-memory tar."""
-
-    def existing(self, keys: Iterable[str]) -> set[str]: ...
-
-    def write_bytes(self, key: str, data: bytes) -> None: ...
-
-
-class MemorySink:
-    """Images of one shard held until the shard's tar is written in one go (encoders are threads)."""
-
-    def __init__(self, files: dict[str, bytes] | None = None) -> None:
-        self.files = dict(files or {})
-        self._lock = threading.Lock()
-
-    def existing(self, keys: Iterable[str]) -> set[str]:
-        return {k for k in keys if k in self.files}
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        with self._lock:
-            self.files[key] = data
 
 
 @dataclass(frozen=True)

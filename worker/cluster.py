@@ -288,9 +288,10 @@ class Worker:
 
     def _run(self) -> int:
         shards = self.plan_if_needed(self.start_cache().shards())
-        from imagebatch.worker.engine import Engine, EngineOptions
-        from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
-        from imagebatch.worker.pipeline import load_pipeline
+        from dataclasses import replace
+
+        from imagebatch.worker.engine import Engine
+        from imagebatch.worker.run import prepare_run
 
         try:
             # Stored images are never remade: refuse an output made with other settings, the
@@ -307,27 +308,21 @@ class Worker:
             self.fail_one(str(e), shards)
             return EXIT_USER_ERROR
         try:
-            loaded = load_pipeline(self.spec.model, self.device)
+            # The same engine settings as local mode (compile, channels-last, remembered batch size).
+            run = prepare_run(self.spec, self.device)
         except ModelLoadError as e:
             log.error("%s", e)
             termination.write(str(e))
             self.fail_one(f"{MODEL_LOAD_ERROR}: {e}", shards)
             return EXIT_MODEL_LOAD_ERROR
-        batching = self.spec.batching.batch_size
-        size = batching if isinstance(batching, int) else None
-        # The same engine settings as local mode (compile, channels-last, remembered batch size).
-        optimize(loaded, from_spec(loaded, self.spec.engine, size))
-        opts = EngineOptions(
-            batch_size=size,
-            image_format=self.spec.output.format,
-            quality=self.spec.output.quality,
-            batch_memory=batch_memory_path(self.spec.engine),
+        opts = replace(
+            run.options,
             worker=self.pod,
             stop=self.stop,
             labels=self.labels,
             before_batch=self.failpoints.before_batch if "batch" in self.failpoints.points else None,
         )
-        with Engine(loaded, self.storage, opts) as engine:
+        with Engine(run.loaded, self.storage, opts) as engine:
             while (claim := self.next_claim()) is not None:
                 rc = self.work(engine, claim)
                 if rc is not None:

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagebatch.layouts import ImageFiles, ShardWriter
 from imagebatch.manifest import BatchInfo
 from imagebatch.planning import Item
-from imagebatch.storage import ImageSink, Storage, image_key
+from imagebatch.storage import Storage
 from imagebatch.worker import imagemeta, itemfail
 from imagebatch.worker.pipeline import LoadedPipeline
 from imagebatch.worker.textenc import Prepared, TextPreparer
@@ -329,12 +330,13 @@ class Engine:
         items: Sequence[Item],
         on_done: Callable[[ItemResult], None] | None = None,
         metadata: Callable[[Item], dict[str, Any]] | None = None,
-        sink: ImageSink | None = None,
+        sink: ShardWriter | None = None,
     ) -> list[ItemResult]:
         """Make and store every item whose image is not stored yet; return one result per item.
 
-        `metadata` gives what each image file carries about itself; `sink` replaces the storage
-        (a shard's tar collects its images in memory).
+        `metadata` gives what each image file carries about itself; `sink` names each image's key
+        and stores it (the output layout's shard writer, imagebatch/layouts.py); without one,
+        images go to loose files in this engine's storage.
         """
         if self.lanes > 1:
             return self._run_lanes(items, on_done, metadata, sink)
@@ -345,12 +347,11 @@ class Engine:
         items: Sequence[Item],
         on_done: Callable[[ItemResult], None] | None = None,
         metadata: Callable[[Item], dict[str, Any]] | None = None,
-        sink: ImageSink | None = None,
+        sink: ShardWriter | None = None,
     ) -> list[ItemResult]:
         """run() in this thread, one batch after another."""
-        fmt = self.opts.image_format
-        out = sink or self.storage
-        keys = {it.id: image_key(it.id, fmt) for it in items}
+        out = sink if sink is not None else ImageFiles(self.storage, self.opts.image_format)
+        keys = {it.id: out.key(it.id) for it in items}
         existing = out.existing(keys.values())
         results: dict[str, ItemResult] = {}
         stored = [it for it in items if keys[it.id] in existing]
@@ -513,7 +514,7 @@ class Engine:
         items: Sequence[Item],
         on_done: Callable[[ItemResult], None] | None,
         metadata: Callable[[Item], dict[str, Any]] | None,
-        sink: ImageSink | None,
+        sink: ShardWriter | None,
     ) -> list[ItemResult]:
         """The items' batches dealt round-robin to the lanes, each lane running them in order."""
         ordered = sorted(items, key=lambda it: it.params_key())
@@ -565,7 +566,7 @@ class Engine:
 
     def _encode_write(
         self,
-        out: ImageSink,
+        out: ShardWriter,
         host: HostImages,
         index: int,
         key: str,

@@ -16,10 +16,9 @@ from imagebatch.manifest import join_outputs
 from imagebatch.planning import expand_items, fingerprint, image_fields, plan_shards
 from imagebatch.prompts import iter_prompts
 from imagebatch.storage import MANIFEST, Storage, manifest_part_key, storage_options
-from imagebatch.worker.engine import Engine, EngineOptions, ItemResult
+from imagebatch.worker.engine import Engine, ItemResult
 from imagebatch.worker.failpoints import Failpoints
-from imagebatch.worker.optimize import batch_memory_path, from_spec, optimize
-from imagebatch.worker.pipeline import load_pipeline
+from imagebatch.worker.run import prepare_run
 from imagebatch.worker.shards import process_shard
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def run_local(
     items = expand_items(iter_prompts(spec, storage_options(spec.output)), spec.generation)
     shards = plan_shards(len(items), spec.batching.shard_size)
     storage = Storage.for_output(spec.output)
-    loaded = load_pipeline(spec.model, device)
+    run = prepare_run(spec, device, batch_size)
 
     storage.ensure_root()
     check_job_record(storage, job.metadata.name, fingerprint(image_fields(spec), items))
@@ -77,14 +76,6 @@ def run_local(
     if already:
         log.info("resuming: %d of %d shards were already done", len(shards) - len(todo), len(shards))
 
-    size = batch_size or (spec.batching.batch_size if isinstance(spec.batching.batch_size, int) else None)
-    optimize(loaded, from_spec(loaded, spec.engine, size))
-    opts = EngineOptions(
-        batch_size=size,
-        image_format=spec.output.format,
-        quality=spec.output.quality,
-        batch_memory=batch_memory_path(spec.engine),
-    )
     made = skipped = 0
     failpoints = Failpoints.from_env()
     current = ""  # the shard being made, for the failpoints' record
@@ -107,7 +98,7 @@ def run_local(
             failpoints.hit("image-stored", pod="local", shard=current, items_done=made)
         bar.update(1)
 
-    with logging_redirect_tqdm(), bar, Engine(loaded, storage, opts) as engine:
+    with logging_redirect_tqdm(), bar, Engine(run.loaded, storage, run.options) as engine:
         for shard in todo:
             current = shard.id
             process_shard(engine, shard.id, items[shard.start : shard.end], on_done, spec.output.layout)
