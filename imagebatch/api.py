@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from imagebatch import podschema
 from imagebatch.podschema import reserved_env_error
 
 # The words of the status are part of the API: one module of their own, re-exported here.
@@ -34,7 +35,41 @@ MAX_STRING_LENGTH = 4096
 MAX_PROMPT_LENGTH = 4096
 MAX_INLINE_PROMPTS = 10_000
 # Ids become object keys and label values: keep them to a safe, sortable alphabet.
-ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_ID_LENGTH = 128
+ITEM_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ID_LENGTH - 1}}}$")
+MAX_BATCH_SIZE = 1024
+
+
+# --- Rules the API server checks, written beside the fields they check ------------------------
+# A rule exists only for what the structural schema cannot say (pydantic's ge/le/min_length/
+# max_length become minimum/maximum/minLength/maxLength by themselves): a multiple of 8, an
+# int-or-string's range, one-of, immutability. imagebatch/crd.py carries them over unchanged.
+
+NEW_JOB = "create a new ImageBatchJob (with another name) for other settings"
+IMMUTABLE = " Immutable after creation."
+
+
+def cel(rule: str, message: str, *, field_path: str | None = None) -> dict[str, str]:
+    """One CEL rule (x-kubernetes-validations); the message is what `kubectl apply` prints, so it
+    names the field and says what to change."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def rules(*checks: dict[str, str], **schema: Any) -> dict[str, Any]:
+    """`json_schema_extra` of a field or model: its CEL rules and any schema keys pydantic has no
+    constraint for (multipleOf, pattern, minItems on an optional list)."""
+    return {**schema, "x-kubernetes-validations": list(checks)} if checks else schema
+
+
+def immutable(path: str) -> dict[str, str]:
+    return cel("self == oldSelf", f"{path} is immutable: it decides the images already made; {NEW_JOB}")
+
+
+def _multiple_of_8(path: str) -> dict[str, str]:
+    return cel("self % 8 == 0", f"{path} must be a multiple of 8 (e.g. 512, 768 or 1024)")
 
 
 class Model(BaseModel):
@@ -119,10 +154,18 @@ class Overrides(Model):
     """Per-prompt generation settings; unset fields take the job's `generation` values."""
 
     width: int | None = Field(
-        default=None, ge=8, le=8192, description="Image width in pixels (multiple of 8)."
+        default=None,
+        ge=8,
+        le=8192,
+        description="Image width in pixels (multiple of 8).",
+        json_schema_extra=rules(multipleOf=8),
     )
     height: int | None = Field(
-        default=None, ge=8, le=8192, description="Image height in pixels (multiple of 8)."
+        default=None,
+        ge=8,
+        le=8192,
+        description="Image height in pixels (multiple of 8).",
+        json_schema_extra=rules(multipleOf=8),
     )
     steps: int | None = Field(default=None, ge=1, le=1000, description="Denoising steps.")
     guidance_scale: float | None = Field(
@@ -138,9 +181,12 @@ class Overrides(Model):
 
 
 class PromptItem(Overrides):
+    """A prompt with, optionally, its own id, seed, negative prompt and generation overrides."""
+
     id: str | None = Field(
         default=None,
         description="Stable id of this prompt; its images are stored as images/<id>.<ext>. Default: p<index>.",
+        json_schema_extra=rules(pattern=ITEM_ID_RE.pattern, maxLength=MAX_ID_LENGTH),
     )
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="The text prompt.")
     negative_prompt: str | None = Field(
@@ -159,7 +205,7 @@ class PromptItem(Overrides):
         if v is not None and not ITEM_ID_RE.match(v):
             raise ValueError(
                 f"id {v!r} must start with a letter or digit and hold only letters, digits, '.', '_' "
-                "and '-' (at most 128 characters)"
+                f"and '-' (at most {MAX_ID_LENGTH} characters)"
             )
         return v
 
@@ -170,6 +216,14 @@ class ConfigMapKeyRef(Model):
 
 
 class PromptsFrom(Model):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "has(self.uri) != has(self.configMapKeyRef)",
+                "set exactly one of spec.promptsFrom.uri (a file) and spec.promptsFrom.configMapKeyRef",
+            )
+        )
+    )
     uri: str | None = Field(
         default=None,
         description=(
@@ -216,8 +270,20 @@ class PromptsFrom(Model):
 
 
 class Generation(Model):
-    width: int = Field(default=512, ge=8, le=8192, description="Image width in pixels; a multiple of 8.")
-    height: int = Field(default=512, ge=8, le=8192, description="Image height in pixels; a multiple of 8.")
+    width: int = Field(
+        default=512,
+        ge=8,
+        le=8192,
+        description="Image width in pixels; a multiple of 8.",
+        json_schema_extra=rules(_multiple_of_8("spec.generation.width")),
+    )
+    height: int = Field(
+        default=512,
+        ge=8,
+        le=8192,
+        description="Image height in pixels; a multiple of 8.",
+        json_schema_extra=rules(_multiple_of_8("spec.generation.height")),
+    )
     steps: int = Field(default=25, ge=1, le=1000, description="Denoising steps.")
     guidance_scale: float = Field(
         default=7.5, ge=0, le=100, description="Classifier-free guidance scale; 1 or less turns CFG off."
@@ -242,16 +308,27 @@ class Batching(Model):
     batch_size: int | Literal["auto"] = Field(
         default="auto",
         description="Images per denoising batch, or auto: the largest that fits the device (8 on the CPU).",
+        # int-or-string: the structural schema cannot bound the number, so CEL does.
+        json_schema_extra=rules(
+            cel(
+                f"type(self) == int ? (self >= 1 && self <= {MAX_BATCH_SIZE}) : self == 'auto'",
+                f"spec.batching.batchSize must be a number from 1 to {MAX_BATCH_SIZE}, or auto",
+            )
+        ),
     )
     shard_size: int = Field(
-        default=256, ge=1, le=100_000, description="Items per shard: the unit a worker claims and retries."
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Items per shard: the unit a worker claims and retries." + IMMUTABLE,
+        json_schema_extra=rules(immutable("spec.batching.shardSize")),
     )
 
     @field_validator("batch_size")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 1024:
-            raise ValueError(f"must be between 1 and 1024, or auto (got {v})")
+        if isinstance(v, int) and not 1 <= v <= MAX_BATCH_SIZE:
+            raise ValueError(f"must be between 1 and {MAX_BATCH_SIZE}, or auto (got {v})")
         return v
 
 
@@ -282,11 +359,15 @@ class SecretRef(Model):
 class Output(Model):
     uri: str = Field(
         min_length=1,
-        description="Where images and manifest.jsonl go: a path (on a volume in cluster mode) or s3://bucket/prefix.",
+        description="Where images and manifest.jsonl go: a path (on a volume in cluster mode) or s3://bucket/prefix."
+        + IMMUTABLE,
+        json_schema_extra=rules(immutable("spec.output.uri")),
     )
     format: Literal["png", "webp", "jpeg"] = Field(
         default="png",
-        description="Image file format; each image carries its prompt, seed and settings (PNG text, XMP and EXIF).",
+        description="Image file format; each image carries its prompt, seed and settings (PNG text, XMP and EXIF)."
+        + IMMUTABLE,
+        json_schema_extra=rules(immutable("spec.output.format")),
     )
     layout: Literal["files", "webdataset"] = Field(
         default="files",
@@ -296,7 +377,13 @@ class Output(Model):
             "shard (one write per shard, not per image). Both write manifest.jsonl and manifest.parquet."
         ),
     )
-    quality: int = Field(default=90, ge=1, le=100, description="WebP/JPEG quality (ignored for PNG).")
+    quality: int = Field(
+        default=90,
+        ge=1,
+        le=100,
+        description="WebP/JPEG quality (ignored for PNG)." + IMMUTABLE,
+        json_schema_extra=rules(immutable("spec.output.quality")),
+    )
     credentials_secret: SecretRef | None = Field(
         default=None,
         description=(
@@ -335,22 +422,16 @@ class Retries(Model):
             "fails the job), or a percentage of the job's items rounded up (default 1%: at least "
             "one item in any job). More failed items end the job Failed, naming the first ones."
         ),
-        # The same rule at the API server, beside the field it checks.
-        json_schema_extra={
-            "maxLength": 16,
-            "x-kubernetes-validations": [
-                {
-                    "rule": (
-                        "type(self) == int ? self >= 0 : (self.matches('^[0-9]+([.][0-9]+)?%$') "
-                        "&& double(self.replace('%', '')) <= 100.0)"
-                    ),
-                    "message": (
-                        "spec.retries.maxFailedItems must be a count of items (0 or more) or a "
-                        "percentage from 0% to 100% such as 1% or 0.5%"
-                    ),
-                }
-            ],
-        },
+        # int-or-string: the same rule at the API server.
+        json_schema_extra=rules(
+            cel(
+                "type(self) == int ? self >= 0 : (self.matches('^[0-9]+([.][0-9]+)?%$') "
+                "&& double(self.replace('%', '')) <= 100.0)",
+                "spec.retries.maxFailedItems must be a count of items (0 or more) or a "
+                "percentage from 0% to 100% such as 1% or 0.5%",
+            ),
+            maxLength=16,
+        ),
     )
     lease_seconds: int = Field(
         default=120, ge=10, le=86_400, description="A claim not renewed for this long goes back to pending."
@@ -381,7 +462,26 @@ class Retries(Model):
     )
 
 
+# Pod-spec pieces: plain dicts here, bounded structural schemas at the API server (podschema.py).
+PodResources = Annotated[dict[str, Any], WithJsonSchema(podschema.resources_schema())]
+PodNodeSelector = Annotated[dict[str, str], WithJsonSchema(podschema.node_selector_schema())]
+PodTolerations = Annotated[list[dict[str, Any]], WithJsonSchema(podschema.tolerations_schema())]
+PodEnv = Annotated[list[dict[str, Any]], WithJsonSchema(podschema.env_schema())]
+PodVolumes = Annotated[list[dict[str, Any]], WithJsonSchema(podschema.volumes_schema())]
+PodVolumeMounts = Annotated[list[dict[str, Any]], WithJsonSchema(podschema.volume_mounts_schema())]
+
+
 class Workers(Model):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "(has(self.minReplicas) ? self.minReplicas : 0) <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
+                "spec.workers.minReplicas must not exceed spec.workers.maxReplicas: lower minReplicas "
+                "or raise maxReplicas",
+                field_path=".minReplicas",
+            )
+        )
+    )
     min_replicas: int = Field(default=0, ge=0, description="Fewest worker pods while there is work.")
     max_replicas: int = Field(default=4, ge=1, le=10_000, description="Most worker pods.")
     shards_per_replica: int = Field(
@@ -403,24 +503,24 @@ class Workers(Model):
         ),
     )
     image: str | None = Field(default=None, description="Worker image; default: the operator's.")
-    resources: dict[str, Any] | None = Field(
+    resources: PodResources | None = Field(
         default=None, description="Worker container resources (requests/limits), as in a Pod spec."
     )
-    node_selector: dict[str, str] | None = Field(default=None, description="Worker pod nodeSelector.")
-    tolerations: list[dict[str, Any]] | None = Field(default=None, description="Worker pod tolerations.")
+    node_selector: PodNodeSelector | None = Field(default=None, description="Worker pod nodeSelector.")
+    tolerations: PodTolerations | None = Field(default=None, description="Worker pod tolerations.")
     priority_class_name: str | None = Field(default=None, description="Worker pod priorityClassName.")
     service_account_name: str | None = Field(
         default=None,
         description="Worker ServiceAccount; default: one the operator makes with least privilege.",
     )
-    env: list[dict[str, Any]] | None = Field(
+    env: PodEnv | None = Field(
         default=None, description="Extra environment variables of the worker container, as in a Pod spec."
     )
-    volumes: list[dict[str, Any]] | None = Field(
+    volumes: PodVolumes | None = Field(
         default=None,
         description="Worker pod volumes, as in a Pod spec (e.g. the PersistentVolumeClaim that spec.output.uri is on).",
     )
-    volume_mounts: list[dict[str, Any]] | None = Field(
+    volume_mounts: PodVolumeMounts | None = Field(
         default=None, description="Worker container volumeMounts, as in a Pod spec."
     )
 
@@ -460,32 +560,71 @@ def too_many_shards(n_items: int, shard_size: int) -> str | None:
     )
 
 
-PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_LENGTH)]
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="A text prompt.")]
+# Both inline prompt lists: typed and bounded, and like promptsFrom immutable. minItems is the
+# schema's alone: the model's validator refuses an empty job with its own message.
+_INLINE = (
+    " Inline prompts (prompts, promptItems) or promptsFrom, not both; for more than a few "
+    "thousand prompts use promptsFrom." + IMMUTABLE
+)
 
 
 class ImageBatchJobSpec(Model):
-    model: ModelSpec = Field(description="The diffusion model to run.")
+    """What to generate, with which model, where to store it and on how many workers."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "has(self.prompts) || has(self.promptItems) || has(self.promptsFrom)",
+                "set spec.prompts (strings) and/or spec.promptItems (objects), or spec.promptsFrom (a file or ConfigMap)",
+            ),
+            cel(
+                "!((has(self.prompts) || has(self.promptItems)) && has(self.promptsFrom))",
+                "set inline prompts (spec.prompts, spec.promptItems) or spec.promptsFrom, not both",
+                field_path=".promptsFrom",
+            ),
+            cel(
+                "has(self.prompts) == has(oldSelf.prompts) && has(self.promptItems) == has(oldSelf.promptItems)"
+                " && has(self.promptsFrom) == has(oldSelf.promptsFrom)",
+                "spec.prompts, spec.promptItems and spec.promptsFrom cannot be added or removed after creation: "
+                f"they decide the images already made; {NEW_JOB}",
+                field_path=".promptsFrom",
+            ),
+        )
+    )
+    model: ModelSpec = Field(
+        description="The diffusion model to run." + IMMUTABLE,
+        json_schema_extra=rules(immutable("spec.model")),
+    )
     prompts: list[PromptText] | None = Field(
         default=None,
         max_length=MAX_INLINE_PROMPTS,
         description=(
             "Inline prompts, one string each (ids p0000000, p0000001, ... by position; promptItems "
-            "come after them)."
+            "come after them)." + _INLINE
         ),
+        json_schema_extra=rules(immutable("spec.prompts"), minItems=1),
     )
     prompt_items: list[PromptItem] | None = Field(
         default=None,
         max_length=MAX_INLINE_PROMPTS,
         description=(
             "Inline prompts as objects: prompt and optionally id, negativePrompt, seed and per-prompt "
-            "overrides (width, height, steps, guidanceScale); after spec.prompts, if both are set."
+            "overrides (width, height, steps, guidanceScale); after spec.prompts, if both are set." + _INLINE
         ),
+        json_schema_extra=rules(immutable("spec.promptItems"), minItems=1),
     )
     prompts_from: PromptsFrom | None = Field(
         default=None,
-        description="Prompts from a file or ConfigMap (for large jobs: etcd holds only the reference).",
+        description="Prompts from a file or ConfigMap (for large jobs: etcd holds only the reference)."
+        + IMMUTABLE,
+        json_schema_extra=rules(immutable("spec.promptsFrom")),
     )
-    generation: Generation = Field(default_factory=Generation, description="Generation defaults.")
+    generation: Generation = Field(
+        default_factory=Generation,
+        description="Generation defaults." + IMMUTABLE,
+        json_schema_extra=rules(immutable("spec.generation")),
+    )
     batching: Batching = Field(default_factory=Batching, description="Batch and shard sizes.")
     output: Output = Field(description="Where images and the manifest are stored.")
     retries: Retries = Field(default_factory=Retries, description="Retry and lease settings per shard.")
@@ -577,7 +716,7 @@ class Condition(Model):
     type: str = Field(
         description="Complete, Failed, Suspended, Queued, WorkersHealthy, Ready, Reconciling or Stalled."
     )
-    status: Literal["True", "False", "Unknown"]
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable detail.")
     last_transition_time: str = Field(description="RFC 3339 time of the last status change.")
@@ -597,19 +736,22 @@ class ItemCounts(Model):
 
 
 class ShardCounts(Model):
-    total: int = 0
-    pending: int = 0
-    claimed: int = 0
-    done: int = 0
-    failed: int = 0
+    total: int = Field(default=0, description="Shards planned.")
+    pending: int = Field(default=0, description="Shards waiting for a worker.")
+    claimed: int = Field(default=0, description="Shards a worker is on.")
+    done: int = Field(default=0, description="Shards finished.")
+    failed: int = Field(default=0, description="Shards that failed all attempts.")
 
 
 class ImageBatchJobStatus(Model):
+    """Progress and conditions, written by the operator."""
+
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False)
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Complete, Failed, Suspended, Queued, WorkersHealthy, Ready, Reconciling, Stalled.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     state: str = Field(
         default="", description="Pending, Queued, Running, Suspended, Complete or Failed (the STATE column)."
@@ -649,6 +791,21 @@ class ImageBatchJobStatus(Model):
 
 
 class ImageBatchShardSpec(Model):
+    """The items of this shard, set by the operator when it plans the job."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "self.end > self.start",
+                "spec.end must be greater than spec.start: a shard holds at least one item",
+                field_path=".end",
+            ),
+            cel(
+                "self == oldSelf",
+                "spec of an ImageBatchShard is immutable: the operator plans shards once per job",
+            ),
+        )
+    )
     job_name: str = Field(min_length=1, description="The ImageBatchJob this shard belongs to.")
     index: int = Field(ge=0, description="Shard number; its manifest part is manifest/s<index>.jsonl.")
     start: int = Field(ge=0, description="First item index (inclusive) of the job's planned items.")
@@ -659,6 +816,8 @@ ShardState = Literal["Pending", "Claimed", "Done", "Failed"]
 
 
 class ImageBatchShardStatus(Model):
+    """Claim and progress, written by workers and the operator."""
+
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False)
     state: ShardState = Field(default="Pending", description="Pending, Claimed, Done or Failed.")
     attempt: int = Field(

@@ -12,17 +12,18 @@ The models are the one source of the schema; this module turns their JSON Schema
 - `anyOf [X, null]` becomes X without `nullable`: a `null` sent for a non-nullable field is pruned,
   i.e. it means "unset", exactly what `None` means in the models (a nullable field would keep the
   `null` and every CEL rule would have to handle it);
-- `int | Literal["auto"]` becomes `x-kubernetes-int-or-string` with a CEL rule for the range;
+- `int | Literal["auto"]` becomes `x-kubernetes-int-or-string` (its field carries a CEL rule for
+  the range);
 - every node of a spec is typed and bounded: no `x-kubernetes-preserve-unknown-fields`, a
   `maxLength` on every string (`bound_strings`), `maxItems`/`maxProperties` on every list and map.
   A tenant's object is decoded by the operator (and kopf's watch) for every tenant: a value nested
   thousands of levels deep in an untyped field once crashed that watch for all. So inline prompts
   are two typed lists (`prompts`: strings, `promptItems`: objects), and the Pod-spec pieces of
-  `spec.workers` have schemas of their own (imagebatch/podschema.py);
-- cross-field checks (multiples of 8, minReplicas <= maxReplicas, one prompt source, reserved
-  environment names) and immutability of the fields that decide the images already made
-  (the inline prompts included) are CEL rules (`x-kubernetes-validations`), so the API server
-  refuses a bad manifest with a message that names the field and says what to change.
+  `spec.workers` have schemas of their own (imagebatch/podschema.py, set on the fields);
+- CEL rules (`x-kubernetes-validations`) are written in the models, beside the field or model they
+  check (`api.cel`, `api.immutable`): what the structural schema cannot say (multiples of 8,
+  int-or-string ranges, minReplicas <= maxReplicas, one prompt source, reserved environment names,
+  immutability). A field's rules follow its model's; nothing here names a field.
 
 Defaults come from the models (the API server fills them in, so `kubectl get -o yaml` shows the
 settings a job really runs with); status schemas carry no defaults (the operator writes status).
@@ -40,7 +41,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from imagebatch import api, podschema
+from imagebatch import api
 
 Schema = dict[str, Any]
 
@@ -53,25 +54,9 @@ HEADER = (
     "# Do not edit: change the models (or imagebatch/crd.py) and run `python -m imagebatch.crd`.\n"
 )
 
-MAX_ID_LENGTH = 128
 INT64_LIMIT = 2**63
-
-# Model fields without a description (kubectl explain should still say something).
-FALLBACK_DESCRIPTIONS = {
-    "status.shards.total": "Shards planned.",
-    "status.shards.pending": "Shards waiting for a worker.",
-    "status.shards.claimed": "Shards a worker is on.",
-    "status.shards.done": "Shards finished.",
-    "status.shards.failed": "Shards that failed all attempts.",
-    "status.conditions[].status": "True, False or Unknown.",
-    "spec.prompts[]": "A text prompt.",
-    "spec.promptItems[]": "A prompt with, optionally, its own id, seed, negative prompt and generation overrides.",
-    "spec.workers.env[]": "An environment variable, as in a container's env: name and value or valueFrom.",
-    "spec.workers.volumes[]": "A volume, as in a Pod spec: name and one volume source.",
-    "spec.workers.volumeMounts[]": "A volume mount, as in a container: name, mountPath, readOnly, subPath.",
-}
-
-NEW_JOB = "create a new ImageBatchJob (with another name) for other settings"
+VALIDATIONS = "x-kubernetes-validations"
+RULE_KEYS = ["rule", "message", "messageExpression", "fieldPath", "reason"]
 
 # Printer columns for `kubectl get ibj` / `kubectl get ibs`.
 JOB_COLUMNS: list[Schema] = [
@@ -133,14 +118,21 @@ SHARD_COLUMNS: list[Schema] = [
 # --- JSON Schema (pydantic) -> structural OpenAPI v3 -----------------------------------------------
 
 
+def _merge(base: Schema, over: Schema) -> Schema:
+    """`over`'s keys win (a field's description over its type's), except that CEL rules add up: a
+    model's rules first, then those of the field that holds it."""
+    out = {**copy.deepcopy(base), **over}
+    if VALIDATIONS in base and VALIDATIONS in over:
+        out[VALIDATIONS] = [*base[VALIDATIONS], *over[VALIDATIONS]]
+    return out
+
+
 def _resolve(node: Schema, defs: dict[str, Schema]) -> Schema:
     """Inline a `$ref` (keeping the referring node's own keys, e.g. its description)."""
     if "$ref" not in node:
         return node
     name = node["$ref"].rsplit("/", 1)[-1]
-    merged = copy.deepcopy(defs[name])
-    merged.update({k: v for k, v in node.items() if k != "$ref"})
-    return _resolve(merged, defs)
+    return _resolve(_merge(defs[name], {k: v for k, v in node.items() if k != "$ref"}), defs)
 
 
 def _strip_null(node: Schema) -> Schema:
@@ -150,8 +142,7 @@ def _strip_null(node: Schema) -> Schema:
         return node
     rest = [v for v in variants if v.get("type") != "null"]
     if len(rest) == 1 and len(rest) < len(variants):
-        out = {k: v for k, v in node.items() if k != "anyOf"}
-        out.update(rest[0])
+        out = _merge(rest[0], {k: v for k, v in node.items() if k != "anyOf"})
         if out.get("default", 0) is None:
             del out["default"]
         return out
@@ -187,8 +178,6 @@ def to_structural(
     if path in overrides:
         return copy.deepcopy(overrides[path])
     node = _int_or_string(_resolve(_strip_null(_resolve(node, defs)), defs))
-    if path in FALLBACK_DESCRIPTIONS and "description" not in node:
-        node = {**node, "description": FALLBACK_DESCRIPTIONS[path]}
 
     def child(value: Schema, sub: str) -> Schema:
         return to_structural(value, defs, defaults=defaults, path=sub, overrides=overrides)
@@ -205,6 +194,9 @@ def to_structural(
             out["properties"] = {name: child(sub, f"{path}.{name}") for name, sub in value.items()}
         elif key == "items":
             out["items"] = child(value, f"{path}[]")
+        elif key == VALIDATIONS:
+            # pydantic sorts keys; a rule reads best before its message.
+            out[key] = [dict(sorted(r.items(), key=lambda kv: RULE_KEYS.index(kv[0]))) for r in value]
         elif key == "exclusiveMaximum":
             # OpenAPI v3.0 has a boolean exclusiveMaximum; ints are int64 on the server anyway.
             if not (node.get("type") == "integer" and value >= INT64_LIMIT):
@@ -269,40 +261,6 @@ def _object_defaults(model: type[BaseModel], schema: Schema) -> None:
             _object_defaults(ann, schema["properties"][alias])
 
 
-def rule(expr: str, message: str, *, field_path: str | None = None, reason: str | None = None) -> Schema:
-    out: Schema = {"rule": expr, "message": message}
-    if field_path:
-        out["fieldPath"] = field_path
-    if reason:
-        out["reason"] = reason
-    return out
-
-
-def immutable(path: str) -> Schema:
-    return rule(
-        "self == oldSelf",
-        f"{path} is immutable: it decides the images already made; {NEW_JOB}",
-    )
-
-
-def _add_rules(node: Schema, *rules: Schema) -> None:
-    node.setdefault("x-kubernetes-validations", []).extend(rules)
-
-
-# --- ImageBatchJob ---------------------------------------------------------------------------------
-
-
-def _bound_prompt_items(items: Schema) -> None:
-    """spec.promptItems[]: a typed object with known fields only (unknown ones are pruned or, with
-    kubectl's strict validation, refused), each bounded."""
-    props = items["properties"]
-    props["id"]["pattern"] = api.ITEM_ID_RE.pattern
-    props["id"]["maxLength"] = MAX_ID_LENGTH
-    props["seed"]["format"] = "int64"
-    for name in ("width", "height"):
-        props[name].update(multipleOf=8)
-
-
 def bound_strings(node: Schema, default: int = api.MAX_STRING_LENGTH) -> None:
     """Gives every string without a bound of its own (maxLength or enum) `maxLength: default`, the
     same bound pydantic's str_max_length puts on the models."""
@@ -317,141 +275,22 @@ def bound_strings(node: Schema, default: int = api.MAX_STRING_LENGTH) -> None:
             bound_strings(node[key], default)
 
 
-def _multiple_of_8(path: str) -> Schema:
-    return rule("self % 8 == 0", f"{path} must be a multiple of 8 (e.g. 512, 768 or 1024)")
+# --- The CRDs -------------------------------------------------------------------------------------
 
 
-def job_spec_schema() -> Schema:
-    schema, defs = _model_schema(api.ImageBatchJobSpec)
-    spec = to_structural(schema, defs, defaults=True, path="spec")
-    _object_defaults(api.ImageBatchJobSpec, spec)
-    spec["description"] = "What to generate, with which model, where to store it and on how many workers."
-    props = spec["properties"]
-
-    # prompts (strings) and promptItems (objects): typed, bounded and, like promptsFrom, immutable.
-    for field in ("prompts", "promptItems"):
-        props[field]["minItems"] = 1
-        props[field]["description"] += (
-            " Inline prompts (prompts, promptItems) or promptsFrom, not both; for more than a few "
-            "thousand prompts use promptsFrom. Immutable after creation."
-        )
-        _add_rules(props[field], immutable(f"spec.{field}"))
-    _bound_prompt_items(props["promptItems"]["items"])
-    prompts_from = props["promptsFrom"]
-    prompts_from["description"] += " Immutable after creation."
-    _add_rules(
-        prompts_from,
-        rule(
-            "has(self.uri) != has(self.configMapKeyRef)",
-            "set exactly one of spec.promptsFrom.uri (a file) and spec.promptsFrom.configMapKeyRef",
-        ),
-        immutable("spec.promptsFrom"),
-    )
-    _add_rules(
-        spec,
-        rule(
-            "has(self.prompts) || has(self.promptItems) || has(self.promptsFrom)",
-            "set spec.prompts (strings) and/or spec.promptItems (objects), or spec.promptsFrom (a file or ConfigMap)",
-        ),
-        rule(
-            "!((has(self.prompts) || has(self.promptItems)) && has(self.promptsFrom))",
-            "set inline prompts (spec.prompts, spec.promptItems) or spec.promptsFrom, not both",
-            field_path=".promptsFrom",
-        ),
-        rule(
-            "has(self.prompts) == has(oldSelf.prompts) && has(self.promptItems) == has(oldSelf.promptItems)"
-            " && has(self.promptsFrom) == has(oldSelf.promptsFrom)",
-            "spec.prompts, spec.promptItems and spec.promptsFrom cannot be added or removed after creation: "
-            f"they decide the images already made; {NEW_JOB}",
-            field_path=".promptsFrom",
-        ),
-    )
-
-    # model and generation: immutable as a whole.
-    props["model"]["description"] += " Immutable after creation."
-    _add_rules(props["model"], immutable("spec.model"))
-    gen = props["generation"]
-    gen["description"] += " Immutable after creation."
-    _add_rules(gen, immutable("spec.generation"))
-    for name in ("width", "height"):
-        _add_rules(gen["properties"][name], _multiple_of_8(f"spec.generation.{name}"))
-
-    # batching: batchSize is a number or "auto"; shardSize decides the shard layout.
-    batching = props["batching"]
-    batch_size = batching["properties"]["batchSize"]
-    _add_rules(
-        batch_size,
-        rule(
-            "type(self) == int ? (self >= 1 && self <= 1024) : self == 'auto'",
-            "spec.batching.batchSize must be a number from 1 to 1024, or auto",
-        ),
-    )
-    shard_size = batching["properties"]["shardSize"]
-    shard_size["description"] += " Immutable after creation."
-    _add_rules(shard_size, immutable("spec.batching.shardSize"))
-
-    # output: where and how images are stored is immutable; credentials may rotate.
-    out_props = props["output"]["properties"]
-    for name in ("uri", "format", "quality"):
-        out_props[name]["description"] += " Immutable after creation."
-        _add_rules(out_props[name], immutable(f"spec.output.{name}"))
-
-    # workers: Pod-spec dicts get real schemas.
-    workers = props["workers"]
-    wp = workers["properties"]
-    wp["resources"] = podschema.resources_schema(wp["resources"]["description"])
-    wp["tolerations"] = podschema.tolerations_schema(wp["tolerations"]["description"])
-    wp["nodeSelector"] = podschema.node_selector_schema(wp["nodeSelector"]["description"])
-    wp["env"] = podschema.env_schema(wp["env"]["description"])
-    wp["volumes"] = podschema.volumes_schema(wp["volumes"]["description"])
-    wp["volumeMounts"] = podschema.volume_mounts_schema(wp["volumeMounts"]["description"])
-    _add_rules(
-        workers,
-        rule(
-            "(has(self.minReplicas) ? self.minReplicas : 0) <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
-            "spec.workers.minReplicas must not exceed spec.workers.maxReplicas: lower minReplicas "
-            "or raise maxReplicas",
-            field_path=".minReplicas",
-        ),
-    )
-    bound_strings(spec)
-    return spec
-
-
-def _status_schema(model: type[BaseModel], description: str) -> Schema:
+def spec_schema(model: type[BaseModel]) -> Schema:
+    """A spec: defaults filled in by the server, every string bounded."""
     schema, defs = _model_schema(model)
-    status = to_structural(schema, defs, defaults=False, path="status")
-    status["description"] = description
-    return status
-
-
-def job_status_schema() -> Schema:
-    status = _status_schema(api.ImageBatchJobStatus, "Progress and conditions, written by the operator.")
-    conditions = status["properties"]["conditions"]
-    conditions["x-kubernetes-list-type"] = "map"
-    conditions["x-kubernetes-list-map-keys"] = ["type"]
-    conditions["items"]["description"] = (api.Condition.__doc__ or "").strip()
-    return status
-
-
-def shard_spec_schema() -> Schema:
-    schema, defs = _model_schema(api.ImageBatchShardSpec)
     spec = to_structural(schema, defs, defaults=True, path="spec")
-    spec["description"] = "The items of this shard, set by the operator when it plans the job."
+    _object_defaults(model, spec)
     bound_strings(spec)
-    _add_rules(
-        spec,
-        rule(
-            "self.end > self.start",
-            "spec.end must be greater than spec.start: a shard holds at least one item",
-            field_path=".end",
-        ),
-        rule(
-            "self == oldSelf",
-            "spec of an ImageBatchShard is immutable: the operator plans shards once per job",
-        ),
-    )
     return spec
+
+
+def status_schema(model: type[BaseModel]) -> Schema:
+    """A status: no defaults (the operator and the workers write it)."""
+    schema, defs = _model_schema(model)
+    return to_structural(schema, defs, defaults=False, path="status")
 
 
 def _ordered_tree(node: Schema) -> Schema:
@@ -522,8 +361,8 @@ def job_crd() -> Schema:
         "ImageBatchJob turns a list of text prompts into images with a diffusion model, on GPU worker "
         "pods that the operator scales by backlog. Wait for it with "
         "`kubectl wait --for=condition=Complete ibj/NAME`.",
-        job_spec_schema(),
-        job_status_schema(),
+        spec_schema(api.ImageBatchJobSpec),
+        status_schema(api.ImageBatchJobStatus),
         JOB_COLUMNS,
     )
 
@@ -535,8 +374,8 @@ def shard_crd() -> Schema:
         "ibs",
         "ImageBatchShard is a range of an ImageBatchJob's items: the unit a worker claims, retries "
         "and completes. Made and owned by the operator; users only read it.",
-        shard_spec_schema(),
-        _status_schema(api.ImageBatchShardStatus, "Claim and progress, written by workers and the operator."),
+        spec_schema(api.ImageBatchShardSpec),
+        status_schema(api.ImageBatchShardStatus),
         SHARD_COLUMNS,
     )
 

@@ -4,7 +4,8 @@ These fields are written by a tenant and read by the operator (and kopf's watch 
 other tenant too, so none of them may keep unknown fields: a value nested thousands of levels deep
 once crashed the operator's watch for everyone. Every node here has a type, every string a
 `maxLength`, every list a `maxItems`, every map a `maxProperties` (tests/unit/test_crd.py walks the
-whole CRD for that). The volume sources are the ones a batch worker needs; anything else (a
+whole CRD for that). The public builders give the schema of one `spec.workers` field without its
+description, which the field in imagebatch/api.py carries (`WithJsonSchema`). The volume sources are the ones a batch worker needs; anything else (a
 `projected` token of another audience, a `hostPath` on a shared node) belongs in a Pod spec of the
 user's own, which needs the right to create pods anyway.
 """
@@ -39,25 +40,22 @@ def _bool(description: str) -> Schema:
     return {"description": description, "type": "boolean"}
 
 
-def _obj(description: str, properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
-    out: Schema = {"description": description, "type": "object"}
+def _obj(description: str | None, properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
+    out: Schema = {"description": description, "type": "object"} if description else {"type": "object"}
     if required:
         out["required"] = required
     out["properties"] = properties
     return out
 
 
-def _list(description: str, items: Schema, max_items: int) -> Schema:
-    return {"description": description, "type": "array", "maxItems": max_items, "items": items}
+def _list(description: str | None, items: Schema, max_items: int) -> Schema:
+    out: Schema = {"description": description} if description else {}
+    return {**out, "type": "array", "maxItems": max_items, "items": items}
 
 
-def _map(description: str, value: Schema, max_properties: int) -> Schema:
-    return {
-        "description": description,
-        "type": "object",
-        "maxProperties": max_properties,
-        "additionalProperties": value,
-    }
+def _map(description: str | None, value: Schema, max_properties: int) -> Schema:
+    out: Schema = {"description": description} if description else {}
+    return {**out, "type": "object", "maxProperties": max_properties, "additionalProperties": value}
 
 
 def _one_of(description: str, names: list[str]) -> Schema:
@@ -114,7 +112,7 @@ def _key_ref(what: str) -> Schema:
     )
 
 
-def env_schema(description: str) -> Schema:
+def env_schema() -> Schema:
     reserved = ", ".join(RESERVED_ENV) + ", " + ", ".join(p + "*" for p in RESERVED_ENV_PREFIXES)
     names = "[" + ", ".join(f"'{n}'" for n in RESERVED_ENV) + "]"
     prefixes = "[" + ", ".join(f"'{p}'" for p in RESERVED_ENV_PREFIXES) + "]"
@@ -180,10 +178,10 @@ def env_schema(description: str) -> Schema:
             "messageExpression": "'spec.workers.env: ' + self.name + ' sets both value and valueFrom: keep one'",
         },
     ]
-    return _list(description, item, 128)
+    return _list(None, item, 128)
 
 
-def volume_mounts_schema(description: str) -> Schema:
+def volume_mounts_schema() -> Schema:
     item = _obj(
         "A volume mount, as in a container: name, mountPath, readOnly, subPath.",
         {
@@ -194,7 +192,7 @@ def volume_mounts_schema(description: str) -> Schema:
         },
         ["name", "mountPath"],
     )
-    return _list(description, item, 64)
+    return _list(None, item, 64)
 
 
 VOLUME_SOURCES: dict[str, Schema] = {
@@ -263,7 +261,7 @@ VOLUME_SOURCES: dict[str, Schema] = {
 }
 
 
-def volumes_schema(description: str) -> Schema:
+def volumes_schema() -> Schema:
     sources = list(VOLUME_SOURCES)
     item = _obj(
         f"A volume, as in a Pod spec: name and one of {', '.join(sources)}.",
@@ -281,7 +279,7 @@ def volumes_schema(description: str) -> Schema:
             ),
         }
     ]
-    return _list(description, item, 64)
+    return _list(None, item, 64)
 
 
 QUANTITY: Schema = {
@@ -292,9 +290,9 @@ QUANTITY: Schema = {
 }
 
 
-def resources_schema(description: str) -> Schema:
+def resources_schema() -> Schema:
     return _obj(
-        description,
+        None,
         {
             "limits": _map(
                 "Most compute resources allowed, e.g. {cpu: 4, memory: 16Gi, nvidia.com/gpu: 1}.",
@@ -319,7 +317,7 @@ def resources_schema(description: str) -> Schema:
     )
 
 
-def tolerations_schema(description: str) -> Schema:
+def tolerations_schema() -> Schema:
     item = _obj(
         "A toleration, as in a Pod spec.",
         {
@@ -338,11 +336,11 @@ def tolerations_schema(description: str) -> Schema:
             },
         },
     )
-    return _list(description, item, 64)
+    return _list(None, item, 64)
 
 
-def node_selector_schema(description: str) -> Schema:
-    return _map(description, _str("A label value.", LABEL), 64)
+def node_selector_schema() -> Schema:
+    return _map(None, _str("A label value.", LABEL), 64)
 
 
 def reserved_env_error(names: list[str]) -> str | None:

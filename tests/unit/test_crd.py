@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from imagebatch import api, crd
 
@@ -317,3 +319,76 @@ def test_unconvertible_type_needs_an_override() -> None:
     assert crd.to_structural(
         node, {}, defaults=True, path="spec.x", overrides={"spec.x": {"type": "string"}}
     ) == {"type": "string"}
+
+
+# A CEL comparison of a field (or its size) with a number: `self >= 1`, `size(self.x) <= 10`, `3 < self`.
+_FIELD = r"(?P<size>size\()?self(?P<path>(?:\.\w+)*)\)?"
+COMPARISON = re.compile(
+    rf"{_FIELD}\s*(?:<=|>=|<|>|==)\s*-?\d|-?\d[\d.]*\s*(?:<=|>=|<|>)\s*{_FIELD.replace('?P<', '?P<r')}"
+)
+SCHEMA_BOUNDS = {False: ("minimum", "maximum"), True: ("minLength", "maxLength", "minItems", "maxItems")}
+
+
+def restated_bounds(node: dict[str, Any], path: str) -> Iterator[str]:
+    """CEL rules that compare a field with a number the schema already bounds it by (its minimum,
+    maximum, minLength, maxLength, minItems or maxItems): the bound is written twice, and the two
+    drift. A rule is for what the structural schema cannot say (an int-or-string's range, say)."""
+    for where, n in walk(node, path):
+        for r in n.get("x-kubernetes-validations", []):
+            for m in COMPARISON.finditer(r["rule"]):
+                size = bool(m.group("size") or m.group("rsize"))
+                target: dict[str, Any] | None = n
+                for name in (m.group("path") or m.group("rpath") or "").split(".")[1:]:
+                    target = (target or {}).get("properties", {}).get(name)
+                held = [k for k in SCHEMA_BOUNDS[size] if target and k in target]
+                if held:
+                    yield f"{where}: rule {r['rule']!r} restates the schema's {'/'.join(held)}"
+
+
+def test_no_bound_is_written_twice(docs: dict[str, dict[str, Any]]) -> None:
+    for name, doc in docs.items():
+        assert list(restated_bounds(schema_of(doc), "")) == [], name
+
+
+def test_the_restated_bound_finder_finds_one() -> None:
+    spec = {
+        "type": "object",
+        "x-kubernetes-validations": [{"rule": "self.n <= 10 && size(self.s) >= 1 && self.free > 0"}],
+        "properties": {
+            "n": {"type": "integer", "maximum": 10},
+            "s": {"type": "string", "minLength": 1, "maxLength": 5},
+            "free": {"type": "integer"},
+            "auto": {
+                "x-kubernetes-int-or-string": True,
+                "x-kubernetes-validations": [{"rule": "type(self) == int ? self >= 1 : self == 'auto'"}],
+            },
+            "w": {"type": "integer", "minimum": 8, "x-kubernetes-validations": [{"rule": "8 <= self"}]},
+        },
+    }
+    assert list(restated_bounds(spec, "spec")) == [
+        "spec: rule 'self.n <= 10 && size(self.s) >= 1 && self.free > 0' restates the schema's maximum",
+        "spec: rule 'self.n <= 10 && size(self.s) >= 1 && self.free > 0' restates the schema's minLength/maxLength",
+        "spec.w: rule '8 <= self' restates the schema's minimum",
+    ]
+
+
+PYDANTIC_BOUNDS = {
+    "Ge": ("minimum",),
+    "Gt": ("minimum", "exclusiveMinimum"),
+    "Le": ("maximum",),
+    "Lt": ("maximum", "exclusiveMaximum"),
+    "MinLen": ("minLength", "minItems"),
+    "MaxLen": ("maxLength", "maxItems"),
+}
+
+
+def test_no_field_restates_a_pydantic_bound_in_its_schema_extra() -> None:
+    """A bound that pydantic has (ge, le, min_length, max_length) comes out of its own schema; a
+    copy in json_schema_extra would silently win over it in the CRD."""
+    models = [m for m in vars(api).values() if isinstance(m, type) and issubclass(m, BaseModel)]
+    for model in models:
+        for name, field in model.model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            for bound in field.metadata:
+                twice = set(PYDANTIC_BOUNDS.get(type(bound).__name__, ())) & set(extra)
+                assert not twice, f"{model.__name__}.{name}: {sorted(twice)} is pydantic's bound already"
