@@ -23,7 +23,8 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 from imagebatch.api import ImageBatchJobSpec
-from imagebatch.planning import expand_items, fingerprint, image_fields, plan_shards
+from imagebatch.fingerprint import fingerprint, image_fields
+from imagebatch.planning import expand_items, plan_shards
 from imagebatch.prompts import iter_prompts
 
 spec = ImageBatchJobSpec.model_validate({

@@ -6,7 +6,7 @@ A layout owns four things, and nothing else in the code branches on which layout
   its `finish`, which writes the shard's container (if any) once every image is made and may add
   fields to the manifest lines (where an image sits inside the container);
 - `join_files`: what the join writes beside manifest.jsonl, one row per manifest line;
-- `fingerprint_entry`: what the layout adds to the job's fingerprint (`planning.image_fields`).
+- `fingerprint_entry`: what the layout adds to the job's fingerprint (`fingerprint.image_fields`).
 
 The layouts live in `LAYOUTS` by name; `spec.output.layout` names one. `files` and `webdataset`
 are the built-in ones (the names the API accepts); `register` adds one in code (tests).

@@ -18,10 +18,10 @@ from typing import Any
 
 from imagebatch import contact_sheet
 from imagebatch.layouts import OutputLayout, layout_for
+from imagebatch.names import ERRORS as ERRORS  # noqa: PLC0414 (named by the status too)
 from imagebatch.planning import Item
 from imagebatch.storage import MANIFEST, MANIFEST_PARQUET, Storage, manifest_part_key
 
-ERRORS = "errors.jsonl"
 ERROR_PARTS = "errors"
 
 

@@ -24,9 +24,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from imagebatch.api import ImageBatchJobSpec, Output
 from imagebatch.errors import ImageBatchError
+from imagebatch.names import MANIFEST as MANIFEST  # noqa: PLC0414 (named by the status too)
 from imagebatch.storage_errors import S3_RETRIES, user_error
 
-MANIFEST = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
 MANIFEST_PARTS = "manifest"
 INDEX_HTML = "index.html"

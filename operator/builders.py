@@ -12,7 +12,7 @@ from typing import Any
 
 from imagebatch.access import ENV_VAR as ACCESS_POLICY_ENV
 from imagebatch.access import AccessPolicy
-from imagebatch.api import BUILTIN_PREFIX, ImageBatchJobSpec
+from imagebatch.api import BUILTIN_PREFIX, GROUP, ImageBatchJobSpec
 from imagebatch.names import (
     EXIT_MODEL_LOAD_ERROR,
     EXIT_TERMINATED,
@@ -26,7 +26,6 @@ from imagebatch.names import (
 )
 from imagebatch.shardplan import owner_reference
 
-GROUP = "imagebatch.dev"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # A Kueue WorkloadPriorityClass, set on the ImageBatchJob as on any Kueue-managed object; Kueue
 # reads it from the worker Job, so the Job carries it too.

@@ -1,7 +1,7 @@
 """job.json: what made an output's images, and which later jobs may write into it (cluster mode).
 
 Stored images are never remade, so a job may write into an output only if its images would be
-the same: its fingerprint (settings and items, `planning.fingerprint`) is the one recorded. The
+the same: its fingerprint (settings and items, `fingerprint.fingerprint`) is the one recorded. The
 one exception is a job that makes the output's failed items (`imagebatch retry-failed`): its items
 differ, but every one of them is an item listed in the output's errors.jsonl with exactly the
 settings recorded there (`manifest.item_digest`), and the settings of the whole job (model,
@@ -23,8 +23,9 @@ from typing import Any
 
 from imagebatch.api import ImageBatchJobSpec
 from imagebatch.errors import ImageBatchError
+from imagebatch.fingerprint import fingerprint, image_fields
 from imagebatch.manifest import ERRORS, item_digest, read_errors
-from imagebatch.planning import Item, fingerprint, image_fields
+from imagebatch.planning import Item
 from imagebatch.storage import Storage
 
 JOB_RECORD = "job.json"

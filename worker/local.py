@@ -12,8 +12,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagebatch.api import ImageBatchJob
 from imagebatch.errors import ImageBatchError
+from imagebatch.fingerprint import fingerprint, image_fields
 from imagebatch.manifest import join_outputs
-from imagebatch.planning import expand_items, fingerprint, image_fields, plan_shards
+from imagebatch.planning import expand_items, plan_shards
 from imagebatch.prompts import iter_prompts
 from imagebatch.storage import MANIFEST, Storage, manifest_part_key, storage_options
 from imagebatch.worker.engine import Engine, ItemResult

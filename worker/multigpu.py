@@ -188,11 +188,19 @@ class Supervisor:
             self.start(rank)
         last: dict[int, int] = {}
         while self.children:
-            pid, status = os.wait()
+            try:
+                pid, status = os.wait()
+                code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                # Popen.send_signal polls before it signals (on_term), so a child that ended just
+                # then was reaped there and os.wait has none left: its code is on its Popen.
+                pid = next((p for p, c in self.children.items() if c.proc.returncode is not None), 0)
+                if not pid:
+                    break
+                code = int(self.children[pid].proc.returncode or 0)
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
             child.proc.returncode = code
             last[child.rank] = code
             who = rank_holder(self.pod, child.rank)

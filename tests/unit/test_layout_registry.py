@@ -8,8 +8,9 @@ import pytest
 
 from imagebatch.api import ImageBatchJob, Output
 from imagebatch.errors import SpecError
+from imagebatch.fingerprint import fingerprint, image_fields
 from imagebatch.layouts import LAYOUTS, FilesLayout, WebdatasetLayout, layout_for
-from imagebatch.planning import expand_items, fingerprint, image_fields
+from imagebatch.planning import expand_items
 from imagebatch.prompts import iter_prompts
 from imagebatch.worker.jobrecord import settings_digest
 

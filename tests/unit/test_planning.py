@@ -6,7 +6,8 @@ import pytest
 
 from imagebatch.api import Generation, PromptItem
 from imagebatch.errors import SpecError
-from imagebatch.planning import derive_seed, expand_items, fingerprint, plan_shards
+from imagebatch.fingerprint import fingerprint
+from imagebatch.planning import derive_seed, expand_items, plan_shards
 
 
 def prompts(*texts: str) -> list[PromptItem]:

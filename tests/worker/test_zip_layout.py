@@ -16,8 +16,9 @@ from PIL import Image
 
 from imagebatch import layouts
 from imagebatch.api import ImageBatchJob
+from imagebatch.fingerprint import fingerprint, image_fields
 from imagebatch.layouts import ContainerLayout, JoinFile, Made
-from imagebatch.planning import expand_items, fingerprint, image_fields
+from imagebatch.planning import expand_items
 from imagebatch.prompts import iter_prompts
 from imagebatch.worker.local import run_local
 
