@@ -9,7 +9,7 @@ import pytest
 from imagebatch.api import Condition
 from imagebatch.operator.conditions import Outcome, compute_conditions, is_true
 from imagebatch.reasons import ConditionType as Type
-from imagebatch.reasons import Reason
+from imagebatch.reasons import EventReason, Reason
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operator.md"
 
@@ -83,3 +83,11 @@ def test_waiting_is_not_reconciling() -> None:
         assert (c["Reconciling"].status, c["Stalled"].status, c["Ready"].status) == ("False", "False", "True")
     running = by_type(compute_conditions([], Outcome(), 3, "T1"))
     assert running["Reconciling"].status == "True"
+
+
+@pytest.mark.parametrize("name", [r.value for r in EventReason])
+def test_every_event_reason_is_documented(name: str) -> None:
+    """docs/operator.md's Events section names every Event reason the operator posts."""
+    text = DOCS.read_text()
+    section = text[text.index("## Events") : text.index("## Operator flags")]
+    assert f"`{name}`" in section, f"docs/operator.md: document Event reason `{name}`"
