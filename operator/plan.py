@@ -76,7 +76,3 @@ class Plan:
     reported: set[str] = field(default_factory=set)  # what this plan's Events report, once each
     tally: Tally | None = None  # the counts of a working pass (for the metrics)
     again: bool = False  # observe again at once (shards were just made: the workers come next)
-
-    def kinds(self) -> list[str]:
-        """The action types in order, for tests and logs."""
-        return [type(a).__name__ for a in self.actions]

@@ -177,6 +177,7 @@ class Reconciler:
                         self.kube.delete_job(ns, name)
         except (EarlierIncarnationError, NotOwnedError) as e:
             mem.refused = observe.refusal(e)
+            mem.reported |= plan.reported  # its Events come before any action that can be refused
             return False
         mem.reported |= plan.reported
         body = plan.status.model_dump(by_alias=True, exclude_none=True)
