@@ -24,6 +24,7 @@ from imagebatch.names import (
     worker_account_name,
     worker_job_name,
 )
+from imagebatch.operator.workers import ANNOTATION_SHAPE, shape
 from imagebatch.shardplan import owner_reference
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -380,7 +381,9 @@ def worker_job(
     # No activeDeadlineSeconds here: the operator keeps the job's deadline itself, on a clock
     # that stops while Kueue queues the Job or the job is suspended.
     meta = _meta(job, worker_job_name(name), "worker", job_labels)
-    least = max(1, spec.workers.min_replicas)
-    if spec.queue_name and least < parallelism:
-        meta["annotations"] = {KUEUE_MIN_PARALLELISM: str(least)}
+    if spec.queue_name:
+        meta["annotations"] = {ANNOTATION_SHAPE: shape(spec, parallelism)}
+        least = max(1, spec.workers.min_replicas)
+        if least < parallelism:
+            meta["annotations"][KUEUE_MIN_PARALLELISM] = str(least)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

@@ -102,9 +102,9 @@ def test_a_queued_worker_job_may_be_admitted_with_min_replicas() -> None:
     max(1, minReplicas); none when that is the whole Job, or without a queue."""
     key = "kueue.x-k8s.io/job-min-parallelism"
     wide = worker_job(JOB, spec(queueName="q", workers={"minReplicas": 0, "maxReplicas": 4}), 4)
-    assert wide["metadata"]["annotations"] == {key: "1"}
+    assert wide["metadata"]["annotations"][key] == "1"
     two = worker_job(JOB, spec(queueName="q", workers={"minReplicas": 2, "maxReplicas": 4}), 4)
-    assert two["metadata"]["annotations"] == {key: "2"}
+    assert two["metadata"]["annotations"][key] == "2"
     for whole in (
         worker_job(JOB, spec(queueName="q", workers={"minReplicas": 4, "maxReplicas": 4}), 4),
         worker_job(JOB, spec(queueName="q", workers={"minReplicas": 0, "maxReplicas": 4}), 1),

@@ -203,7 +203,7 @@ def test_a_worker_with_nothing_pending_leaves_while_another_holds_a_claim() -> N
 def test_a_worker_claims_a_shard_its_watch_missed_before_it_leaves() -> None:
     """The cache says nothing is Pending, the fresh list says a claim came back: take it."""
     api = FakeShardApi(2)
-    w, lists = _cached_worker(api, "pod-a")
+    w, _ = _cached_worker(api, "pod-a")
     done, returned = api.shards.values()
     done["status"] = {"state": "Done", "holder": "pod-a", "attempt": 1}
     returned["status"] = {"state": "Claimed", "holder": "pod-b", "attempt": 1}
