@@ -38,8 +38,6 @@ MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "imagebatch-operator"
 KUEUE_GROUP, KUEUE_VERSION, LOCAL_QUEUE_PLURAL = "kueue.x-k8s.io", "v1beta2", "localqueues"
 WORKLOAD_PLURAL = "workloads"
-# Kueue labels the Workload of a Job with the Job's UID (jobframework, v0.17).
-KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 JSON = dict[str, Any]
 # The shared contract's, here too: the operator's passes catch them from this module.
 __all__ = ["EarlierIncarnationError", "NotOwnedError", "OperatorKube", "check_owned"]
@@ -246,29 +244,25 @@ class OperatorKube:
                 return False
             raise KueueNotInstalledError(str(ns)) from None
 
-    def worker_workload(self, ns: str, worker_job: JSON) -> JSON | None:
-        """The Kueue Workload of the worker Job: the one owned by that Job (by UID), or None."""
-        uid = str(worker_job["metadata"].get("uid") or "")
-        if not uid:
-            return None
+    def worker_workloads(self, ns: str, name: str) -> list[JSON]:
+        """The Kueue Workloads owned by a Job named `name` (this worker Job's, and any left by an
+        earlier one of that name that is still being deleted); [] when they cannot be read."""
         try:
             resp = self.custom.list_namespaced_custom_object(
-                KUEUE_GROUP,
-                KUEUE_VERSION,
-                ns,
-                WORKLOAD_PLURAL,
-                label_selector=f"{KUEUE_JOB_UID_LABEL}={uid}",
-                _preload_content=False,
+                KUEUE_GROUP, KUEUE_VERSION, ns, WORKLOAD_PLURAL, _preload_content=False
             )
         except ApiException as e:
             if _status(e) in (403, 404):
-                return None  # not allowed to read them, or no Kueue: the message stays general
+                return []  # not allowed to read them, or no Kueue: the message stays general
             raise
-        for wl in _json(resp).get("items", []):
-            if any(r.get("uid") == uid for r in wl["metadata"].get("ownerReferences") or []):
-                found: JSON = wl
-                return found
-        return None
+        return [
+            wl
+            for wl in _json(resp).get("items", [])
+            if any(
+                r.get("kind") == "Job" and r.get("name") == name
+                for r in wl["metadata"].get("ownerReferences") or []
+            )
+        ]
 
     # -- prompt sources and events ---------------------------------------------------------------
     def read_config_map_key(self, ns: str, name: str, key: str) -> str | None:

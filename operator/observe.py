@@ -194,8 +194,14 @@ def observe(
             obs.local_queue_found = kube.local_queue_exists(ns, spec.queue_name)
         except KueueNotInstalledError:
             obs.kueue_installed = False
-        if obs.worker_job is not None and obs.kueue_installed:
-            obs.workload = workload(kube.worker_workload(ns, obs.worker_job))
+        if obs.kueue_installed:
+            uid = (obs.worker_job or {}).get("metadata", {}).get("uid")
+            for wl in kube.worker_workloads(ns, worker_job_name(name)):
+                owners = {r.get("uid") for r in wl["metadata"].get("ownerReferences") or []}
+                if uid is not None and uid in owners:
+                    obs.workload = workload(wl)
+                else:
+                    obs.earlier_workload = True
 
     # What the memory learns from this observation.
     # A pass long after the last one (the API server was away) holds no silence against a worker.

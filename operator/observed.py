@@ -70,6 +70,9 @@ class Observed:
     local_queue_found: bool | None = None  # spec.queueName's LocalQueue; None: not asked or unknown
     kueue_installed: bool = True  # False: the API serves no LocalQueues (asked only with a queueName)
     workload: Workload | None = None  # the worker Job's Kueue Workload (with a queueName)
+    # A Workload of an earlier worker Job of this name is still there: Kueue finds Workloads by
+    # their owner's name and would give it to a new Job, then lose it to the garbage collector.
+    earlier_workload: bool = False
     images_per_second: float = 0.0  # the rate meters' figure (they remember earlier passes)
     clock: ClaimClock = field(default_factory=ClaimClock)  # when each claim was last seen to move
     now: datetime = field(default_factory=datetime.now)

@@ -236,7 +236,9 @@ def plan(
         # a new one for the backlog (under Kueue it queues again for its quota).
         out.actions.append(DeleteWorkers("shards came back after the workers left; replacing the worker Job"))
     elif wj is None:
-        if out.desired > 0:
+        if out.desired > 0 and kueue and obs.earlier_workload:
+            pass  # the last worker Job's Workload is still being deleted: make the new one after
+        elif out.desired > 0:
             n = queued_parallelism(workers.max_replicas, backlog.planned, t) if kueue else out.desired
             out.desired = n
             out.actions += [

@@ -335,6 +335,13 @@ CASES = [
         desired=4,
     ),
     Case(
+        "the last worker Job's Workload is still there: the new Job waits for it to go",
+        world(QUEUED, {"state": "Queued"}, shards=shards(), local_queue_found=True, earlier_workload=True),
+        State.QUEUED,
+        Reason.QUEUED,
+        [],
+    ),
+    Case(
         "spec.queueName where Kueue is not installed",
         world(QUEUED, shards=shards(), kueue_installed=False),
         State.QUEUED,
