@@ -37,6 +37,8 @@ class Reason(StrEnum):
     WAITING_FOR_EARLIER_INCARNATION = "WaitingForEarlierIncarnation"
     QUEUED = "Queued"  # the worker Job waits for Kueue to admit it
     LOCAL_QUEUE_NOT_FOUND = "LocalQueueNotFound"
+    KUEUE_NOT_INSTALLED = "KueueNotInstalled"  # spec.queueName on a cluster that serves no LocalQueues
+    NEVER_ADMITTABLE = "NeverAdmittable"  # the workers ask more than the ClusterQueue can ever hold
     SUSPENDED = "Suspended"
     COMPLETED = "Completed"
     # failed

@@ -24,12 +24,16 @@ from imagebatch.names import (
     worker_account_name,
     worker_job_name,
 )
+from imagebatch.operator.workers import ANNOTATION_SHAPE, shape
 from imagebatch.shardplan import owner_reference
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # A Kueue WorkloadPriorityClass, set on the ImageBatchJob as on any Kueue-managed object; Kueue
 # reads it from the worker Job, so the Job carries it too.
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# Kueue's partial admission (beta, on by default since v0.5): a Job wider than the free quota is
+# admitted with as few as this many pods (Kueue lowers `parallelism` to what it admits).
+KUEUE_MIN_PARALLELISM = "kueue.x-k8s.io/job-min-parallelism"
 # The Dockerfile's worker target, tagged as the chart names it: the version is the package's own.
 DEFAULT_WORKER_IMAGE = f"ghcr.io/imagebatch/imagebatch-worker:{package_version('imagebatch')}"
 CONTAINER = "worker"
@@ -376,9 +380,10 @@ def worker_job(
     }
     # No activeDeadlineSeconds here: the operator keeps the job's deadline itself, on a clock
     # that stops while Kueue queues the Job or the job is suspended.
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(job, worker_job_name(name), "worker", job_labels),
-        "spec": job_spec,
-    }
+    meta = _meta(job, worker_job_name(name), "worker", job_labels)
+    if spec.queue_name:
+        meta["annotations"] = {ANNOTATION_SHAPE: shape(spec, parallelism)}
+        least = max(1, spec.workers.min_replicas)
+        if least < parallelism:
+            meta["annotations"][KUEUE_MIN_PARALLELISM] = str(least)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "imagebatch-operator"
 KUEUE_GROUP, KUEUE_VERSION, LOCAL_QUEUE_PLURAL = "kueue.x-k8s.io", "v1beta2", "localqueues"
+WORKLOAD_PLURAL = "workloads"
 JSON = dict[str, Any]
 # The shared contract's, here too: the operator's passes catch them from this module.
 __all__ = ["EarlierIncarnationError", "NotOwnedError", "OperatorKube", "check_owned"]
@@ -53,6 +54,14 @@ def _json(resp: Any) -> JSON:
 
 def _status(err: ApiException) -> int:
     return int(err.status or 0)
+
+
+def _body(err: ApiException) -> str:
+    return err.body.decode(errors="replace") if isinstance(err.body, bytes) else str(err.body or "")
+
+
+class KueueNotInstalledError(Exception):
+    """The API server serves no Kueue LocalQueues: Kueue is not installed."""
 
 
 class OperatorKube:
@@ -218,17 +227,42 @@ class OperatorKube:
 
     # -- Kueue ------------------------------------------------------------------------------------
     def local_queue_exists(self, ns: str, name: str) -> bool | None:
-        """Whether Kueue's LocalQueue exists; None when that cannot be told (Kueue is not
-        installed, or the operator may not read LocalQueues): then nothing is claimed about it."""
+        """Whether Kueue's LocalQueue exists; None when that cannot be told (the operator may not
+        read LocalQueues, an API error): then nothing is claimed about it. Raises
+        KueueNotInstalledError when the API server serves no LocalQueues at all."""
         try:
             self.custom.get_namespaced_custom_object(
                 KUEUE_GROUP, KUEUE_VERSION, ns, LOCAL_QUEUE_PLURAL, name, _preload_content=False
             )
             return True
         except ApiException as e:
-            body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
-            # An object's 404 names it; an API server without Kueue answers a bare 404 page.
-            return False if _status(e) == 404 and "localqueues.kueue.x-k8s.io" in body else None
+            if _status(e) != 404:
+                return None
+            # An object's 404 names it (a Status body); an API server without the resource type
+            # answers a bare 404 page.
+            if f"{LOCAL_QUEUE_PLURAL}.{KUEUE_GROUP}" in _body(e):
+                return False
+            raise KueueNotInstalledError(str(ns)) from None
+
+    def worker_workloads(self, ns: str, name: str) -> list[JSON]:
+        """The Kueue Workloads owned by a Job named `name` (this worker Job's, and any left by an
+        earlier one of that name that is still being deleted); [] when they cannot be read."""
+        try:
+            resp = self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, ns, WORKLOAD_PLURAL, _preload_content=False
+            )
+        except ApiException as e:
+            if _status(e) in (403, 404):
+                return []  # not allowed to read them, or no Kueue: the message stays general
+            raise
+        return [
+            wl
+            for wl in _json(resp).get("items", [])
+            if any(
+                r.get("kind") == "Job" and r.get("name") == name
+                for r in wl["metadata"].get("ownerReferences") or []
+            )
+        ]
 
     # -- prompt sources and events ---------------------------------------------------------------
     def read_config_map_key(self, ns: str, name: str, key: str) -> str | None:

@@ -49,7 +49,16 @@ def refusal(r: Refusal) -> Outcome:
 def queue_wait(obs: Observed) -> Outcome:
     """Waiting for Kueue to admit the workers: what for, in the queue's words."""
     assert obs.spec is not None
-    q, ns = obs.spec.queue_name, obs.meta["namespace"]
+    q, ns, wl = obs.spec.queue_name, obs.meta["namespace"], obs.workload
+    if not obs.kueue_installed:
+        return Outcome(
+            queued=True,
+            progress_reason=Reason.KUEUE_NOT_INSTALLED,
+            message=(
+                "spec.queueName is set but Kueue is not installed in this cluster (the API serves no "
+                "kueue.x-k8s.io LocalQueues): remove spec.queueName to run without Kueue, or install Kueue"
+            ),
+        )
     if obs.local_queue_found is False:
         return Outcome(
             queued=True,
@@ -59,11 +68,24 @@ def queue_wait(obs: Observed) -> Outcome:
                 f"(kubectl get localqueues -n {ns}) or fix spec.queueName"
             ),
         )
-    return Outcome(
-        queued=True,
-        progress_reason=Reason.QUEUED,
-        message=f"waiting for Kueue to admit the workers (LocalQueue {q})",
-    )
+    if wl is not None and wl.exceeds_capacity:
+        least = wl.pods if wl.min_pods is None else wl.min_pods
+        return Outcome(
+            queued=True,
+            progress_reason=Reason.NEVER_ADMITTABLE,
+            message=(
+                f"Kueue can never admit the workers (LocalQueue {q}): {'; '.join(wl.quota)}; the "
+                f"fewest it may admit ({least}) ask more than that. Lower spec.workers.maxReplicas (and "
+                "minReplicas) or the requests in spec.workers.resources: the worker Job is made again "
+                "at the new size"
+            ),
+        )
+    message = f"waiting for Kueue to admit the workers (LocalQueue {q})"
+    if wl is not None and wl.quota:
+        message += f": {'; '.join(wl.quota)}"
+    if wl is not None and wl.min_pods is not None and wl.min_pods < wl.pods:
+        message += f"; Kueue may start {wl.min_pods} of the {wl.pods} (workers.minReplicas)"
+    return Outcome(queued=True, progress_reason=Reason.QUEUED, message=message)
 
 
 def is_queued(obs: Observed) -> bool:

@@ -6,8 +6,10 @@ claim clock, the rate meters), and hands the decision what the last pass's actio
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,8 +20,8 @@ from imagebatch.errors import ImageBatchError, format_validation_error
 from imagebatch.names import ANNOTATION_ITEM_COUNT, worker_job_name
 from imagebatch.operator import conditions, progress
 from imagebatch.operator.decide import Memory, active_clock
-from imagebatch.operator.kube import OperatorKube
-from imagebatch.operator.observed import Observed, Prompts, Refusal
+from imagebatch.operator.kube import KueueNotInstalledError, OperatorKube
+from imagebatch.operator.observed import Observed, Prompts, Refusal, Workload
 from imagebatch.planning import expand_items
 from imagebatch.prompts import load_prompts
 from imagebatch.shardclient import EarlierIncarnationError, NotOwnedError, check_owned
@@ -62,6 +64,70 @@ def worker_job(kube: OperatorKube, job: JSON) -> tuple[JSON | None, Refusal | No
     except (EarlierIncarnationError, NotOwnedError) as e:
         return None, refusal(e)
     return wj, None
+
+
+# Kueue's words for missing quota (pkg/scheduler/flavorassigner, v0.17): the only parts of a
+# Workload's message the job repeats. Names as Kubernetes allows them for resources and flavors.
+_NAME, _QTY = r"[A-Za-z0-9][A-Za-z0-9./_-]{0,252}", r"[0-9][0-9A-Za-z.+-]{0,63}"
+_UNUSED = re.compile(
+    rf"insufficient unused quota for (?P<r>{_NAME}) in flavor (?P<f>{_NAME}), (?P<q>{_QTY}) more needed"
+)
+_CAPACITY = re.compile(
+    rf"insufficient quota for (?P<r>{_NAME}) in flavor (?P<f>{_NAME}), previously considered podsets "
+    rf"requests \((?P<a>{_QTY})\) \+ current podset request \((?P<q>{_QTY})\) > maximum capacity "
+    rf"\((?P<c>{_QTY})\)"
+)
+
+
+_SUFFIX = {"n": "1e-9", "u": "1e-6", "m": "1e-3", "": "1", "k": "1e3", "M": "1e6", "G": "1e9", "T": "1e12"}
+_SUFFIX |= {"P": "1e15", "E": "1e18", "Ki": str(2**10), "Mi": str(2**20), "Gi": str(2**30)}
+_SUFFIX |= {"Ti": str(2**40), "Pi": str(2**50), "Ei": str(2**60)}
+
+
+def quantity(text: str) -> Decimal | None:
+    """A Kubernetes quantity as Kueue prints it (500m, 1, 2Gi); None if it is not one."""
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text)
+    if m is None or m[2] not in _SUFFIX:
+        return None
+    try:
+        return Decimal(m[1]) * Decimal(_SUFFIX[m[2]])
+    except InvalidOperation:
+        return None
+
+
+def workload(wl: JSON | None) -> Workload | None:
+    """What the decision reads of a Kueue Workload: admitted or not, and the quota it misses."""
+    if wl is None:
+        return None
+    conds = {c.get("type"): c for c in (wl.get("status") or {}).get("conditions") or []}
+    admitted = all((conds.get(t) or {}).get("status") == "True" for t in ("QuotaReserved", "Admitted"))
+    reserved = conds.get("QuotaReserved") or {}
+    text = str(reserved.get("message") or "") if reserved.get("status") == "False" else ""
+    pod_sets = (wl.get("spec") or {}).get("podSets") or [{}]
+    pods = int(pod_sets[0].get("count") or 0)
+    min_count = pod_sets[0].get("minCount")
+    least = pods if min_count is None else int(min_count)
+    quota = [
+        f"insufficient unused quota for {m['r']} in flavor {m['f']}, {m['q']} more needed"
+        for m in _UNUSED.finditer(text)
+    ]
+    over, never = [], False
+    for m in _CAPACITY.finditer(text):
+        over.append(
+            f"{m['r']} in flavor {m['f']}: {pods} workers ask {m['q']}, more than the ClusterQueue's "
+            f"maximum capacity ({m['c']})"
+        )
+        # Kueue's figure is for the whole pod set; with partial admission it may admit `least`.
+        asked, capacity = quantity(m["q"]), quantity(m["c"])
+        if asked is not None and capacity is not None and pods > 0:
+            never = never or asked * least / pods > capacity
+    return Workload(
+        admitted=admitted,
+        quota=tuple(over + quota),
+        exceeds_capacity=never,
+        pods=pods,
+        min_pods=None if min_count is None else int(min_count),
+    )
 
 
 def observe(
@@ -123,7 +189,19 @@ def observe(
         p for p in kube.list_worker_pods(ns, name) if p["metadata"].get("creationTimestamp", born) >= born
     ]
     obs.worker_job, obs.not_ours = worker_job(kube, job)
-    obs.local_queue_found = kube.local_queue_exists(ns, spec.queue_name) if spec.queue_name else None
+    if spec.queue_name:
+        try:
+            obs.local_queue_found = kube.local_queue_exists(ns, spec.queue_name)
+        except KueueNotInstalledError:
+            obs.kueue_installed = False
+        if obs.kueue_installed:
+            uid = (obs.worker_job or {}).get("metadata", {}).get("uid")
+            for wl in kube.worker_workloads(ns, worker_job_name(name)):
+                owners = {r.get("uid") for r in wl["metadata"].get("ownerReferences") or []}
+                if uid is not None and uid in owners:
+                    obs.workload = workload(wl)
+                else:
+                    obs.earlier_workload = True
 
     # What the memory learns from this observation.
     # A pass long after the last one (the API server was away) holds no silence against a worker.

@@ -35,6 +35,21 @@ class Prompts:
     error: str | None = None  # prompts no retry can fix
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The worker Job's Kueue Workload, as far as the decision reads it."""
+
+    admitted: bool  # QuotaReserved and Admitted both True
+    # What quota it misses, in Kueue's words (its QuotaReserved=False message), kept only where
+    # they are Kueue's quota phrases, rebuilt from resource, flavor and quantity names:
+    # nothing else a message may quote reaches the job's status.
+    quota: tuple[str, ...] = ()
+    # Even the fewest pods Kueue may admit ask more than the ClusterQueue can ever hold.
+    exceeds_capacity: bool = False
+    pods: int = 0  # the pod set's count
+    min_pods: int | None = None  # its minCount: Kueue may admit this few (partial admission)
+
+
 @dataclass
 class Observed:
     job: JSON
@@ -53,6 +68,11 @@ class Observed:
     not_ours: Refusal | None = None  # a worker Job of this name that is not this incarnation's
     refused: Refusal | None = None  # what the last pass's actions met (an observation now)
     local_queue_found: bool | None = None  # spec.queueName's LocalQueue; None: not asked or unknown
+    kueue_installed: bool = True  # False: the API serves no LocalQueues (asked only with a queueName)
+    workload: Workload | None = None  # the worker Job's Kueue Workload (with a queueName)
+    # A Workload of an earlier worker Job of this name is still there: Kueue finds Workloads by
+    # their owner's name and would give it to a new Job, then lose it to the garbage collector.
+    earlier_workload: bool = False
     images_per_second: float = 0.0  # the rate meters' figure (they remember earlier passes)
     clock: ClaimClock = field(default_factory=ClaimClock)  # when each claim was last seen to move
     now: datetime = field(default_factory=datetime.now)

@@ -17,15 +17,19 @@ its worker Job, which hands the quota back at once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from imagebatch.api import ImageBatchJobSpec
 from imagebatch.operator.conditions import Outcome
 from imagebatch.operator.observed import Observed
 from imagebatch.operator.plan import Action, CreateWorkers, DeleteWorkers, PatchWorkers, PostEvent
 from imagebatch.operator.progress import Tally
 from imagebatch.reasons import EventReason, State
+from imagebatch.shardstate import shard_status
 
 JSON = dict[str, Any]
 
@@ -37,6 +41,9 @@ MAX_WORKER_JOB_RESTARTS = 2
 # The worker Job remembers the images done when it was made, so a replacement can tell a Job that
 # crashed after making progress (count from 1 again) from a crash loop.
 ANNOTATION_ITEMS_AT_START = "imagebatch.dev/items-done-at-start"
+# What a queued worker Job asks Kueue for (see `shape`), so that one never admitted can be made
+# again when spec.workers changes.
+ANNOTATION_SHAPE = "imagebatch.dev/workers-shape"
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,14 @@ def desired_replicas(
     return ScaleDecision(max(target, current - max_step), True)
 
 
+def shape(spec: ImageBatchJobSpec, parallelism: int) -> str:
+    """A digest of what a queued worker Job asks Kueue for: its pod count, the fewest it may be
+    admitted with (partial admission) and each pod's resources."""
+    w = spec.workers
+    asked = [parallelism, max(1, w.min_replicas), w.resources or {}, w.gpus_per_worker]
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def queued_parallelism(max_replicas: int, planned: bool, t: Tally) -> int:
     """Under Kueue the pod count is fixed at admission: ask for what the backlog may use."""
     if not planned:
@@ -125,6 +140,22 @@ def running_pods(pods: list[JSON]) -> int:
         for p in pods
         if (p.get("status") or {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
     )
+
+
+def stranded(obs: Observed, holders: set[str]) -> bool:
+    """Shards are Pending and no worker is left to take them, although the worker Job runs: one
+    of its pods succeeded (a work-queue Job then makes no new pods), none of its live pods holds a
+    claim (a busy worker looks again after its shard) and none is still starting. The live ones
+    are hung or leaving. Counted on the shards as observed, not as this pass returned them: a
+    claim returned a pass ago had that long to be taken by a worker between two shards."""
+    wj = obs.worker_job
+    if wj is None or int((wj.get("status") or {}).get("succeeded") or 0) == 0:
+        return False
+    if not any(shard_status(s).state == "Pending" for s in obs.shards):
+        return False
+    live = [p for p in obs.pods if p["metadata"]["name"] in live_pods(obs.pods)]
+    starting = [p for p in live if (p.get("status") or {}).get("phase") != "Running"]
+    return not starting and not holders & {p["metadata"]["name"] for p in live}
 
 
 # -- the worker Job's action --------------------------------------------------------------------
@@ -193,8 +224,21 @@ def plan(
                 out.desired = 0
             else:
                 out.actions.append(DeleteWorkers("worker Job finished with work left; replacing it"))
+    elif (
+        not suspend
+        and outcome.failed_reason is None
+        and wj is not None
+        and not wj["spec"].get("suspend")
+        and stranded(obs, t.holders)
+    ):
+        # Every other worker left (quota follows the backlog) and a claim came back; the live pods
+        # cannot take it. Deleting the Job stops them (nothing to release) and the next pass makes
+        # a new one for the backlog (under Kueue it queues again for its quota).
+        out.actions.append(DeleteWorkers("shards came back after the workers left; replacing the worker Job"))
     elif wj is None:
-        if out.desired > 0:
+        if out.desired > 0 and kueue and obs.earlier_workload:
+            pass  # the last worker Job's Workload is still being deleted: make the new one after
+        elif out.desired > 0:
             n = queued_parallelism(workers.max_replicas, backlog.planned, t) if kueue else out.desired
             out.desired = n
             out.actions += [
@@ -208,6 +252,12 @@ def plan(
             # Not a parallelism change (that would be an eviction): the Job goes, with its quota.
             out.actions.append(
                 DeleteWorkers("suspended or failed: deleting the worker Job hands back its quota")
+            )
+            out.desired = 0
+        elif not admitted and never_admitted(obs) and _reshaped(wj, spec, backlog):
+            # Nothing was admitted, so nothing is evicted: a Job of the new size queues instead.
+            out.actions.append(
+                DeleteWorkers("spec.workers changed before Kueue admitted the workers; making it again")
             )
             out.desired = 0
         elif admitted and prev.state == State.QUEUED:
@@ -239,6 +289,18 @@ def plan(
                     PostEvent("Normal", EventReason.SCALED_DOWN, f"workers {current} -> {out.desired}")
                 )
     return out
+
+
+def never_admitted(obs: Observed) -> bool:
+    """Queued since it began: Kueue never admitted this job's workers (nothing ran)."""
+    prev = obs.prev
+    return prev.state == State.QUEUED and prev.active_seconds == 0 and not prev.running_since
+
+
+def _reshaped(wj: JSON, spec: ImageBatchJobSpec, backlog: Backlog) -> bool:
+    made = (wj["metadata"].get("annotations") or {}).get(ANNOTATION_SHAPE)
+    now = shape(spec, queued_parallelism(spec.workers.max_replicas, backlog.planned, backlog.tally))
+    return made is not None and made != now  # a Job without one (an older operator's) stays
 
 
 def after_the_end(worker_job: JSON | None, kueue: bool) -> Action | None:

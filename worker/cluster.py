@@ -6,9 +6,9 @@
           conflict means another worker won, so try the next) → renew the lease in a thread while
           `process_shard` makes the images and the manifest part → mark it Done (fenced by
           holder + attempt: a worker that lost its claim cannot)
-    wait on the watch while others hold claims (one of them may come back);
-    exit 0 when nothing is Pending or Claimed by others; the worker that finds every shard Done
-    joins manifest.jsonl.
+    exit 0 once a fresh list shows nothing Pending, even while others hold claims (the pod's
+    quota and GPU follow the backlog); the worker that finds every shard Done joins
+    manifest.jsonl.
 
 On SIGTERM (scale-in, suspend, drain) the current batch stops after its denoising step (the
 engine checks the stop flag between steps), the claim is released (back to
@@ -73,9 +73,6 @@ CLAIM_SECONDS = Histogram("imagebatch_worker_claim_seconds", "Seconds to find an
 SHARDS = Counter("imagebatch_worker_shards_total", "Shards finished by this worker", ["result"])
 
 
-# A worker with nothing to claim sleeps until its watch brings a change; it looks again after
-# this long without one anyway (no API call: the cache is only read again).
-IDLE_CHECK_SECONDS = 30.0
 # After losing every race on a view the watch has not caught up with: the longest wait for it.
 RACE_WAIT_SECONDS = 1.0
 # Writes a claim tries before it looks at the cache again: a lost race means the view is behind,
@@ -233,9 +230,8 @@ class Worker:
         return self.cache
 
     def next_claim(self) -> Claim | None:
-        """The next shard this worker holds, claimed from the cache; it waits on the watch while
-        other workers hold claims. None on SIGTERM, or once no shard can come back to it (then
-        `last_list` is a fresh list that shows it)."""
+        """The next shard this worker holds, claimed from the cache. None on SIGTERM, or once a
+        fresh list shows no Pending shard (then `last_list` is that list)."""
         cache = self.cache
         assert cache is not None, "start_cache() first"
         while not self.stop.is_set():
@@ -252,16 +248,15 @@ class Worker:
                 # Lost every race on a view the watch has not caught up with: it brings the winners.
                 self._wait_change(seen, RACE_WAIT_SECONDS)
                 continue
-            if cache.claimed_by_others(self.pod):
-                # Stay while others work: if one of them dies or hangs, the operator requeues its
-                # shard and a waiting worker takes it at once. (A work-queue Job creates no new
-                # pods after one exited 0, so leaving early could strand a requeued shard behind a
-                # hung pod.)
-                self._wait_change(seen, IDLE_CHECK_SECONDS)
-                continue
+            # Nothing Pending: leave, even while other workers hold claims, so that the pod's
+            # quota (Kueue reclaims a Job's succeeded pods) and its GPU follow the backlog. A claim
+            # that comes back later is taken by a busy worker (each looks again after its shard)
+            # or, once no worker that could take it is left (all gone, or the live ones hung
+            # without a claim), by the worker Job the operator starts in its place
+            # (operator/workers.py).
             # Leaving is for good: decided on a fresh list (once per worker), not on the cache.
             listed = self.kube.list_shards(self.uid)
-            if claims.claim_order(listed, self.pod) or claims.claimed_by_others(listed, self.pod):
+            if claims.claim_order(listed, self.pod):
                 cache.merge(listed)  # the watch is behind: what the list knows is newer
                 continue
             self.last_list = listed

@@ -1,6 +1,8 @@
-"""Issue 14, with the real Kueue (imagebatch_testing.kueue): jobs with spec.queueName wait for
+"""Issues 14 and 22, with the real Kueue (imagebatch_testing.kueue): jobs with spec.queueName wait for
 quota as `Queued`, a higher-priority job preempts a running one without losing or repeating an
-image or using an attempt, and queued time does not count against activeDeadlineSeconds.
+image or using an attempt, and queued time does not count against activeDeadlineSeconds; a job
+whose workers can never fit its ClusterQueue says so and runs once maxReplicas is lowered, and a
+job wider than the free quota starts with what fits (partial admission from minReplicas).
 
 Every test gets a ClusterQueue with quota for 500m cpu (`kueue_queues`). Each worker pod of a
 job that must hold the whole quota requests all of it, so whether one job fits does not depend
@@ -10,6 +12,7 @@ longer matches its admission: Kueue's Events and log are checked for that evicti
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -52,12 +55,15 @@ def queued_job(
     env: list[JSON] | None = None,
     cpu: str = "500m",
     max_replicas: int = 1,
+    min_replicas: int = 0,
+    shard_size: int = 25,
     priority: str | None = None,
     **spec: Any,
 ) -> JSON:
     """A tiny job on the test's LocalQueue; each worker requests `cpu` of the 500m quota."""
     workers: JSON = {
         "maxReplicas": max_replicas,
+        "minReplicas": min_replicas,
         "shardsPerReplica": 1,
         "resources": {"requests": {"cpu": cpu}},
     }
@@ -67,7 +73,7 @@ def queued_job(
         name,
         str(out),
         prompts=[f"{name}: a lighthouse at dusk, variation {i}" for i in range(n)],
-        batching={"batchSize": 5, "shardSize": 25},
+        batching={"batchSize": 5, "shardSize": shard_size},
         workers=workers,
         queueName=queues.local_queue,
         **spec,
@@ -309,4 +315,66 @@ def test_queued_time_does_not_count_against_the_deadline(
     check_output_dir(tmp_path / "waiter", {f"p{i:07d}" for i in range(25)})
     waiter = ibj(kubectl, namespace, "waiter")
     assert waiter["status"]["state"] == "Complete"
+    assert_no_mismatch_evictions(kubectl, kueue, namespace)
+
+
+def test_workers_that_never_fit_say_so_and_a_wide_job_starts_with_what_fits(
+    kube_cluster: TestCluster,
+    kubectl: Kubectl,
+    running_operator: Operator,
+    kueue: KueueController,
+    kueue_queues: TestQueues,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    n = 20  # 4 shards of 5: a backlog for 4 workers
+    # 4 workers of 250m, all of them needed (minReplicas 4): 1000m against the 500m ClusterQueue.
+    never = queued_job(
+        "never", tmp_path / "never", kueue_queues, n, cpu="250m", max_replicas=4, min_replicas=4, shard_size=5
+    )
+    kubectl.apply([never], namespace)
+
+    def never_admittable() -> JSON | None:
+        cond = condition(ibj(kubectl, namespace, "never"), "Queued") or {}
+        return cond if cond.get("reason") == "NeverAdmittable" else None
+
+    cond = wait_for("the job to say it can never be admitted", never_admittable, timeout=300)
+    assert cond["status"] == "True" and state(kubectl, namespace, "never") == "Queued"
+    # Kueue's capacity, and the fields to lower.
+    assert "maximum capacity (500m)" in cond["message"], cond["message"]
+    assert "spec.workers.maxReplicas" in cond["message"], cond["message"]
+
+    # What a user tries next: fewer workers. No suspend: the worker Job is made again at 2.
+    patch = {"spec": {"workers": {"maxReplicas": 2, "minReplicas": 2}}}
+    kubectl("patch", "ibj", "never", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    wait_condition(kubectl, namespace, "never", "Complete", timeout=900)
+    check_output_dir(tmp_path / "never", {f"p{i:07d}" for i in range(n)})
+    events = kubectl.json("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=never")
+    mine = [e for e in events["items"] if e["involvedObject"]["kind"] == "ImageBatchJob"]
+    reasons = [e.get("reason") for e in mine]
+    assert "Admitted" in reasons and "Suspended" not in reasons, reasons
+    made = [e["message"] for e in mine if e.get("reason") == "ScaledUp"]
+    assert "started worker Job with 4 workers" in made and "started worker Job with 2 workers" in made, made
+
+    # The quota is all free again (the finished job's worker Job is deleted), so what fits is known.
+    cq = f"/apis/kueue.x-k8s.io/v1beta2/clusterqueues/{kueue_queues.cluster_queue}"
+    wait_for(
+        "the ClusterQueue's quota free",
+        lambda: (kube_cluster.client.get(cq).get("status") or {}).get("reservingWorkloads") == 0,
+        timeout=300,
+    )
+
+    # 4 workers of 250m with minReplicas 1: Kueue admits the 2 that fit at once.
+    wide = queued_job(
+        "wide", tmp_path / "wide", kueue_queues, n, cpu="250m", max_replicas=4, min_replicas=1, shard_size=5
+    )
+    kubectl.apply([wide], namespace)
+    wait_for("the wide job admitted", lambda: admitted(workload(kube_cluster, namespace, "wide")), 300)
+    wl_obj = workload(kube_cluster, namespace, "wide")
+    assert wl_obj is not None
+    assert wl_obj["spec"]["podSets"][0]["count"] == 4 and wl_obj["spec"]["podSets"][0]["minCount"] == 1
+    (assignment,) = wl_obj["status"]["admission"]["podSetAssignments"]
+    assert assignment["count"] == 2, assignment
+    wait_condition(kubectl, namespace, "wide", "Complete", timeout=900)
+    check_output_dir(tmp_path / "wide", {f"p{i:07d}" for i in range(n)})
     assert_no_mismatch_evictions(kubectl, kueue, namespace)

@@ -97,6 +97,22 @@ def test_kueue_priority_class_label_goes_to_the_worker_job() -> None:
     assert not [k for k in plain["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]
 
 
+def test_a_queued_worker_job_may_be_admitted_with_min_replicas() -> None:
+    """Kueue's partial admission: a Job wider than the free quota starts with what fits, down to
+    max(1, minReplicas); none when that is the whole Job, or without a queue."""
+    key = "kueue.x-k8s.io/job-min-parallelism"
+    wide = worker_job(JOB, spec(queueName="q", workers={"minReplicas": 0, "maxReplicas": 4}), 4)
+    assert wide["metadata"]["annotations"][key] == "1"
+    two = worker_job(JOB, spec(queueName="q", workers={"minReplicas": 2, "maxReplicas": 4}), 4)
+    assert two["metadata"]["annotations"][key] == "2"
+    for whole in (
+        worker_job(JOB, spec(queueName="q", workers={"minReplicas": 4, "maxReplicas": 4}), 4),
+        worker_job(JOB, spec(queueName="q", workers={"minReplicas": 0, "maxReplicas": 4}), 1),
+        worker_job(JOB, spec(workers={"minReplicas": 1, "maxReplicas": 4}), 4),
+    ):
+        assert key not in (whole["metadata"].get("annotations") or {})
+
+
 def test_pod_failure_policy_fails_fast_on_user_errors_and_ignores_sigterm() -> None:
     rules = worker_job(JOB, spec(), 1)["spec"]["podFailurePolicy"]["rules"]
     fail = [r for r in rules if r["action"] == "FailJob"]

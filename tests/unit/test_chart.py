@@ -40,6 +40,7 @@ NAMESPACED_PERMISSIONS = {
     ("", "configmaps"): {"get"},
     ("", "events"): {"create"},
     ("kueue.x-k8s.io", "localqueues"): {"get"},
+    ("kueue.x-k8s.io", "workloads"): {"list"},
 }
 CLUSTER_SCOPED = {
     "ClusterRole",
@@ -424,10 +425,12 @@ def operator_api_calls(path: Path = REPO / "operator/kube.py") -> dict[tuple[str
     from imagebatch.names import JOB_PLURAL, SHARD_PLURAL
 
     plurals = {"JOB_PLURAL": JOB_PLURAL, "SHARD_PLURAL": SHARD_PLURAL, "LOCAL_QUEUE_PLURAL": "localqueues"}
+    plurals["WORKLOAD_PLURAL"] = "workloads"
     groups = {
         "JOB_PLURAL": "imagebatch.dev",
         "SHARD_PLURAL": "imagebatch.dev",
         "LOCAL_QUEUE_PLURAL": "kueue.x-k8s.io",
+        "WORKLOAD_PLURAL": "kueue.x-k8s.io",
     }
     tree = ast.parse(path.read_text())
     used: dict[tuple[str, str], set[str]] = {}

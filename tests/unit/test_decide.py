@@ -18,7 +18,7 @@ from imagebatch.names import (
     MODEL_LOAD_ERROR,
 )
 from imagebatch.operator import decide, plan, workers
-from imagebatch.operator.observed import Observed, Prompts, Refusal
+from imagebatch.operator.observed import Observed, Prompts, Refusal, Workload
 from imagebatch.reasons import ConditionType, Reason, State
 from imagebatch.timeutil import format_time
 
@@ -160,6 +160,23 @@ RUNNING_4 = [pod(f"w-{i}") for i in range(4)]
 QUEUED = spec(queueName="team-a")
 PROMPT_FILE = spec(prompts=None, promptsFrom={"uri": "/data/p.jsonl"})
 PLAIN_FAILED = failed_pod("w-1", 1, "RuntimeError: boom")
+QUEUED_4 = spec(queueName="team-a", workers={"maxReplicas": 4, "shardsPerReplica": 1})
+QUEUED_2 = spec(queueName="team-a", workers={"maxReplicas": 2, "shardsPerReplica": 1})
+# A worker Job made for QUEUED_4 and never admitted (suspended, its shape stamped by builders.py).
+MADE_FOR_4 = {workers.ANNOTATION_SHAPE: workers.shape(ImageBatchJobSpec.model_validate(QUEUED_4), 4)}
+NEVER_FITS = Workload(
+    admitted=False,
+    quota=("cpu in flavor default: 4 workers ask 1, more than the ClusterQueue's maximum capacity (500m)",),
+    exceeds_capacity=True,
+    pods=4,
+)
+
+
+def one_succeeded(wj: JSON) -> JSON:
+    """The worker Job after one of its pods left with exit 0: it makes no new pods."""
+    wj["status"]["succeeded"] = 1
+    return wj
+
 
 CASES = [
     # -- working
@@ -256,6 +273,102 @@ CASES = [
         State.QUEUED,
         Reason.LOCAL_QUEUE_NOT_FOUND,
         ["CreateWorkers 4", "Event ScaledUp", "Event LocalQueueNotFound"],
+    ),
+    Case(
+        "Kueue's words for the missing quota",
+        world(
+            QUEUED,
+            {"state": "Queued"},
+            shards=shards(),
+            worker_job=worker_job(suspend=True),
+            local_queue_found=True,
+            workload=Workload(
+                False, ("insufficient unused quota for cpu in flavor default, 250m more needed",)
+            ),
+        ),
+        State.QUEUED,
+        Reason.QUEUED,
+        [],
+        desired=4,
+    ),
+    Case(
+        "workers that can never fit the ClusterQueue say so",
+        world(
+            QUEUED_4,
+            {"state": "Queued"},
+            shards=shards(),
+            worker_job=worker_job(suspend=True, **MADE_FOR_4),
+            local_queue_found=True,
+            workload=NEVER_FITS,
+        ),
+        State.QUEUED,
+        Reason.NEVER_ADMITTABLE,
+        [],
+    ),
+    Case(
+        "maxReplicas lowered before admission: the worker Job is made again",
+        world(
+            QUEUED_2,
+            {"state": "Queued"},
+            shards=shards(),
+            worker_job=worker_job(suspend=True, **MADE_FOR_4),
+            local_queue_found=True,
+            workload=NEVER_FITS,
+        ),
+        State.QUEUED,
+        Reason.NEVER_ADMITTABLE,
+        ["DeleteWorkers"],
+        desired=0,
+    ),
+    Case(
+        "maxReplicas lowered while preempted: no new Job (it was admitted once)",
+        world(
+            QUEUED_2,
+            {"state": "Queued", "activeSeconds": 30.0},
+            shards=shards(),
+            worker_job=worker_job(suspend=True, **MADE_FOR_4),
+            local_queue_found=True,
+        ),
+        State.QUEUED,
+        Reason.QUEUED,
+        [],
+        desired=4,
+    ),
+    Case(
+        "the last worker Job's Workload is still there: the new Job waits for it to go",
+        world(QUEUED, {"state": "Queued"}, shards=shards(), local_queue_found=True, earlier_workload=True),
+        State.QUEUED,
+        Reason.QUEUED,
+        [],
+    ),
+    Case(
+        "spec.queueName where Kueue is not installed",
+        world(QUEUED, shards=shards(), kueue_installed=False),
+        State.QUEUED,
+        Reason.KUEUE_NOT_INSTALLED,
+        ["CreateWorkers 4", "Event ScaledUp"],
+    ),
+    Case(
+        "a claim came back after the other workers left: a new worker Job takes it",
+        world(
+            shards=[*shards("Done")[:4], shard(4)],
+            pods=[pod("w-0")],
+            worker_job=one_succeeded(worker_job(1)),
+        ),
+        State.RUNNING,
+        Reason.RUNNING,
+        ["DeleteWorkers"],
+    ),
+    Case(
+        "a claim came back while a worker is busy: it takes it after its shard",
+        world(
+            shards=[*shards("Done")[:3], shard(3, "Claimed", holder="w-0"), shard(4)],
+            pods=[pod("w-0")],
+            worker_job=one_succeeded(worker_job(1)),
+        ),
+        State.RUNNING,
+        Reason.RUNNING,
+        [],
     ),
     Case(
         "suspended: the workers go to zero",

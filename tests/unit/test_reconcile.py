@@ -103,6 +103,9 @@ class FakeKube:
     def local_queue_exists(self, ns: str, name: str) -> bool | None:
         return self.local_queue
 
+    def worker_workloads(self, ns: str, name: str) -> list[JSON]:
+        return []
+
     def read_config_map_key(self, ns: str, name: str, key: str) -> str | None:
         return None
 

@@ -157,42 +157,61 @@ def test_each_pod_has_its_own_order_and_keeps_it_as_shards_are_taken() -> None:
     ]
 
 
-def test_an_idle_worker_waits_on_its_cache_and_lists_once_to_leave() -> None:
-    """Nothing Pending, a claim held by another worker: the worker sleeps on the cache (no LIST);
-    when the watch brings that shard Done it lists once, to be sure, and leaves."""
+def _cached_worker(api: FakeShardApi, pod: str) -> tuple[Worker, list[int]]:
+    """A worker whose cache holds the API's shards (fed by hand); the count of LISTs it makes."""
     from imagebatch.names import LABEL_JOB, LABEL_JOB_UID, shard_name
     from imagebatch.worker.shardcache import ShardCache
 
-    api = FakeShardApi(1)
+    for i, old in enumerate(list(api.shards)):
+        shard = api.shards.pop(old)
+        # Of job j (UID u) by every name it carries (shardplan.forgery).
+        shard["metadata"]["name"] = shard_name("j", "u", i)
+        shard["metadata"]["labels"] = {LABEL_JOB_UID: "u", LABEL_JOB: "j"}
+        shard["metadata"]["ownerReferences"] = [{"kind": "ImageBatchJob", "uid": "u", "name": "j"}]
+        api.shards[shard["metadata"]["name"]] = shard
     lists = [0]
     listed = api.list_shards
     api.list_shards = lambda uid="u": (lists.__setitem__(0, lists[0] + 1), listed(uid))[1]  # type: ignore[method-assign]
-    shard = api.shards["j-s00000"]
-    # Of job j (UID u) by every name it carries (shardplan.forgery).
-    shard["metadata"]["name"] = shard_name("j", "u", 0)
-    shard["metadata"]["labels"] = {LABEL_JOB_UID: "u", LABEL_JOB: "j"}
-    shard["metadata"]["ownerReferences"] = [{"kind": "ImageBatchJob", "uid": "u", "name": "j"}]
-    shard["status"] = {"state": "Claimed", "holder": "pod-b", "attempt": 1}
+    w = worker(api, pod)
+    w.cache = ShardCache(None, "u", pod)  # type: ignore[arg-type]
+    w.cache.replace(listed(), "1")
+    return w, lists
 
-    waiting = threading.Event()
 
-    class Cache(ShardCache):
-        def wait(self, since: int, timeout: float) -> int:
-            waiting.set()
-            return super().wait(since, timeout)
-
-    w = worker(api, "pod-a")
-    w.cache = Cache(None, "u", "pod-a")  # type: ignore[arg-type]  # fed by hand below
-    w.cache.replace(api.list_shards(), "1")
+def test_a_worker_with_nothing_pending_leaves_while_another_holds_a_claim() -> None:
+    """The backlog is one claimed shard: the idle worker lists once, to be sure, and leaves (its
+    pod's quota goes back to Kueue) rather than wait for a claim that may come back."""
+    api = FakeShardApi(2)
+    w, lists = _cached_worker(api, "pod-a")
+    done, theirs = api.shards.values()
+    done["status"] = {"state": "Done", "holder": "pod-a", "attempt": 1}
+    theirs["status"] = {"state": "Claimed", "holder": "pod-b", "attempt": 1}
+    assert w.cache is not None
+    w.cache.replace(api.list_shards(), "2")
     lists[0] = 0
     result: list[object] = []
     t = threading.Thread(target=lambda: result.append(w.next_claim()))
     t.start()
-    assert waiting.wait(60)
-    assert lists[0] == 0, "an idle worker must not list"
-    shard["status"] = {"state": "Done", "holder": "pod-b", "attempt": 1}
-    FakeShardApi._bump(shard)
-    w.cache.apply({"type": "MODIFIED", "object": copy.deepcopy(shard)})
-    t.join(60)
-    assert result == [None] and lists[0] == 1
-    assert [s["status"]["state"] for s in w.last_list] == ["Done"]
+    t.join(60)  # a safety net: the old rule waited here for pod-b's claim to end
+    w.stop.set()
+    assert result == [None], "the idle worker stayed while another held a claim"
+    assert lists[0] == 1
+    assert sorted(s["status"]["state"] for s in w.last_list) == ["Claimed", "Done"]
+    assert theirs["status"]["holder"] == "pod-b"  # left alone
+
+
+def test_a_worker_claims_a_shard_its_watch_missed_before_it_leaves() -> None:
+    """The cache says nothing is Pending, the fresh list says a claim came back: take it."""
+    api = FakeShardApi(2)
+    w, _ = _cached_worker(api, "pod-a")
+    done, returned = api.shards.values()
+    done["status"] = {"state": "Done", "holder": "pod-a", "attempt": 1}
+    returned["status"] = {"state": "Claimed", "holder": "pod-b", "attempt": 1}
+    assert w.cache is not None
+    w.cache.replace(api.list_shards(), "2")
+    # The operator took pod-b's claim back; the watch has not brought it yet.
+    returned["status"] = {"state": "Pending", "holder": None, "attempt": 1, "failures": 1}
+    FakeShardApi._bump(returned)
+    claim = w.next_claim()
+    assert claim is not None and claim.name == returned["metadata"]["name"] and claim.attempt == 2
+    assert returned["status"]["holder"] == "pod-a"

@@ -111,6 +111,11 @@ permissions it holds itself (RBAC escalation check), which is why it holds the w
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["localqueues"]
   verbs: ["get"]
+# Kueue Workloads: the operator finds its worker Job's (by the Job's UID label) to say what quota
+# the job waits for, or that it can never fit its ClusterQueue.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list"]
 {{- end }}
 
 {{/* Cluster-scoped permissions kopf needs in every mode. */}}
