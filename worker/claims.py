@@ -35,7 +35,3 @@ def rank(pod: str, name: str) -> bytes:
     # A real hash: crc32 is linear, so pods whose names differ in one character (pod-3, pod-7)
     # ranked shards almost alike and raced for the same ones.
     return hashlib.blake2b(f"{pod}/{name}".encode(), digest_size=8).digest()
-
-
-def claimed_by_others(shards: Sequence[JSON], pod: str) -> bool:
-    return any((st := shard_status(s)).state == "Claimed" and st.holder != pod for s in shards)

@@ -54,14 +54,13 @@ class Entry:
     shard: JSON
     index: int
     state: str
-    holder: str | None
 
     @classmethod
     def of(cls, shard: JSON) -> Entry:
-        # The two fields straight from the JSON (a shard just created has no status: Pending):
+        # The fields straight from the JSON (a shard just created has no status: Pending):
         # every worker reads every shard write, and a claim validates the status it writes anyway.
         st = shard.get("status") or {}
-        return cls(shard, int(shard["spec"]["index"]), str(st.get("state") or "Pending"), st.get("holder"))
+        return cls(shard, int(shard["spec"]["index"]), str(st.get("state") or "Pending"))
 
 
 def _retryable(err: BaseException) -> bool:
@@ -88,7 +87,6 @@ class ShardCache(ShardStore):
         self.pod = pod  # whose claim order (claims.rank) candidates() follows
         self._entries: dict[str, Entry] = {}
         self._pending: dict[str, Entry] = {}
-        self._claimed: dict[str, str | None] = {}  # name -> holder
         # Pending shards by the pod's rank, so a claim finds its best few in O(log n). Entries
         # that stopped being Pending are dropped lazily, when they come up.
         self._ranked: list[tuple[bytes, str]] = []
@@ -99,7 +97,6 @@ class ShardCache(ShardStore):
     def _clear(self) -> None:
         self._entries.clear()
         self._pending.clear()
-        self._claimed.clear()
         self._ranked.clear()
         self._queued.clear()
 
@@ -117,7 +114,6 @@ class ShardCache(ShardStore):
     def _drop(self, obj: JSON) -> bool:
         name = obj["metadata"]["name"]
         self._pending.pop(name, None)
-        self._claimed.pop(name, None)
         return self._entries.pop(name, None) is not None
 
     def _changed(self) -> None:
@@ -132,8 +128,6 @@ class ShardCache(ShardStore):
             if name not in self._queued:
                 heapq.heappush(self._ranked, (claims.rank(self.pod, name), name))
                 self._queued.add(name)
-        elif e.state == "Claimed":
-            self._claimed[name] = e.holder
 
     # -- what the worker's own writes and lists tell it -----------------------------------------
     def lost_race(self, shard: JSON) -> None:
@@ -182,10 +176,6 @@ class ShardCache(ShardStore):
     def pending_count(self) -> int:
         with self.lock:
             return len(self._pending)
-
-    def claimed_by_others(self, holder: str) -> bool:
-        with self.lock:
-            return any(h != holder for h in self._claimed.values())
 
     def shards(self) -> list[JSON]:
         with self.lock:

@@ -173,12 +173,3 @@ def test_claim_order_spreads_workers_over_pending_shards() -> None:
     assert sorted(s["spec"]["index"] for s in a) == [i for i in range(12) if i % 3]
     assert sorted(x["spec"]["index"] for x in b) == sorted(x["spec"]["index"] for x in a)
     assert claims.claim_order([], "w") == []
-
-
-def test_claimed_by_others_keeps_an_idle_worker_waiting() -> None:
-    mine = shard("a", state="Claimed", holder="me", attempt=1)
-    theirs = shard("b", state="Claimed", holder="them", attempt=1)
-    done = shard("c", state="Done", holder="them", attempt=1)
-    assert claims.claimed_by_others([mine, theirs, done], "me")
-    assert not claims.claimed_by_others([mine, done], "me")
-    assert not claims.claimed_by_others([], "me")

@@ -56,17 +56,17 @@ def names(shards: list[JSON]) -> list[int]:
 
 
 # (event, pending indexes after it, claimed by someone other than pod-a, woken, resume version)
-TABLE: list[tuple[str, JSON, list[int], bool, bool, str | None]] = [
-    ("a new shard", ev("ADDED", shard(2, 11)), [0, 1, 2], False, True, "11"),
-    ("pod-b claims 0", ev("MODIFIED", shard(0, 12, "Claimed", "pod-b")), [1, 2], True, True, "12"),
-    ("pod-a claims 1", ev("MODIFIED", shard(1, 13, "Claimed", "pod-a")), [2], True, True, "13"),
-    ("an older copy of 0, after a newer one", ev("MODIFIED", shard(0, 9)), [2], True, False, "9"),
-    ("a bookmark", bookmark(20), [2], True, False, "20"),
-    ("another incarnation's shard", ev("ADDED", shard(7, 21, uid="u-0")), [2], True, False, "21"),
-    ("0 done", ev("MODIFIED", shard(0, 22, "Done", "pod-b")), [2], False, True, "22"),
-    ("2 deleted", ev("DELETED", shard(2, 23)), [], False, True, "23"),
-    ("an unknown shard deleted", ev("DELETED", shard(9, 24)), [], False, False, "24"),
-    ("1 requeued (pod-a's lease expired)", ev("MODIFIED", shard(1, 25)), [1], False, True, "25"),
+TABLE: list[tuple[str, JSON, list[int], bool, str | None]] = [
+    ("a new shard", ev("ADDED", shard(2, 11)), [0, 1, 2], True, "11"),
+    ("pod-b claims 0", ev("MODIFIED", shard(0, 12, "Claimed", "pod-b")), [1, 2], True, "12"),
+    ("pod-a claims 1", ev("MODIFIED", shard(1, 13, "Claimed", "pod-a")), [2], True, "13"),
+    ("an older copy of 0, after a newer one", ev("MODIFIED", shard(0, 9)), [2], False, "9"),
+    ("a bookmark", bookmark(20), [2], False, "20"),
+    ("another incarnation's shard", ev("ADDED", shard(7, 21, uid="u-0")), [2], False, "21"),
+    ("0 done", ev("MODIFIED", shard(0, 22, "Done", "pod-b")), [2], True, "22"),
+    ("2 deleted", ev("DELETED", shard(2, 23)), [], True, "23"),
+    ("an unknown shard deleted", ev("DELETED", shard(9, 24)), [], False, "24"),
+    ("1 requeued (pod-a's lease expired)", ev("MODIFIED", shard(1, 25)), [1], True, "25"),
 ]
 
 
@@ -74,11 +74,10 @@ def test_each_watch_event_changes_the_cache_and_wakes_waiters_only_when_it_chang
     cache = ShardCache(None, UID)  # type: ignore[arg-type]  # no source: events are fed here
     cache.replace([shard(0, 5), shard(1, 6)], "10")
     assert names(cache.pending()) == [0, 1] and cache.synced and cache.resource_version == "10"
-    for what, event, pending, others, woken, rv in TABLE:
+    for what, event, pending, woken, rv in TABLE:
         before = cache.version
         cache.apply(event)
         assert names(cache.pending()) == pending, what
-        assert cache.claimed_by_others("pod-a") is others, what
         assert (cache.version > before) is woken, what
         assert cache.resource_version == rv, what
     before = cache.version
@@ -87,7 +86,7 @@ def test_each_watch_event_changes_the_cache_and_wakes_waiters_only_when_it_chang
     assert cache.resource_version is None, "after 410 Gone the watch cannot resume: relist"
     assert cache.version == before
     cache.replace([shard(3, 30)], "31")  # the relist replaces everything
-    assert names(cache.pending()) == [3] and not cache.claimed_by_others("pod-a")
+    assert names(cache.pending()) == [3]
     assert [s["metadata"]["name"] for s in cache.shards()] == [shard_name("j", UID, 3)]
 
 
