@@ -24,7 +24,7 @@ from imagebatch import shardstate
 from imagebatch.api import ImageBatchJobStatus
 from imagebatch.errors import ImageBatchError
 from imagebatch.names import ANNOTATION_ITEM_COUNT, ANNOTATION_MANIFEST_LINES, ERRORS, MANIFEST
-from imagebatch.operator import leases, lifecycle, podhealth, progress, status, workers
+from imagebatch.operator import conditions, leases, lifecycle, podhealth, progress, status, workers
 from imagebatch.operator.conditions import COMPLETE, FAILED, Outcome
 from imagebatch.operator.lifecycle import Work
 from imagebatch.operator.observed import Observed, Refusal
@@ -90,11 +90,8 @@ def _ended(obs: Observed, outcome: Outcome, actions: list[Action] | None = None)
 def _finished(obs: Observed) -> Plan:
     """A finished job keeps its outcome: no workers; deleted after ttlSecondsAfterFinished."""
     prev = obs.prev
-    complete = not any(c.type == FAILED and c.status == "True" for c in prev.conditions)
-    final = next(
-        (c for c in prev.conditions if c.status == "True" and c.type == (COMPLETE if complete else FAILED)),
-        None,
-    )
+    complete = conditions.is_true(prev.conditions, COMPLETE)
+    final = conditions.find(prev.conditions, COMPLETE if complete else FAILED)  # True: obs.finished
     message = final.message if final is not None else ""
     outcome = (
         Outcome(complete=True, message=message)

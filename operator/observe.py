@@ -214,19 +214,19 @@ def observe(
 def _read_prompts(kube: OperatorKube, ns: str, spec: ImageBatchJobSpec) -> Prompts:
     """Inline and ConfigMap prompts, read and expanded (the operator plans them; a worker plans a
     prompt file, which the operator may not be able to read)."""
-    missing: list[str] = []
 
     def read_config_map(cm: str, key: str) -> str:
         value = kube.read_config_map_key(ns, cm, key)
         if value is None:
-            missing.append(f"waiting for ConfigMap {cm} with key {key} (spec.promptsFrom.configMapKeyRef)")
-            raise _NotReadyError
+            raise _NotReadyError(
+                f"waiting for ConfigMap {cm} with key {key} (spec.promptsFrom.configMapKeyRef)"
+            )
         return value
 
     try:
         items = expand_items(load_prompts(spec, config_map_reader=read_config_map), spec.generation)
-    except _NotReadyError:
-        return Prompts(waiting=missing[0])
+    except _NotReadyError as e:
+        return Prompts(waiting=str(e))
     except ImageBatchError as e:  # prompts no retry can fix; the message never quotes them
         return Prompts(error=str(e))
     return Prompts(items=len(items))
