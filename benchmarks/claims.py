@@ -65,6 +65,7 @@ def claimer(sim: Sim) -> tuple[int, JSON]:
         "done": done,
         "bytes": kube.bytes_read,
         "conflicts": kube.conflicts,
+        "bodiless_errors": len(kube.api.bodiless),
         "lists": cache.lists,
         "events": cache.events,
     }
@@ -121,6 +122,8 @@ def run_row(plane: ControlPlane, n_shards: int, claimers: int, processes: int) -
         "claim_p99_s": round(fleetsim.percentile(claims, 0.99), 4),
         "claim_max_s": round(max(claims), 4),
         "conflicts": sum(r["conflicts"] for r in results),
+        # API errors without a response (status 0) that fleetsim made retryable (see there).
+        "bodiless_api_errors": sum(r["bodiless_errors"] for r in results),
         "client_bytes_per_claim": round(sum(r["bytes"] for r in results) / len(claims)),
         "apiserver_response_bytes_per_claim": round(delta["response_bytes"] / len(claims)),
         "apiserver_responses_per_claim": round(delta["responses"] / len(claims), 2),

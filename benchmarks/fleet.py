@@ -20,8 +20,10 @@ share included), the bytes the workers read (counted in their clients), write re
 per minute (counted in the workers' clients, by kind: claim, renewal/progress, end; and the API
 server's `apiserver_request_total` writes to imagebatchshards of every client, the operator's
 included), claim p50/p99 (the time `next_claim` took to return a claim), images/s, and the
-operator's CPU seconds in the window and its resident and peak resident memory (/proc). A last
-line gives the ratios of the largest N to the smallest, and the issue's targets as booleans.
+operator's CPU seconds in the window and its resident and peak resident memory (/proc). A fleet
+that made less than 80% of the images its fake engines could was slowed down by the API server
+(`saturated`): its per-worker costs are then low because its workers waited. A last line gives
+the ratios of the largest N to the smallest, and the issue's targets as booleans.
 
     python benchmarks/fleet.py                       # 16, 64 and 256 workers, 120 s each
     python benchmarks/fleet.py --workers 4 8 --seconds 20 --shard-seconds 10   # a quick look
@@ -49,6 +51,8 @@ from fleetsim import ControlPlane, Fleet, Sim
 JSON = dict[str, Any]
 MAX_INLINE_PROMPTS = 10_000  # imagebatch/api.py's bound
 IMAGES_PER_PROMPT = 64  # its largest: the most items from the fewest prompts
+# A fleet making fewer than this share of the images its fake engines could was slowed by the API.
+SATURATED = 0.8
 
 
 class LazyItems(Sequence[Any]):
@@ -164,6 +168,7 @@ def fleet_worker(sim: Sim) -> tuple[int, JSON]:
         "writes": kube.api.writes,
         "kinds": kube.kinds,
         "conflicts": kube.conflicts,
+        "bodiless_errors": len(kube.api.bodiless),
         "bytes_window": read.get("end", kube.bytes_read) - read["start"],
         "made": engine.made,
     }
@@ -206,8 +211,9 @@ def run_n(plane: ControlPlane, n: int, args: argparse.Namespace) -> JSON:
         before, op_before = plane.metrics(), plane.operator_usage()
         start = fleet.start()
         time.sleep(args.seconds)
-        after, op_after = plane.metrics(), plane.operator_usage()
         end = time.time()
+        load = os.getloadavg()
+        after, op_after = plane.metrics(), plane.operator_usage()
     finally:
         fleet.close()
     results = fleet.outcomes()
@@ -223,6 +229,9 @@ def run_n(plane: ControlPlane, n: int, args: argparse.Namespace) -> JSON:
     }
     images = sum(k for r in results for t, k in r["made"] if start <= t < end)
     served = delta["response_bytes"] + delta["watch_event_bytes"]
+    # Images/s against what the fake engine makes: well below 1, the workers waited on the API
+    # server (a saturated one answers late), so per-worker costs understate what they would be.
+    engine_rate = images / window / n / (1000 / args.image_ms)
     return {
         "workers": n,
         "processes": args.processes,
@@ -235,6 +244,8 @@ def run_n(plane: ControlPlane, n: int, args: argparse.Namespace) -> JSON:
         "ready_s": round(ready_s, 1),
         "images_per_s": round(images / window, 1),
         "images_per_worker_per_s": round(images / window / n, 2),
+        "engine_rate_fraction": round(engine_rate, 3),
+        "saturated": engine_rate < SATURATED,
         "claims": len(latencies),
         "claim_p50_s": round(statistics.median(latencies), 4) if latencies else None,
         "claim_p99_s": round(fleetsim.percentile(latencies, 0.99), 4) if latencies else None,
@@ -246,13 +257,15 @@ def run_n(plane: ControlPlane, n: int, args: argparse.Namespace) -> JSON:
         "writes_per_worker_per_min": round(writes / n / minutes, 2),
         "writes_by_kind_per_worker_per_min": {k: round(v / n / minutes, 2) for k, v in kinds.items()},
         "conflicts": sum(r["conflicts"] for r in results),
+        # API errors without a response (status 0) that fleetsim made retryable (see there).
+        "bodiless_api_errors": sum(r["bodiless_errors"] for r in results),
         "apiserver_writes_per_worker_per_min": round(delta["writes"] / n / minutes, 2),
         "apiserver_conflicts": int(delta["conflicts"]),
         "operator_cpu_s": round(op_after["cpu_s"] - op_before["cpu_s"], 2),
         "operator_cpu_per_s": round((op_after["cpu_s"] - op_before["cpu_s"]) / window, 3),
         "operator_rss_mb": round(op_after["rss_mb"], 1),
         "operator_max_rss_mb": round(op_after["max_rss_mb"], 1),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "loadavg": [round(x, 2) for x in load],  # at the window's end
     }
 
 
@@ -275,8 +288,12 @@ def ratios(small: JSON, big: JSON, rows: list[JSON]) -> JSON:
         "ratio": f"{big['workers']}/{small['workers']} workers",
         **{k.removesuffix("_s") if k.startswith("claim") else k: r(k) for k in keys},
         # The issue's targets (issue 20), as measured here.
+        "saturated": [x["workers"] for x in rows if x["saturated"]],
         "targets": {
-            "bytes_per_worker_within_1.5x": bytes_ratio is not None and bytes_ratio <= 1.5,
+            # Not met by a fleet the API server slowed down: its bytes are low for that reason.
+            "bytes_per_worker_within_1.5x": bytes_ratio is not None
+            and bytes_ratio <= 1.5
+            and not (small["saturated"] or big["saturated"]),
             "renewal_writes_per_worker_per_min_at_most_6": all(
                 x["writes_by_kind_per_worker_per_min"]["renew"] <= 6 for x in rows
             ),

@@ -116,7 +116,10 @@ def process_usage(pid: int) -> JSON:
 class ControlPlane:
     """The cluster, its CRDs and the operator; `close()` stops what it started."""
 
-    def __init__(self, state_dir: str | None = None, kubeconfig: str | None = None) -> None:
+    def __init__(
+        self, state_dir: str | None = None, kubeconfig: str | None = None, node_agent: bool = False
+    ) -> None:
+        """`node_agent`: the test node agent runs real worker pods (no fake node then)."""
         from imagebatch_testing.cluster import LocalCluster, build_binaries
         from imagebatch_testing.kubeapi import KubeClient
         from imagebatch_testing.kubectl import Kubectl, install_crds
@@ -129,7 +132,7 @@ class ControlPlane:
         bin_dir = build_binaries()
         self.cluster: LocalCluster | None = None
         if kubeconfig is None:
-            self.cluster = LocalCluster(self.dir / "cluster", bin_dir=bin_dir, node_agent=False)
+            self.cluster = LocalCluster(self.dir / "cluster", bin_dir=bin_dir, node_agent=node_agent)
             self.cluster.up()
             kubeconfig = str(self.cluster.kubeconfig)
         self.kubeconfig = kubeconfig
@@ -144,8 +147,9 @@ class ControlPlane:
             config = operator_kubeconfig(self.client, kubectl, bin_dir / "helm", work / "kubeconfig")
             self.operator = Operator(config, work)
             self.operator.start()
-            self.node = FakeNode(self.client, self.dir / "fake-node")
-            self.node.start()
+            if not node_agent:
+                self.node = FakeNode(self.client, self.dir / "fake-node")
+                self.node.start()
         except BaseException:
             self.close()
             raise
@@ -218,6 +222,7 @@ class FakeNode(NodeAgent):
         # (namespace, pod) -> "running", "stopping" (deletion seen while running) or "ended"
         self.pods: dict[tuple[str, str], str] = {}
         self.deleting: set[tuple[str, str]] = set()
+        self.closed: set[str] = set()  # namespaces whose fleet is gone: their pods only end
         self.containers: dict[tuple[str, str], str] = {}
 
     def start(self) -> None:
@@ -280,6 +285,13 @@ class FakeNode(NodeAgent):
         phase = (pod.get("status") or {}).get("phase")
         with self.lock:
             state = self.pods.get(key)
+            if key[0] in self.closed and event_type != "DELETED":
+                # No worker will run or end it now: a deleted one goes at once, others wait.
+                if meta.get("deletionTimestamp"):
+                    self.deleting.add(key)
+                    self.pods[key] = "ended"
+                    threading.Thread(target=self._remove, args=(key,), daemon=True).start()
+                return
             if event_type == "DELETED":
                 self.pods.pop(key, None)
                 if state == "running":
@@ -306,6 +318,15 @@ class FakeNode(NodeAgent):
         ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._status(key, "Running", {"running": {"startedAt": ts}}, True)
         self.on_running(*key)
+
+    def close_namespace(self, ns: str) -> None:
+        """Its fleet stopped: pods whose worker never reported its end (one still in its API
+        retries, one made after the stop) end now, so that the namespace can go."""
+        with self.lock:
+            self.closed.add(ns)
+            left = [k for k, state in self.pods.items() if k[0] == ns and state in ("running", "stopping")]
+        for key in left:
+            self.ended(key[0], key[1], 143)
 
     def ended(self, ns: str, pod: str, rc: int) -> None:
         """A worker returned `rc`: its pod ends (and goes, if it was being deleted)."""
@@ -344,6 +365,7 @@ class Sim:
     def worker(self, worker_class: type | None = None) -> tuple[Any, Any]:
         """The worker's own Worker on a client that counts its writes: (worker, kube)."""
         import kubernetes
+        from kubernetes.client.exceptions import ApiException
 
         from imagebatch.kubeclient import TimeoutApiClient
         from imagebatch.worker.cluster import Worker
@@ -353,11 +375,23 @@ class Sim:
             """Counts every write request to shards, whatever method of the worker makes it."""
 
             writes: list[float]
+            bodiless: list[float]
 
             def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
                 if method in WRITE_METHODS and "/imagebatchshards" in url:
                     self.writes.append(time.time())
-                return super().request(method, url, *args, **kwargs)
+                try:
+                    return super().request(method, url, *args, **kwargs)
+                except ApiException as e:
+                    if e.body is None:
+                        # kubernetes' ApiClient decodes the body of every ApiException; one made
+                        # with no response (status 0: an SSL error, e.g. a handshake that timed out
+                        # under load) has none and comes out as an AttributeError, which the
+                        # worker's retry does not know (256 workers starting at once met it).
+                        # Given a body it stays the ApiException the worker retries.
+                        e.body = b""
+                        self.bodiless.append(time.time())
+                    raise
 
         class CountingKube(WorkerKube):
             """Counts the fenced writes by what they did (claim, renewal, end) and the lost races."""
@@ -381,7 +415,7 @@ class Sim:
         kubernetes.config.load_kube_config(config_file=self.kubeconfig, client_configuration=conf)
         conf.retries = False  # as the worker's own client (worker/kube.py)
         api = CountingClient(conf)
-        api.writes = []
+        api.writes, api.bodiless = [], []
         kube = CountingKube(self.namespace, self.job, api=api)
         cls = worker_class or Worker
         return cls(kube, self.pod, self.stop, expected_uid=self.job_uid), kube
@@ -553,6 +587,7 @@ class Fleet:
         if node is not None:
             node.on_running = lambda ns, pod: None
             node.on_stop = lambda ns, pod: None
+            node.close_namespace(self.namespace)
 
 
 def create_job(plane: ControlPlane, ns: str, spec: JSON, name: str = "bench") -> JSON:
@@ -582,8 +617,10 @@ def machine() -> JSON:
 
 
 @contextlib.contextmanager
-def control_plane(state_dir: str | None, kubeconfig: str | None) -> Iterator[ControlPlane]:
-    plane = ControlPlane(state_dir, kubeconfig)
+def control_plane(
+    state_dir: str | None, kubeconfig: str | None, node_agent: bool = False
+) -> Iterator[ControlPlane]:
+    plane = ControlPlane(state_dir, kubeconfig, node_agent)
     try:
         yield plane
     finally:

@@ -74,6 +74,7 @@ def test_fleet_benchmark_smoke(bench_cluster: LocalCluster, tmp_path: Path) -> N
         assert r["claims"] >= n, r  # every worker claimed at least its first shard
         # No faster than the fake engine; not far slower either (2 s shards, 5 s measured).
         assert 0.2 * 1000 / image_ms < r["images_per_worker_per_s"] <= 1.05 * 1000 / image_ms, r
+        assert r["saturated"] == (r["engine_rate_fraction"] < 0.8), r
         assert 0 <= r["claim_p50_s"] <= r["claim_p99_s"] <= r["claim_max_s"] < 5, r
         assert r["apiserver_bytes_per_worker_per_s"] > 0 and r["client_bytes_per_worker_per_s"] > 0, r
         kinds = r["writes_by_kind_per_worker_per_min"]
@@ -84,6 +85,7 @@ def test_fleet_benchmark_smoke(bench_cluster: LocalCluster, tmp_path: Path) -> N
         assert 20 < r["operator_max_rss_mb"] < 2000 and r["operator_cpu_s"] >= 0, r
     assert ratio["ratio"] == "4/2 workers"
     assert ratio["apiserver_bytes_per_worker_per_s"] > 0 and ratio["claim_p99"] is not None
+    assert ratio["saturated"] == [r["workers"] for r in rows if r["saturated"]]
     assert set(ratio["targets"]) == {
         "bytes_per_worker_within_1.5x",
         "renewal_writes_per_worker_per_min_at_most_6",
