@@ -128,6 +128,8 @@ class FakeEngine:
 
 def fleet_worker(sim: Sim) -> tuple[int, JSON]:
     """One simulated worker pod: the worker's claim loop, a fake engine in place of the model."""
+    # What work() imports on its first shard (torch among it: seconds), imported before the start.
+    import imagebatch.worker.shards  # noqa: F401
     from imagebatch.worker.cluster import Worker
 
     s = sim.settings
